@@ -1,0 +1,196 @@
+"""Image/mask pairs: pairing by stem or prefix, mask scaling, joint resize and flip."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from utils import UserError, list_images, open_image
+
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def pair_key(path, prefix):
+    """The stem of path without its prefix, or None when a prefix is required but missing."""
+    stem = path.stem
+    if prefix and not stem.startswith(prefix):
+        return None
+    return stem[len(prefix) :]
+
+
+def index_by_key(files, prefix, folder):
+    """{key: file}; two files with one key (e.g. 001.png and 001.jpg) are ambiguous."""
+    table = {}
+    for path in files:
+        key = pair_key(path, prefix)
+        if key is None:
+            continue
+        if key in table:
+            raise UserError(f"{table[key].name} and {path.name} in {folder} pair with the same key '{key}'")
+        table[key] = path
+    return table
+
+
+def describe_unpaired(kind, files, limit=10):
+    """One report line listing unpaired files (the first `limit` of them)."""
+    names = ", ".join(p.name for p in files[:limit])
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return f"  unpaired {kind} ({len(files)}): {names}{more}"
+
+
+def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=True):
+    """Pair images with masks by key (stem minus prefix); report and list unpaired files."""
+    for folder in (images_dir, masks_dir):
+        if not Path(folder).is_dir():
+            raise UserError(f"folder {folder} does not exist; see --help for the expected data layout")
+    image_files, mask_files = list_images(images_dir), list_images(masks_dir)
+    images = index_by_key(image_files, image_prefix, images_dir)
+    masks = index_by_key(mask_files, mask_prefix, masks_dir)
+    keys = sorted(images.keys() & masks.keys())
+    if not keys:
+        raise UserError(
+            f"no image in {images_dir} ({len(image_files)} files) pairs with a mask in {masks_dir} "
+            f"({len(mask_files)} files); masks need the image's stem, or set --image_prefix/--mask_prefix "
+            f"(now '{image_prefix}'/'{mask_prefix}')"
+        )
+    paired = {images[k] for k in keys} | {masks[k] for k in keys}
+    if verbose:
+        print(f"Paired {len(keys)} images with masks in {images_dir}")
+        for kind, files in (("images", image_files), ("masks", mask_files)):
+            unpaired = [p for p in files if p not in paired]
+            if unpaired:
+                print(describe_unpaired(kind, unpaired))
+    return [(images[k], masks[k]) for k in keys]
+
+
+def image_array(img, channels):
+    """PIL image of any mode -> float32 (H, W, channels) in [0, 1]; alpha is dropped."""
+    if img.mode in HIGH_BIT_MODES:
+        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], channels, axis=2).clip(0, 1)
+    array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
+    return array[..., None] if channels == 1 else array
+
+
+def mask_array(img, channels):
+    """PIL mask -> integer label array (H, W, channels); palette masks keep their indices as labels."""
+    if img.mode in HIGH_BIT_MODES or (img.mode == "P" and channels == 1):
+        labels = np.asarray(img).astype(np.int64)
+        return np.repeat(labels[..., None], channels, axis=2)
+    labels = np.asarray(img.convert("RGB" if channels == 3 else "L")).astype(np.int64)
+    return labels[..., None] if channels == 1 else labels
+
+
+def scan_mask_max(mask_paths, channels):
+    """Largest label value over all masks: the divisor that gives label maps full contrast."""
+    top = max(int(mask_array(open_image(p), channels).max()) for p in mask_paths)
+    return max(top, 1)
+
+
+def scale_mask(labels, max_value):
+    """Labels 0..K -> conditioning labels / K in [0, 1] (clipped), so no label map is near-black."""
+    return (labels.float() / max_value).clamp(0, 1)
+
+
+def load_pair(image_path, mask_path, image_channels, mask_channels):
+    """(C, H, W) image in [0, 1] and (Cm, H, W) float labels, the mask resized to the image (nearest)."""
+    image = tv_tensors.Image(
+        torch.from_numpy(image_array(open_image(image_path), image_channels)).permute(2, 0, 1)
+    )
+    labels = torch.from_numpy(mask_array(open_image(mask_path), mask_channels)).permute(2, 0, 1).float()
+    mask = tv_tensors.Mask(labels)
+    if mask.shape[-2:] != image.shape[-2:]:
+        mask = TF.resize(mask, list(image.shape[-2:]))
+    return image, mask
+
+
+def resize_crop(size):
+    """Shorter side to `size` then centre crop; tv_tensors.Mask inputs are resized nearest-neighbour."""
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
+def load_mask(path, channels, max_value, size):
+    """A conditioning mask for inference: (Cm, size, size) in [0, 1]."""
+    labels = torch.from_numpy(mask_array(open_image(path), channels)).permute(2, 0, 1).float()
+    return scale_mask(resize_crop(size)(tv_tensors.Mask(labels)), max_value).as_subclass(torch.Tensor)
+
+
+class MaskPairDataset(Dataset):
+    """Image/mask pairs, optionally with class labels; flips are a function of (seed, epoch, index)."""
+
+    def __init__(self, samples, image_size, image_channels, mask_channels, mask_max_value, flip, seed):
+        self.samples = samples  # list of (image_path, mask_path, label)
+        self.transform = resize_crop(image_size)
+        self.image_channels, self.mask_channels = image_channels, mask_channels
+        self.mask_max_value, self.flip, self.seed = mask_max_value, flip, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Choose the epoch whose flips __getitem__ draws (reproducible across workers and resumes)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def should_flip(self, index):
+        """Deterministic coin for (seed, epoch, index), independent of the global RNG."""
+        return self.flip and np.random.default_rng((self.seed, self.epoch, index)).random() < 0.5
+
+    def __getitem__(self, index):
+        image_path, mask_path, label = self.samples[index]
+        image, mask = self.transform(
+            *load_pair(image_path, mask_path, self.image_channels, self.mask_channels)
+        )
+        if self.should_flip(index):
+            image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)
+        return {
+            "pixel_values": image.as_subclass(torch.Tensor) * 2 - 1,  # (C, H, W) in [-1, 1]
+            "conditioning": scale_mask(mask.as_subclass(torch.Tensor), self.mask_max_value),  # (Cm, H, W)
+            "label": label,
+            "index": index,
+        }
+
+
+def collect_samples(args, class_names, verbose=True):
+    """List (image, mask, label) triples from the flat or the per-class layout."""
+    root = Path(args.data_root)
+    if not root.is_dir():
+        raise UserError(f"--data_root {root} does not exist; see --help for the expected data layout")
+    if not args.use_class_labels:
+        pairs = find_pairs(
+            root / args.images_folder, root / args.masks_folder, args.image_prefix, args.mask_prefix, verbose
+        )
+        return [(img, mask, len(class_names)) for img, mask in pairs]
+    return collect_class_samples(root, args, class_names, verbose)
+
+
+def collect_class_samples(root, args, class_names, verbose):
+    """Per-class layout root/<class>/<images_folder> + <masks_folder>; labels follow the LDM's class names."""
+    folders = sorted(p for p in root.iterdir() if (p / args.images_folder).is_dir())
+    if not folders:
+        raise UserError(f"--use_class_labels: no {root}/<class>/{args.images_folder} folders found")
+    samples = []
+    for folder in folders:
+        if folder.name not in class_names:
+            raise UserError(f"class folder {folder} is not one of the LDM's classes {class_names}")
+        label = class_names.index(folder.name)
+        pairs = find_pairs(
+            folder / args.images_folder,
+            folder / args.masks_folder,
+            args.image_prefix,
+            args.mask_prefix,
+            verbose,
+        )
+        samples += [(img, mask, label) for img, mask in pairs]
+    return samples
+
+
+def split_indices(count, val_fraction, seed):
+    """Deterministic train/validation split; at least one of each when there are two or more samples."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(round(count * val_fraction), 1 if val_fraction > 0 else 0), count - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])

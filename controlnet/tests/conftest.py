@@ -1,0 +1,179 @@
+"""Shared fixtures: a tiny VAE folder, a tiny LDM checkpoint, tiny image/mask data sets, script runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+PYTHON = sys.executable
+IMAGE_SIZE = 16
+CLASS_NAMES = ["benign", "malignant"]
+
+
+def run_script(script, *args, cwd=HERE, timeout=300):
+    """Run a controlnet script as a user would; returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [PYTHON, str(HERE / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result):
+    """Assert a script run succeeded, showing its output otherwise."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def tiny_vae(folder):
+    """A 2x-downsampling AutoencoderKL saved with save_pretrained (random weights, real architecture)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+    vae.save_pretrained(folder)
+    return vae
+
+
+def tiny_unet():
+    """A two-level UNet2DConditionModel with 16-dimensional class tokens."""
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def contract_ldm_checkpoint(path, vae_folder, image_channels=1):
+    """An LDM checkpoint written exactly as /work/ldm_checkpoint_contract.md fixes it (random weights)."""
+    torch.manual_seed(1)
+    unet = tiny_unet()
+    embedding = torch.nn.Embedding(len(CLASS_NAMES) + 1, 16)
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="linear")
+    ckpt = {
+        "model_type": "ldm",
+        "format_version": 1,
+        "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dict(unet.config).items()},
+        "unet": unet.state_dict(),
+        "ema_unet": unet.state_dict(),
+        "class_embedder": {"embedding.weight": embedding.weight.detach().clone()},
+        "ema_class_embedder": None,
+        "class_names": CLASS_NAMES,
+        "scheduler_config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dict(scheduler.config).items()
+        },
+        "config": {
+            "image_size": IMAGE_SIZE,
+            "image_channels": image_channels,
+            "vae_pretrained": str(vae_folder),
+            "latent_scale": 0.18215,
+            "latent_channels": 4,
+            "vae_downsample": 2,
+            "cfg_dropout": 0.1,
+        },
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+def shape_mask(rng, size, labels=(1,)):
+    """A random rectangle (or one per label) on a zero background."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for label in labels:
+        x, y = rng.integers(0, size // 2, 2)
+        w, h = rng.integers(size // 4, size // 2, 2)
+        mask[y : y + h, x : x + w] = label
+    return mask
+
+
+def write_pairs(root, count, seed=0, image_prefix="", mask_prefix="", binary_value=255, mask_size=IMAGE_SIZE):
+    """count grayscale images with masks; the image is bright where the mask is set."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        mask = shape_mask(rng, IMAGE_SIZE)
+        image = (mask * 180 + rng.integers(0, 60, mask.shape)).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{image_prefix}{i:03d}.png")
+        mask_img = Image.fromarray(mask * binary_value)
+        mask_img.resize((mask_size, mask_size), Image.NEAREST).save(
+            root / "masks" / f"{mask_prefix}{i:03d}.png"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def vae_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_vae(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ldm_checkpoint(tmp_path_factory, vae_folder):
+    """The LDM checkpoint every ControlNet test builds on."""
+    return contract_ldm_checkpoint(tmp_path_factory.mktemp("ldm") / "checkpoint_best.pt", vae_folder)
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory):
+    """Eight image/mask pairs in root/images + root/masks."""
+    return write_pairs(tmp_path_factory.mktemp("pairs"), 8)
+
+
+def train_args(data, ldm, out, *extra):
+    """A tiny two-epoch training command line."""
+    return [
+        "--data_root",
+        data,
+        "--ldm_checkpoint",
+        ldm,
+        "--output_dir",
+        out,
+        "--batch_size",
+        2,
+        "--num_epochs",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--num_workers",
+        0,
+        "--sample_steps",
+        2,
+        "--sample_every",
+        1,
+        "--num_sample_masks",
+        2,
+        "--val_fraction",
+        0.25,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, pair_data, ldm_checkpoint):
+    """A finished two-epoch ControlNet run with a frozen UNet (the default)."""
+    out = tmp_path_factory.mktemp("run") / "controlnet_checkpoints"
+    result = check(run_script("train.py", *train_args(pair_data, ldm_checkpoint, out)))
+    return out, result
