@@ -1,0 +1,292 @@
+"""Generate images that follow masks with a trained ControlNet on its LDM."""
+
+import os
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mask_metrics import score, summary  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dataset import load_mask  # noqa: E402
+from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler  # noqa: E402
+from models import sample_latents as run_sampler  # noqa: E402
+from utils import (  # noqa: E402
+    Parser,
+    UserError,
+    list_images,
+    load_checkpoint,
+    open_image,
+    run_cli,
+    save_png,
+    to_uint8,
+)
+
+LAYOUT = """outputs:
+  <output_dir>/<mask_stem>_<k:03d>.png            k = 0 .. num_images-1 (null-class token)
+  <output_dir>/<class_name>/<mask_stem>_<k:03d>.png  with --class_name / --class_label
+  <output_dir>/comparison/<mask_stem>.png          with --save_comparison: mask | image 0 | image 1 ...
+Existing outputs are skipped (resume) unless --overwrite. Masks are scaled like in training
+(labels / the checkpoint's mask_max_value) and resized nearest-neighbour to the model's image size."""
+
+
+def parse_args(argv=None):
+    """Command line; every multi-word flag also accepts dashes."""
+    p = Parser(description=__doc__, epilog=LAYOUT)
+    p.add_argument("--checkpoint", required=True, help="ControlNet checkpoint (controlnet/train.py)")
+    p.add_argument("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
+    p.add_argument("--mask", help="one mask image (or use --mask_folder)")
+    p.add_argument("--mask_folder", help="folder of mask images (png jpg jpeg bmp tif tiff webp)")
+    p.add_argument("--output_dir", default="./generated", help="where images go (default: ./generated)")
+    p.add_argument("--num_images", type=int, default=1, help="images per mask (default: 1)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument(
+        "--controlnet_scale",
+        type=float,
+        default=1.0,
+        help="mask influence: 0 ignores the mask, 1 normal, 1.5+ strict (default: 1.0)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="unipc",
+        choices=sorted(SCHEDULERS),
+        help="sampler: unipc or dpm++ (good at 20-30 steps) or ddim (default: unipc)",
+    )
+    p.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--class_name", help="generate this LDM class (default: the null-class token)")
+    p.add_argument("--class_label", type=int, help="generate this class index instead of a name")
+    p.add_argument(
+        "--cfg_scale",
+        "--guidance_scale",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance with a class; 1 disables it (default: 3.0)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=42, help="seed; image k of a mask is reproducible (default: 42)"
+    )
+    p.add_argument("--save_comparison", action="store_true", help="also write mask | generated rows per mask")
+    p.add_argument(
+        "--eval_masks",
+        action="store_true",
+        help="report Dice/IoU between each mask and its Otsu-segmented image (see mask_metrics.py)",
+    )
+    p.add_argument(
+        "--foreground",
+        default="bright",
+        choices=("bright", "dark"),
+        help="for --eval_masks: the masked structure is brighter or darker (default: bright)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
+    p.add_argument(
+        "--mixed_precision",
+        default="no",
+        choices=("no", "fp16", "bf16"),
+        help="autocast on CUDA; CPU runs fp32 with a warning (default: no)",
+    )
+    args = p.parse_args(argv)
+    if (args.mask is None) == (args.mask_folder is None):
+        p.error("give exactly one of --mask and --mask_folder")
+    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
+        raise UserError("--num_images, --batch_size and --num_inference_steps must be at least 1")
+    return args
+
+
+def mask_files(args):
+    """The masks to follow, from --mask or --mask_folder."""
+    if args.mask:
+        if not Path(args.mask).is_file():
+            raise UserError(f"--mask {args.mask} does not exist")
+        return [Path(args.mask)]
+    if not Path(args.mask_folder).is_dir():
+        raise UserError(f"--mask_folder {args.mask_folder} does not exist")
+    files = list_images(args.mask_folder)
+    if not files:
+        raise UserError(f"--mask_folder {args.mask_folder} holds no images (png jpg jpeg bmp tif tiff webp)")
+    return files
+
+
+def class_choice(args, class_names):
+    """(label, folder name) of the requested class, or (None, None) for the null-class token."""
+    if args.class_name is not None:
+        if args.class_name not in class_names:
+            raise UserError(
+                f"--class_name '{args.class_name}' is not one of the checkpoint's classes {class_names}"
+            )
+        return class_names.index(args.class_name), args.class_name
+    if args.class_label is not None:
+        if not 0 <= args.class_label < len(class_names):
+            raise UserError(f"--class_label {args.class_label} is out of range 0..{len(class_names) - 1}")
+        return args.class_label, class_names[args.class_label]
+    return None, None
+
+
+def job_seed(seed, stem, k):
+    """Seed of image k of a mask: independent of batching and of which files already exist."""
+    return seed * 1_000_003 + zlib.crc32(f"{stem}:{k}".encode())
+
+
+class Generator:
+    """The loaded ControlNet, LDM and VAE plus the sampling settings."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = load_checkpoint(args.checkpoint, "controlnet", "--checkpoint")
+        self.cfg = ckpt["config"]
+        ldm_path = args.ldm_checkpoint or self.cfg["ldm_checkpoint"]
+        if not Path(ldm_path).is_file():
+            raise UserError(f"LDM checkpoint {ldm_path} not found; pass it with --ldm_checkpoint")
+        self.ldm = load_ldm(ldm_path)
+        self.model = load_controlled_unet(ckpt, self.ldm, use_ema=not args.no_ema).to(self.device)
+        self.embedder = self.ldm.class_embedder.to(self.device)
+        self.vae = load_vae(args.vae_pretrained or self.cfg["vae_pretrained"]).to(self.device)
+        self.label, self.class_folder = class_choice(args, self.ldm.class_names)
+        self.dtype = self.autocast_dtype()
+
+    def autocast_dtype(self):
+        """Autocast dtype on CUDA; None (fp32) otherwise."""
+        if self.args.mixed_precision == "no":
+            return None
+        if self.device.type != "cuda":
+            warnings.warn(
+                f"--mixed_precision {self.args.mixed_precision} needs CUDA; using fp32", stacklevel=2
+            )
+            return None
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[self.args.mixed_precision]
+
+    def tokens(self, n):
+        """Conditioning and null tokens (N, 1, D); null is None when no guidance applies."""
+        null = self.embedder(torch.full((n,), self.ldm.null_label, device=self.device))
+        if self.label is None:
+            return null, None
+        return self.embedder(torch.full((n,), self.label, device=self.device)), null
+
+    def latent_noise(self, seeds):
+        """(N, c, h, w) starting noise, one generator per image."""
+        side = self.cfg["image_size"] // self.cfg["vae_downsample"]
+        shape = (self.model.unet.config.in_channels, side, side)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    @torch.no_grad()
+    def generate(self, conditioning, seeds):
+        """Images (N, C, H, W) in [-1, 1] following conditioning (N, Cm, H, W)."""
+        tokens, null = self.tokens(len(seeds))
+        scheduler = make_scheduler(self.args.scheduler, self.ldm.scheduler_config)
+        with torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        ):
+            latents = run_sampler(
+                self.model,
+                scheduler,
+                self.latent_noise(seeds).to(self.device),
+                conditioning.to(self.device),
+                tokens,
+                null,
+                self.args.cfg_scale,
+                self.args.controlnet_scale,
+                self.args.num_inference_steps,
+            )
+            return decode(self.vae, latents, self.cfg["latent_scale"], self.cfg["image_channels"])
+
+
+def output_path(args, class_folder, stem, k):
+    """Where image k of a mask goes."""
+    folder = Path(args.output_dir) / class_folder if class_folder else Path(args.output_dir)
+    return folder / f"{stem}_{k:03d}.png"
+
+
+def plan_jobs(args, masks, class_folder):
+    """(mask path, k) for every image still to make; existing files are kept unless --overwrite."""
+    jobs = [(m, k) for m in masks for k in range(args.num_images)]
+    if args.overwrite:
+        return jobs
+    return [(m, k) for m, k in jobs if not output_path(args, class_folder, m.stem, k).exists()]
+
+
+def comparison_row(mask, images):
+    """mask | image 0 | image 1 ... as one uint8 array; channels unified to RGB when they differ."""
+    tiles = [(mask.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), *images]
+    if len({t.shape[-1] for t in tiles}) > 1:
+        tiles = [np.repeat(t, 3, axis=2) if t.shape[-1] == 1 else t for t in tiles]
+    return np.concatenate(tiles, axis=1)
+
+
+def print_timing(count, steps, seconds):
+    """Images, steps, total seconds, seconds per image, ms per step, images/s."""
+    per_image = seconds / max(count, 1)
+    print(
+        f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
+        f"{1000 * seconds / max(count * steps, 1):.2f} ms/step, {count / max(seconds, 1e-9):.2f} images/s"
+    )
+
+
+def run(args):
+    """Generate every planned image in batches, then comparisons and mask scores."""
+    masks = mask_files(args)
+    gen = Generator(args)
+    size, channels, max_value = gen.cfg["image_size"], gen.cfg["mask_channels"], gen.cfg["mask_max_value"]
+    conditioning = {m: load_mask(m, channels, max_value, size) for m in masks}  # (Cm, H, W) each
+    jobs = plan_jobs(args, masks, gen.class_folder)
+    print(f"{len(masks)} masks x {args.num_images} images: {len(jobs)} to generate in {args.output_dir}")
+    output_path(args, gen.class_folder, "x", 0).parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i in range(0, len(jobs), args.batch_size):
+        batch = jobs[i : i + args.batch_size]
+        images = gen.generate(
+            torch.stack([conditioning[m] for m, _ in batch]),
+            [job_seed(args.seed, m.stem, k) for m, k in batch],
+        )
+        for (m, k), array in zip(batch, to_uint8(images), strict=True):
+            save_png(array, output_path(args, gen.class_folder, m.stem, k))
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize()
+    print_timing(len(jobs), args.num_inference_steps, time.perf_counter() - start)
+    if args.save_comparison:
+        save_comparisons(args, masks, conditioning, gen.class_folder)
+    if args.eval_masks:
+        evaluate(args, masks, gen.class_folder)
+
+
+def saved_images(args, mask, class_folder):
+    """The num_images generated files of one mask as PIL images."""
+    return [Image.open(output_path(args, class_folder, mask.stem, k)) for k in range(args.num_images)]
+
+
+def save_comparisons(args, masks, conditioning, class_folder):
+    """comparison/<mask_stem>.png: the mask as the model sees it, then its generated images."""
+    folder = Path(args.output_dir) / "comparison" / (class_folder or "")
+    folder.mkdir(parents=True, exist_ok=True)
+    for m in masks:
+        images = [
+            np.asarray(img).reshape(img.height, img.width, -1) for img in saved_images(args, m, class_folder)
+        ]
+        save_png(comparison_row(conditioning[m], images), folder / f"{m.stem}.png")
+    print(f"comparisons in {folder}")
+
+
+def evaluate(args, masks, class_folder):
+    """Print Dice/IoU between each mask and its Otsu-segmented generated images."""
+    scores = [
+        score(open_image(m), img, args.foreground)
+        for m in masks
+        for img in saved_images(args, m, class_folder)
+    ]
+    print(f"{summary([s for s in scores if s is not None])} (controlnet_scale {args.controlnet_scale})")
+
+
+def main():
+    run(parse_args())
+
+
+if __name__ == "__main__":
+    run_cli(main)
