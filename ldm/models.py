@@ -1,0 +1,309 @@
+"""Model pieces of the class-conditional LDM: UNet presets, class token, frozen VAE codec, EMA,
+guided sampling and the checkpoint format (see the checkpoint contract in the README)."""
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+
+from utils import UserError
+
+FORMAT_VERSION = 1
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+
+# Named UNet sizes; `heads` is the number of attention heads per block (diffusers calls it
+# attention_head_dim for this model), `context` the width of the class token.
+UNET_PRESETS = {
+    "tiny": dict(channels=(32, 64), layers=1, heads=4, context=64, groups=8),
+    "small": dict(channels=(64, 128, 256), layers=2, heads=4, context=256, groups=32),
+    "base": dict(channels=(128, 256, 512, 512), layers=2, heads=8, context=512, groups=32),
+    "large": dict(channels=(192, 384, 768, 768), layers=2, heads=12, context=768, groups=32),
+}
+
+SAMPLERS = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def unet_settings(
+    preset,
+    block_out_channels=None,
+    layers_per_block=None,
+    attention_heads=None,
+    cross_attention_dim=None,
+    norm_num_groups=None,
+):
+    """Preset values overridden by any explicitly given ones."""
+    settings = dict(UNET_PRESETS[preset])
+    overrides = dict(
+        channels=block_out_channels,
+        layers=layers_per_block,
+        heads=attention_heads,
+        context=cross_attention_dim,
+        groups=norm_num_groups,
+    )
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings["channels"] = tuple(settings["channels"])
+    return settings
+
+
+def build_unet(settings, latent_channels, latent_size):
+    """UNet2DConditionModel with cross-attention in every level but the deepest, as in Stable Diffusion."""
+    levels = len(settings["channels"])
+    down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    for width in settings["channels"]:
+        if width % settings["groups"] or width % settings["heads"]:
+            raise UserError(
+                f"block width {width} must be divisible by --norm_num_groups {settings['groups']} "
+                f"and --attention_heads {settings['heads']}"
+            )
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=settings["channels"],
+        layers_per_block=settings["layers"],
+        attention_head_dim=settings["heads"],
+        cross_attention_dim=settings["context"],
+        norm_num_groups=settings["groups"],
+    )
+
+
+class ClassEmbedder(nn.Module):
+    """One learned cross-attention token per class; row `num_classes` is the null class for guidance."""
+
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels):
+        return self.embedding(labels)[:, None, :]  # (N, 1, D)
+
+    def null_labels(self, labels):
+        """Labels of the same shape, all set to the null class."""
+        return torch.full_like(labels, self.num_classes)
+
+    def drop_labels(self, labels, probability):
+        """Replace each label by the null class with the given probability (classifier-free training)."""
+        drop = torch.rand(labels.shape, device=labels.device) < probability
+        return torch.where(drop, self.null_labels(labels), labels)
+
+
+class ClassConditionalUNet(nn.Module):
+    """The trainable denoiser: UNet conditioned on a class token through cross-attention."""
+
+    def __init__(self, unet, class_embedder):
+        super().__init__()
+        self.unet = unet
+        self.class_embedder = class_embedder
+
+    def forward(self, latents, timesteps, labels):
+        context = self.class_embedder(labels).to(latents.dtype)  # (N, 1, D)
+        return self.unet(latents, timesteps, encoder_hidden_states=context).sample  # (N, C, h, w)
+
+
+class EMA:
+    """Exponential moving average of a module's weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for ema_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_param.lerp_(param.detach().float(), 1.0 - decay)
+
+    def state_dict(self):
+        return {"decay": self.decay, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+
+
+def looks_like_path(name):
+    """True when the value is meant as a local folder rather than a hub id like org/name."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+
+
+def load_vae(name_or_path):
+    """Frozen AutoencoderKL from a local folder or a hub id; fails fast with the flag to use."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        source = str(local)
+    elif looks_like_path(name_or_path):
+        raise UserError(
+            f"--vae_pretrained {name_or_path}: no such folder; give a folder written by "
+            "save_pretrained (e.g. by train_vae.py) or a hub id"
+        )
+    else:
+        source = name_or_path
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except Exception as error:  # hub, file-system and format errors all mean "not available"
+        raise UserError(
+            f"cannot load VAE '{name_or_path}' ({type(error).__name__}); on an offline machine pass "
+            "--vae_pretrained /path/to/local/vae_folder (a save_pretrained folder, e.g. from train_vae.py)"
+        ) from None
+    return vae.eval().requires_grad_(False)
+
+
+class LatentCodec:
+    """Frozen VAE mapping images in [-1, 1] (1 or 3 channels) to scaled latents and back."""
+
+    def __init__(self, vae, image_channels):
+        self.vae = vae
+        self.image_channels = image_channels
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(vae.config.shift_factor or 0.0)
+        self.latent_channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _to_vae(self, images):
+        """Grayscale data is repeated to the VAE's three input channels."""
+        if images.shape[1] != self.vae.config.in_channels:
+            images = images.repeat(1, self.vae.config.in_channels // images.shape[1], 1, 1)
+        return images.to(self.vae.dtype)
+
+    @torch.no_grad()
+    def moments(self, images):
+        """Mean and std of the latent distribution, already scaled: two (N, c, h, w) tensors."""
+        dist = self.vae.encode(self._to_vae(images)).latent_dist
+        return (dist.mean - self.shift) * self.scale, dist.std * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents (N, c, h, w) -> images in [-1, 1] with the data's channel count."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.scale + self.shift).sample.float()
+        if self.image_channels == 1:
+            images = images.mean(dim=1, keepdim=True)  # back to the data's single channel
+        return images.clamp(-1, 1)
+
+    def config(self):
+        """The latent facts stored in checkpoints."""
+        return dict(
+            latent_scale=self.scale,
+            latent_shift=self.shift,
+            latent_channels=self.latent_channels,
+            vae_downsample=self.downsample,
+        )
+
+
+def sample_latent(mean, std):
+    """One draw from the diagonal Gaussian latent distribution (global RNG, so resume is exact)."""
+    return mean + std * torch.randn_like(std)
+
+
+def make_sampler(name, scheduler_config):
+    """Inference scheduler of the given kind, built from the training noise schedule."""
+    cls, extra = SAMPLERS[name]
+    return cls.from_config(scheduler_config, **extra)
+
+
+def guided_prediction(model, latents, t, labels, cfg_scale):
+    """Classifier-free guided model output; cond and null halves share one batch, skipped when unused."""
+    null = model.class_embedder.null_labels(labels)
+    if cfg_scale == 1:
+        return model(latents, t, labels)
+    if cfg_scale == 0:
+        return model(latents, t, null)
+    cond, uncond = model(torch.cat([latents, latents]), t, torch.cat([labels, null])).chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def denoise(model, scheduler, noise, labels, cfg_scale, num_steps):
+    """Reverse diffusion from noise (N, c, h, w) for labels (N,) -> clean scaled latents."""
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        output = guided_prediction(model, model_input, t, labels, cfg_scale)
+        latents = scheduler.step(output.float(), t, latents).prev_sample
+    return latents
+
+
+def noise_for(seed, label, indices, shape):
+    """Starting noise of samples `indices` of one class: reproducible, different per class and index."""
+    draws = []
+    for index in indices:
+        generator = torch.Generator().manual_seed(hash_seed(seed, label, index))
+        draws.append(torch.randn(shape, generator=generator))
+    return torch.stack(draws)  # (len(indices), c, h, w)
+
+
+def hash_seed(*parts):
+    """Combine integers into one 63-bit seed (stable across runs, unlike hash())."""
+    value = 1469598103934665603
+    for part in parts:
+        value = ((value ^ (int(part) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return value
+
+
+def default_noise_scheduler(num_train_timesteps, beta_schedule, prediction_type):
+    """Training noise schedule (Stable Diffusion's scaled-linear betas by default)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def plain(value):
+    """Config objects made JSON-plain (dicts, lists, scalars) for weights_only checkpoints."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def load_checkpoint(path, flag="--checkpoint"):
+    """Read an LDM checkpoint, failing with one clear line when it is missing or of another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found; pass an LDM checkpoint such as checkpoint_best.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means "not our checkpoint"
+        raise UserError(f"{flag} {path} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model_type") != "ldm":
+        kind = ckpt.get("model_type", "unknown") if isinstance(ckpt, dict) else "bare state_dict"
+        raise UserError(
+            f"{flag} {path} is not an LDM checkpoint (model type: {kind}); "
+            "pass a checkpoint written by ldm/train.py"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, use_ema=True):
+    """Rebuild the class-conditional UNet from a checkpoint, with EMA weights when present and asked."""
+    unet = UNet2DConditionModel.from_config(ckpt["unet_config"])
+    embedder = ClassEmbedder(len(ckpt["class_names"]), unet.config.cross_attention_dim)
+    ema = use_ema and ckpt.get("ema_unet") is not None
+    unet.load_state_dict(ckpt["ema_unet"] if ema else ckpt["unet"])
+    embedder.load_state_dict(ckpt["ema_class_embedder"] if ema else ckpt["class_embedder"])
+    return ClassConditionalUNet(unet, embedder).eval().requires_grad_(False)
