@@ -1,0 +1,63 @@
+"""Write random-weight Inception-v3 (FID) and VGG16 weight files of the real architectures.
+
+Tests and the benchmark use them on machines that cannot download the real files: they load
+through the same `--inception-weights` / `--vgg-weights` path, so every code path but the numbers
+themselves is the one used with real weights. Numbers from these files mean nothing.
+"""
+
+import argparse
+import os
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+import torchvision
+
+
+def _init_variance_preserving(model, seed):
+    """Re-initialise so activations keep their scale through depth (features stay informative)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            with torch.no_grad():
+                module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+def random_inception_state_dict(seed=0):
+    """State dict of torch-fidelity's FeatureExtractorInceptionV3 with random weights."""
+    # Its constructor always loads weights; skip that once to get the bare architecture.
+    with (
+        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict"),
+    ):
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    return _init_variance_preserving(net, seed).state_dict()
+
+
+def random_vgg16_state_dict(seed=0):
+    """State dict of torchvision's VGG16 (the architecture torch-fidelity loads) with random weights."""
+    return _init_variance_preserving(torchvision.models.vgg16(), seed).state_dict()
+
+
+def write_random_weights(folder, seed=0):
+    """Save both files into `folder`; returns (inception_path, vgg16_path)."""
+    os.makedirs(folder, exist_ok=True)
+    inception_path = os.path.join(folder, "random-inception-v3-compat.pth")
+    vgg_path = os.path.join(folder, "random-vgg16.pth")
+    torch.save(random_inception_state_dict(seed), inception_path)
+    torch.save(random_vgg16_state_dict(seed), vgg_path)
+    return inception_path, vgg_path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="where to write random-inception-v3-compat.pth and random-vgg16.pth")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args()
+    for path in write_random_weights(args.folder, args.seed):
+        print(path)
