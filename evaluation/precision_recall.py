@@ -87,7 +87,7 @@ NETWORKS = {
     },
 }
 # Bump when image decoding changes, so cached features from the old decoding are not reused.
-DECODING = "8-bit RGB: 16/32-bit integer images scaled by 1/257, grayscale replicated, alpha dropped, palette expanded"
+DECODING = "8-bit RGB: 16/32-bit integers scaled by 1/257, gray replicated, alpha dropped, palette expanded"
 LINE = "=" * 40
 
 
@@ -142,7 +142,7 @@ def weights_identity(weights):
 
 
 def build_extractor(network, weights, device):
-    """torch-fidelity's extractor for `network`, loaded from a local file, with every layer a metric may use."""
+    """torch-fidelity's extractor for `network` from a local file, with every layer a metric may use."""
     spec = NETWORKS[network]
     cls = FEATURE_EXTRACTORS_REGISTRY[spec["extractor"]]
     layers = sorted({cls.get_default_feature_layer_for_metric(m) for m in TORCH_FIDELITY_NAME.values()})
@@ -239,7 +239,7 @@ class ImageSet:
             return [os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns, len(self.array)]
         stats = [os.stat(os.path.join(self.path, f)) for f in self.files]
         return [os.path.realpath(self.path)] + [
-            [f, s.st_size, s.st_mtime_ns] for f, s in zip(self.files, stats)
+            [f, s.st_size, s.st_mtime_ns] for f, s in zip(self.files, stats, strict=True)
         ]
 
 
@@ -287,7 +287,7 @@ def load_npz(path):
     array = array[..., None] if array.ndim == 3 else array
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3, 4) or len(array) == 0:
         raise InputError(
-            f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 N x H x W x C with N > 0, C in 1/3/4"
+            f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 N x H x W x C, C 1/3/4"
         )
     valid_labels = (
         labels is not None and labels.shape == (len(array),) and np.issubdtype(labels.dtype, np.integer)
@@ -305,7 +305,7 @@ def random_subset(image_set, max_samples, seed):
 
 
 def class_names(own, other):
-    """Class name of each image: folder names as they are; npz labels through the other side's sorted names."""
+    """Class name of each image: folder names as they are, npz labels via the other side's sorted names."""
     other_names = sorted({c for c in other if isinstance(c, str)})
 
     def name(key):
@@ -319,22 +319,22 @@ def class_names(own, other):
 def match_classes(real, gen):
     """{class name: (real indices, gen indices)} for the classes found on both sides."""
     real_names, gen_names = class_names(real.classes, gen.classes), class_names(gen.classes, real.classes)
-    common = sorted(({n for n in real_names if n} & {n for n in gen_names if n}))
-    if not common:
+    real_set, gen_set = set(real_names) - {None}, set(gen_names) - {None}
+    if not real_set & gen_set:
         raise InputError(
             f"--per-class: no class sub-folders (or npz labels) common to {real.path} and {gen.path} "
-            f"(real: {sorted({n for n in real_names if n})[:10]}, gen: {sorted({n for n in gen_names if n})[:10]})"
+            f"(real: {sorted(real_set)[:10]}, gen: {sorted(gen_set)[:10]})"
         )
-    unmatched = sorted(({n for n in real_names if n} ^ {n for n in gen_names if n}))
-    if unmatched:
-        print(f"Per-class: skipping classes found on one side only: {unmatched}", file=sys.stderr)
-    return {
-        c: (
-            torch.tensor([i for i, n in enumerate(real_names) if n == c]),
-            torch.tensor([i for i, n in enumerate(gen_names) if n == c]),
+    if real_set ^ gen_set:
+        print(
+            f"Per-class: skipping classes found on one side only: {sorted(real_set ^ gen_set)}",
+            file=sys.stderr,
         )
-        for c in common
-    }
+
+    def indices(names, wanted):
+        return torch.tensor([i for i, n in enumerate(names) if n == wanted])
+
+    return {c: (indices(real_names, c), indices(gen_names, c)) for c in sorted(real_set & gen_set)}
 
 
 # ----------------------------------------------------------------------------- features
@@ -563,7 +563,7 @@ def library_versions():
 def size_histogram(sizes):
     """{'HxW': count} of an (N, 2) tensor of image sizes."""
     found, counts = torch.unique(sizes, dim=0, return_counts=True)
-    return {f"{h}x{w}": int(c) for (h, w), c in zip(found.tolist(), counts.tolist())}
+    return {f"{h}x{w}": int(c) for (h, w), c in zip(found.tolist(), counts.tolist(), strict=True)}
 
 
 def write_json(path, result):
@@ -693,8 +693,8 @@ def parse_args(argv=None):
         "--inception-weights",
         "--inception_weights",
         default=None,
-        help="local torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth) for offline machines "
-        "(env EVAL_INCEPTION_WEIGHTS; default: download once into the torch hub folder)",
+        help="local torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth), offline use "
+        "(or env EVAL_INCEPTION_WEIGHTS; default: downloaded once into the torch hub folder)",
     )
     add(
         "--vgg-weights",
@@ -708,7 +708,7 @@ def parse_args(argv=None):
         "--pr_features",
         choices=("vgg16", "inception"),
         default="vgg16",
-        help="precision/recall features: vgg16 fc2 (Kynkaanniemi et al., default) or inception pool (DiT/ADM tables)",
+        help="precision/recall features: vgg16 fc2 (Kynkaanniemi et al.; default) or inception pool3 (ADM)",
     )
     add(
         "--pr-k",
