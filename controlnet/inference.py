@@ -196,7 +196,7 @@ class Generator:
                 self.args.controlnet_scale,
                 self.args.num_inference_steps,
             )
-            return decode(self.vae, latents, self.cfg["latent_scale"], self.cfg["image_channels"])
+            return decode(self.vae, latents, self.cfg)
 
 
 def output_path(args, class_folder, stem, k):

@@ -127,17 +127,17 @@ def load_vae(source):
     return vae.requires_grad_(False).eval()
 
 
-def encode(vae, pixels, latent_scale, sample=True):
-    """(N, C, H, W) in [-1, 1] -> scaled latents; 1-channel images are repeated to the VAE's 3 channels."""
-    pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
-    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-    return (dist.sample() if sample else dist.mode()).float() * latent_scale  # (N, c, h, w)
+def encode(vae, pixels, cfg):
+    """(N, C, H, W) in [-1, 1] -> latents as the LDM made them: (posterior mean - shift) * scale."""
+    pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels  # the VAE takes RGB
+    mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
+    return (mean - cfg["latent_shift"]) * cfg["latent_scale"]  # (N, c, h, w)
 
 
-def decode(vae, latents, latent_scale, channels):
-    """Scaled latents -> (N, channels, H, W) in [-1, 1]; 1-channel data averages the VAE's RGB."""
-    images = vae.decode((latents / latent_scale).to(vae.dtype)).sample.float()
-    return images.mean(1, keepdim=True) if channels == 1 else images
+def decode(vae, latents, cfg):
+    """Latents -> (N, C, H, W) in [-1, 1]; 1-channel data averages the VAE's RGB output."""
+    images = vae.decode((latents / cfg["latent_scale"] + cfg["latent_shift"]).to(vae.dtype)).sample.float()
+    return images.mean(1, keepdim=True) if cfg["image_channels"] == 1 else images
 
 
 def make_scheduler(name, scheduler_config):

@@ -156,12 +156,22 @@ def make_accelerator(args):
         mixed = "no"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # cpu=True without CUDA lets accelerate pick gloo under torchrun, as `accelerate launch --cpu` does
+    return Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+    )
 
 
 def plain(value):
     """JSON-plain copy (tuples -> lists, paths -> str) for weights_only checkpoints."""
     return json.loads(json.dumps(value, default=str))
+
+
+def local_or_hub(source):
+    """Absolute path for an existing local folder (so inference finds it from anywhere), else the hub id."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 def run_config(args, ldm, mask_max_value):
@@ -170,10 +180,11 @@ def run_config(args, ldm, mask_max_value):
     ldm_cfg = ldm.config
     cfg.update(
         ldm_checkpoint=str(Path(args.ldm_checkpoint).resolve()),
-        vae_pretrained=args.vae_pretrained or ldm_cfg["vae_pretrained"],
+        vae_pretrained=local_or_hub(args.vae_pretrained or ldm_cfg["vae_pretrained"]),
         image_size=args.image_size or int(ldm_cfg["image_size"]),
         image_channels=int(ldm_cfg["image_channels"]),
         latent_scale=float(ldm_cfg["latent_scale"]),
+        latent_shift=float(ldm_cfg.get("latent_shift", 0.0)),
         vae_downsample=int(ldm_cfg["vae_downsample"]),
         mask_max_value=mask_max_value,
         cfg_dropout=args.cfg_dropout
@@ -252,6 +263,7 @@ class Trainer:
         self.ldm.unet.requires_grad_(not args.freeze_unet)
         self.ldm.class_embedder.requires_grad_(False).to(device)
         self.model = ControlledUNet(controlnet, self.ldm.unet).to(device)
+        self.wrapped = self.model  # the DDP-wrapped module once train() prepares it; eval uses the bare one
         if args.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             self.ldm.unet.enable_gradient_checkpointing()
@@ -433,9 +445,9 @@ class Trainer:
         return self.ldm.class_embedder(labels)
 
     def loss(self, model, batch, tokens, noise=None, timesteps=None):
-        """Per-sample diffusion loss (N,); fixed noise and timesteps also fix the latents to the VAE mean."""
+        """Per-sample diffusion loss (N,), with fresh noise and timesteps unless given."""
         with torch.no_grad():
-            latents = encode(self.vae, batch["pixel_values"], self.cfg["latent_scale"], sample=noise is None)
+            latents = encode(self.vae, batch["pixel_values"], self.cfg)
         noise = noise if noise is not None else torch.randn_like(latents)
         timesteps = (
             timesteps
@@ -457,15 +469,17 @@ class Trainer:
 
     def train_step(self, batch):
         """One forward/backward; returns (loss, grad norm or None)."""
-        with self.accelerator.accumulate(self.model):
-            loss = self.loss(self.model, batch, self.tokens(batch["label"])).mean()
+        with self.accelerator.accumulate(self.wrapped):
+            loss = self.loss(self.wrapped, batch, self.tokens(batch["label"])).mean()
             mean_loss = self.accelerator.reduce(loss.detach(), "mean")
             if not torch.isfinite(mean_loss):
                 raise FloatingPointError(f"loss became {mean_loss.item()} at step {self.global_step}")
             self.accelerator.backward(loss)
             grad_norm = None
             if self.accelerator.sync_gradients:
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+                grad_norm = self.accelerator.clip_grad_norm_(
+                    self.wrapped.parameters(), self.args.max_grad_norm
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.accelerator.sync_gradients:
@@ -514,7 +528,6 @@ class Trainer:
         """Deterministic held-out loss: latent means, noise seeded per sample, evenly spaced timesteps."""
         device, total = self.accelerator.device, torch.zeros(2, device=self.accelerator.device)
         num_t = self.noise_scheduler.config.num_train_timesteps
-        model = self.accelerator.unwrap_model(self.model)  # no DDP collectives in uneven validation shards
         grid = torch.tensor(
             [int(num_t * (k + 0.5) / timesteps_per_sample) for k in range(timesteps_per_sample)]
         )
@@ -530,7 +543,7 @@ class Trainer:
             latent_shape = self.latent_shape(timesteps_per_sample)
             noise = torch.randn(latent_shape, generator=generator).to(device)
             tokens = self.ldm.class_embedder(batch["label"])
-            losses = self.loss(model, batch, tokens, noise, grid.to(device))
+            losses = self.loss(self.model, batch, tokens, noise, grid.to(device))
             total += torch.stack([losses.sum(), torch.tensor(float(len(losses)), device=device)])
         total = self.accelerator.reduce(total, "sum")
         return (total[0] / total[1]).item()
@@ -547,18 +560,17 @@ class Trainer:
         items = [self.val_set[i] for i in range(count)]
         batch = self.to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
         noise = torch.randn(self.latent_shape(count), generator=torch.Generator().manual_seed(self.args.seed))
-        model = self.accelerator.unwrap_model(self.model)
         scheduler = make_scheduler("unipc", self.ldm.scheduler_config)
         with self.accelerator.autocast():
             latents = sample_latents(
-                model,
+                self.model,
                 scheduler,
                 noise.to(self.accelerator.device),
                 batch["conditioning"],
                 self.ldm.class_embedder(batch["label"]).to(self.weight_dtype),
                 steps=self.args.sample_steps,
             )
-        generated = decode(self.vae, latents, self.cfg["latent_scale"], self.cfg["image_channels"])
+        generated = decode(self.vae, latents, self.cfg)
         rows = [to_rgb(batch["conditioning"] * 2 - 1), to_rgb(generated), to_rgb(batch["pixel_values"])]
         return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, normalize=True, value_range=(-1, 1))
 
@@ -632,14 +644,14 @@ def train(args):
         )
     check_output_dir(args)
     trainer = Trainer(args)
+    trainer.install_signal_handlers()
     trainer.print_parameters()
     if args.resume:
         trainer.resume(args.resume)
-    trainer.model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    trainer.wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
     if trainer.is_main:
         (Path(args.output_dir) / "samples").mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(Path(args.output_dir) / "logs")) if trainer.is_main else None
-    trainer.install_signal_handlers()
     while trainer.epoch < args.num_epochs:
         if not trainer.run_epoch(writer):
             trainer.save("checkpoint_latest.pt")
