@@ -1,0 +1,605 @@
+"""Train a class-conditional DiT in the latent space of a frozen VAE.
+
+Runs as a plain `python train.py ...` process or under torchrun (DDP: NCCL on CUDA, gloo on CPU).
+Data layout: DATA/<class_name>/<images>; classes are the sorted folder names.
+"""
+
+import argparse
+import glob
+import itertools
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from copy import deepcopy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from dataset import ImageFolderDataset  # noqa: E402
+from diffusion import classifier_free_guidance, create_diffusion  # noqa: E402
+from utils import (  # noqa: E402
+    SEED_DEFAULTS,
+    UserError,
+    add_architecture_flags,
+    add_flag,
+    architecture,
+    autocast,
+    build_dit,
+    images_from_latents,
+    latent_size,
+    load_checkpoint,
+    load_vae,
+    print_parameter_table,
+    run_cli,
+    save_atomic,
+    setup_distributed,
+    vae_downsample,
+)
+
+GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Data layout: DATA/<class_name>/*.{png,jpg,jpeg,bmp,tif,tiff,webp}; grayscale data is "
+        "trained through the RGB VAE and sampled back as grayscale.",
+    )
+    add_architecture_flags(parser)
+    add_flag(parser, "--data-path", required=True, help="folder with one sub-folder of images per class")
+    add_flag(
+        parser, "--results-dir", default="results", help="runs go to RESULTS/NNN-<model>/ (default: results)"
+    )
+    add_flag(
+        parser,
+        "--image-size",
+        type=int,
+        default=SEED_DEFAULTS["image_size"],
+        help="image side in pixels, a multiple of 8 x patch size (default: 256)",
+    )
+    add_flag(
+        parser,
+        "--num-classes",
+        type=int,
+        default=None,
+        help="label-table size (default: the number of class folders)",
+    )
+    add_flag(
+        parser,
+        "--global-batch-size",
+        type=int,
+        default=256,
+        help="batch size over all processes (default: 256)",
+    )
+    add_flag(parser, "--epochs", type=int, default=1400, help="training epochs (default: 1400)")
+    add_flag(
+        parser, "--max-steps", type=int, default=None, help="stop after this many steps (default: no limit)"
+    )
+    add_flag(parser, "--lr", type=float, default=1e-4, help="constant AdamW learning rate (default: 1e-4)")
+    add_flag(parser, "--ema-decay", type=float, default=0.9999, help="EMA decay per step (default: 0.9999)")
+    add_flag(
+        parser,
+        "--class-dropout-prob",
+        type=float,
+        default=0.1,
+        help="probability of training on the null class, for guidance (default: 0.1)",
+    )
+    add_flag(
+        parser,
+        "--vae",
+        default="ema",
+        help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder",
+    )
+    add_flag(parser, "--global-seed", type=int, default=0, help="random seed (default: 0)")
+    add_flag(
+        parser, "--num-workers", type=int, default=4, help="data loader workers per process (default: 4)"
+    )
+    add_flag(parser, "--log-every", type=int, default=100, help="log the loss every N steps (default: 100)")
+    add_flag(
+        parser,
+        "--ckpt-every",
+        type=int,
+        default=50000,
+        help="save a checkpoint every N steps (default: 50000)",
+    )
+    add_flag(
+        parser,
+        "--checkpoints-total-limit",
+        type=int,
+        default=None,
+        help="keep only the newest N checkpoints (default: keep all)",
+    )
+    add_flag(
+        parser,
+        "--sample-every",
+        type=int,
+        default=10000,
+        help="write an EMA sample grid every N steps, 0 = never (default: 10000)",
+    )
+    add_flag(
+        parser,
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16 autocast on CUDA; CPU always runs fp32 (default: bf16)",
+    )
+    add_flag(
+        parser,
+        "--cache-latents",
+        action="store_true",
+        help="encode the data set once (both flips, latent mean and std) instead of every step",
+    )
+    add_flag(parser, "--compile", action="store_true", help="torch.compile the model")
+    add_flag(parser, "--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    add_flag(
+        parser,
+        "--resume",
+        default=None,
+        help="checkpoint file, or a run folder (resumes its newest checkpoint)",
+    )
+    return parser.parse_args(argv)
+
+
+def create_run_folder(results_dir, model_name):
+    """results/NNN-<model>/ with the next free index."""
+    os.makedirs(results_dir, exist_ok=True)
+    indices = [
+        int(os.path.basename(p).split("-")[0])
+        for p in glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*"))
+    ]
+    run_dir = os.path.join(results_dir, f"{max(indices, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    return run_dir
+
+
+def resolve_resume(path):
+    """Checkpoint file to resume: the path itself, or the newest checkpoint of a run folder."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "checkpoints", "[0-9]" * 7 + ".pt")))
+        if not found:
+            raise UserError(f"no checkpoints in {path}/checkpoints to resume from")
+        return found[-1]
+    return path
+
+
+def make_logger(run_dir, rank):
+    """Logger writing to log.txt and the console on rank 0, silent elsewhere."""
+    logger = logging.getLogger("dit-train")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if rank == 0:
+        for handler in (
+            logging.StreamHandler(sys.stdout),
+            logging.FileHandler(os.path.join(run_dir, "log.txt")),
+        ):
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logger.addHandler(handler)
+    return logger
+
+
+def broadcast(value, world):
+    """Rank 0's value on every rank."""
+    if world == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class ResumableSampler(DistributedSampler):
+    """Distributed shuffling that can start part-way into an epoch, so resumed runs see the same batches."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def encode(vae, images, scale):
+    """Scaled mean and std of the VAE posterior for images in [-1, 1]."""
+    with torch.no_grad():
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    return posterior.mean.float() * scale, posterior.std.float() * scale
+
+
+def cache_latents(dataset, vae, scale, run_dir, rank, world, device, logger):
+    """Latent mean and std of every image and its mirror image, shared by all ranks through run_dir."""
+    path = os.path.join(run_dir, f"latents-{len(dataset)}.pt")
+    if not os.path.exists(path):
+        logger.info(f"Caching latents of {len(dataset)} images (both flips) to {path}")
+        shard = list(range(rank, len(dataset), world))
+        parts = [
+            encode_images(dataset, indices, vae, scale, device)
+            for indices in np.array_split(shard, max(1, len(shard) // 32))
+        ]
+        save_atomic(
+            {"index": torch.tensor(shard), **{k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")}},
+            f"{path}.rank{rank}",
+        )
+        barrier(world)
+        if rank == 0:
+            save_atomic(merge_shards(path, world, dataset), path)
+        barrier(world)
+    cache = torch.load(path, weights_only=True)
+    return TensorDataset(cache["mean"], cache["std"], cache["label"])
+
+
+def encode_images(dataset, indices, vae, scale, device):
+    """Posterior mean and std of images (stacked as [plain, mirrored]) for the given indices."""
+    images = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (B, 3, H, W)
+    mean, std = encode(vae, torch.cat([images, images.flip(-1)]), scale)
+    return {
+        "mean": torch.stack(mean.chunk(2), 1).cpu(),
+        "std": torch.stack(std.chunk(2), 1).cpu(),
+    }  # (B, 2, C, h, w)
+
+
+def merge_shards(path, world, dataset):
+    """Combine per-rank latent shards into one table ordered like the data set."""
+    shards = [torch.load(f"{path}.rank{r}", weights_only=True) for r in range(world)]
+    order = torch.cat([s["index"] for s in shards]).argsort()
+    merged = {k: torch.cat([s[k] for s in shards])[order] for k in ("mean", "std")}
+    merged["label"] = torch.tensor([label for _, label in dataset.samples])
+    for r in range(world):
+        os.remove(f"{path}.rank{r}")
+    return merged
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def latent_batch(batch, vae, scale, cached, generator, device):
+    """Training latents with random horizontal flips: x_0 ~ q(z | image), drawn from `generator`."""
+    if cached:
+        mean, std, y = (b.to(device) for b in batch)
+        flip = torch.rand(len(y), generator=generator, device=device) < 0.5
+        mean, std = mean[torch.arange(len(y)), flip.long()], std[torch.arange(len(y)), flip.long()]
+    else:
+        images, y = batch[0].to(device), batch[1].to(device)
+        flip = torch.rand(len(y), generator=generator, device=device) < 0.5
+        mean, std = encode(vae, torch.where(flip[:, None, None, None], images.flip(-1), images), scale)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=device), y
+
+
+def train_step(net, diffusion, optimizer, x0, y, null_class, args, generator, device):
+    """One AdamW step on the hybrid loss; label dropout trains the null class for guidance."""
+    n = len(y)
+    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=device)
+    drop = torch.rand(n, generator=generator, device=device) < args.class_dropout_prob
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    with autocast(device, args.precision):
+        losses = diffusion.training_losses(net, x0, t, y, noise)
+    loss = losses["loss"].mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+    optimizer.step()
+    return loss.detach(), grad_norm
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model."""
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def rng_state(generator):
+    """Every random state this process uses, as plain types."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state, generator):
+    random.setstate(state["python"])
+    np.random.set_state(
+        (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
+    )
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def gather(value, world):
+    """List of every rank's value (all ranks call this)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def save_checkpoint(run_dir, step, epoch, model, ema, optimizer, args, config, generator, world, limit):
+    """Everything needed to resume, as plain types; written atomically by rank 0."""
+    rng = gather(rng_state(generator), world)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": optimizer.state_dict(),
+        "args": vars(args),
+        "config": config,
+        "train_steps": step,
+        "epoch": epoch,
+        "rng": rng,
+        "world_size": world,
+    }
+    save_atomic(state, path)
+    if limit:
+        for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-limit]:
+            os.remove(old)
+    return path
+
+
+@torch.no_grad()
+def sample_grid(ema, vae, config, noise, labels):
+    """EMA samples from fixed noise, as a (3, H, W) grid in [0, 1]."""
+    diffusion = create_diffusion(GRID_STEPS)
+    model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
+    latents = diffusion.sample_loop(model_fn, noise, labels)
+    images = torch.from_numpy(images_from_latents(vae, latents, config["latent_scale"])).permute(0, 3, 1, 2)
+    if config["image_mode"] == "L":
+        images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
+    return make_grid(images, nrow=int(math.sqrt(len(images)))).float() / 255
+
+
+class StopSignal:
+    """Remember SIGINT/SIGTERM so the loop can finish its step, save and exit."""
+
+    def __init__(self):
+        self.received = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+
+def check_stop(loss, stop, world, device):
+    """(stop requested on any rank, loss non-finite on any rank)."""
+    flags = torch.tensor(
+        [stop.received is not None, not torch.isfinite(loss).item()], device=device, dtype=torch.float32
+    )
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+def model_config(args, dataset, vae, resume_config):
+    """Architecture, data and VAE facts saved with every checkpoint (taken from the checkpoint on resume)."""
+    if resume_config is not None:
+        if resume_config["class_names"] != dataset.class_names:
+            raise UserError(
+                f"--data-path classes {dataset.class_names} differ from the checkpoint's "
+                f"{resume_config['class_names']}"
+            )
+        return resume_config
+    name = args.model or SEED_DEFAULTS["model"]
+    arch = architecture(
+        name, {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads}
+    )
+    num_classes = args.num_classes or len(dataset.class_names)
+    if num_classes < len(dataset.class_names):
+        raise UserError(
+            f"--num-classes {num_classes} is less than the {len(dataset.class_names)} class folders "
+            f"in {args.data_path}"
+        )
+    downsample = vae_downsample(vae)
+    return dict(
+        model=name,
+        **arch,
+        image_size=args.image_size,
+        num_classes=num_classes,
+        input_size=latent_size(args.image_size, downsample, arch["patch_size"]),
+        in_channels=vae.config.latent_channels,
+        vae=args.vae,
+        vae_downsample=downsample,
+        latent_scale=float(vae.config.scaling_factor),
+        class_names=dataset.class_names,
+        image_mode=dataset.mode,
+        num_timesteps=1000,
+    )
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup_distributed()
+    if args.global_batch_size % world:
+        raise UserError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
+        )
+    resume = load_checkpoint(resolve_resume(args.resume)) if args.resume else None
+    if resume is not None and "config" not in resume:
+        raise UserError(
+            f"{args.resume} is not a checkpoint of this train.py (no config); it cannot be resumed"
+        )
+    local_batch = args.global_batch_size // world
+
+    dataset = ImageFolderDataset(
+        args.data_path, resume["config"]["image_size"] if resume else args.image_size
+    )
+    vae = load_vae(resume["config"]["vae"] if resume else args.vae, device)
+    config = model_config(args, dataset, vae, resume["config"] if resume else None)
+    if rank == 0:
+        run_dir = (
+            os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(args.resume))))
+            if resume
+            else create_run_folder(args.results_dir, config["model"])
+        )
+    run_dir = broadcast(run_dir if rank == 0 else None, world)
+    logger = make_logger(run_dir, rank)
+    logger.info(f"Run folder {run_dir}; {world} process(es) on {device}; config {config}")
+
+    torch.manual_seed(args.global_seed)
+    model = build_dit(config).to(device)
+    model.gradient_checkpointing = args.grad_checkpointing
+    ema = deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    generator = torch.Generator(device).manual_seed(args.global_seed * world + rank)
+    step, epoch = 0, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["opt"])
+        step, epoch = resume["train_steps"], resume["epoch"]
+        if len(resume["rng"]) == world:
+            set_rng_state(resume["rng"][rank], generator)
+        else:
+            logger.info(
+                f"Resuming with {world} processes instead of {len(resume['rng'])}: random streams restart"
+            )
+    if rank == 0:
+        print_parameter_table({"DiT": model, "EMA": ema, "VAE": vae})
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+    diffusion = create_diffusion()
+
+    data = (
+        cache_latents(dataset, vae, config["latent_scale"], run_dir, rank, world, device, logger)
+        if args.cache_latents
+        else dataset
+    )
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.global_seed)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"{args.data_path} has {len(dataset)} images, fewer than the {local_batch} "
+            "each process needs per step"
+        )
+    loader = DataLoader(
+        data,
+        batch_size=local_batch,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.global_seed),
+    )
+    max_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    epoch = step // steps_per_epoch
+    sampler.skip = (step % steps_per_epoch) * local_batch
+
+    grid_gen = torch.Generator().manual_seed(args.global_seed)
+    n_grid = min(GRID_IMAGES, max(4, config["num_classes"]))
+    grid_noise = torch.randn(
+        n_grid, config["in_channels"], config["input_size"], config["input_size"], generator=grid_gen
+    ).to(device)
+    grid_labels = (torch.arange(n_grid) % config["num_classes"]).to(device)
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if rank == 0 else None
+    stop = StopSignal()
+    model.train()
+    logger.info(
+        f"Training for {max_steps} steps from step {step} "
+        f"({steps_per_epoch} steps per epoch, {len(dataset)} images)"
+    )
+    progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    running_loss, log_steps, start_time, last_saved = 0.0, 0, time.time(), None
+    while step < max_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            x0, y = latent_batch(batch, vae, config["latent_scale"], args.cache_latents, generator, device)
+            loss, grad_norm = train_step(
+                net, diffusion, optimizer, x0, y, model.null_class, args, generator, device
+            )
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            progress.update()
+            stopping, diverged = check_stop(loss, stop, world, device)
+            if diverged:
+                logger.info(
+                    f"error: the loss became non-finite at step {step}; stopping "
+                    f"(last checkpoint: {last_saved})"
+                )
+                sys.exit(1)
+            running_loss += loss.item()
+            log_steps += 1
+            if step % args.log_every == 0 or step == max_steps:
+                elapsed = time.time() - start_time
+                avg = torch.tensor(running_loss / log_steps, device=device)
+                if world > 1:
+                    dist.all_reduce(avg)
+                    avg /= world
+                logger.info(
+                    f"(step={step:07d}) Train Loss: {avg.item():.4f}, "
+                    f"Train Steps/Sec: {log_steps / elapsed:.2f}"
+                )
+                if writer:
+                    for tag, value in (
+                        ("loss", avg.item()),
+                        ("lr", args.lr),
+                        ("grad_norm", grad_norm.item()),
+                        ("steps_per_sec", log_steps / elapsed),
+                        ("images_per_sec", log_steps * args.global_batch_size / elapsed),
+                    ):
+                        writer.add_scalar(f"train/{tag}", value, step)
+                running_loss, log_steps, start_time = 0.0, 0, time.time()
+            if step % args.ckpt_every == 0 or step == max_steps or stopping:
+                last_saved = save_checkpoint(
+                    run_dir,
+                    step,
+                    step // steps_per_epoch,
+                    model,
+                    ema,
+                    optimizer,
+                    args,
+                    config,
+                    generator,
+                    world,
+                    args.checkpoints_total_limit,
+                )
+                logger.info(f"Saved checkpoint to {last_saved}")
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                grid = sample_grid(ema, vae, config, grid_noise, grid_labels)
+                writer.add_image("samples/ema", grid, step)
+                os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+                save_grid_png(grid, os.path.join(run_dir, "samples", f"{step:07d}.png"))
+            if stopping:
+                logger.info(f"Stopped by signal {stop.received} at step {step}")
+                sys.exit(128 + (stop.received or signal.SIGTERM))
+            if step >= max_steps:
+                break
+        epoch += 1
+        sampler.skip = 0
+    progress.close()
+    logger.info("Done.")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def save_grid_png(grid, path):
+    from PIL import Image
+
+    Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

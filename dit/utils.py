@@ -1,0 +1,228 @@
+"""Pieces shared by train.py, sample.py and sample_ddp.py: errors, devices, VAE, checkpoints, images."""
+
+import argparse
+import os
+import random
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from models import VARIANTS, DiT, variant_config
+
+SEED_DEFAULTS = {"model": "DiT-B/2", "image_size": 256, "num_classes": 8}
+VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line and exit code 2."""
+
+
+def run_cli(main):
+    """Run main(); user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as err:
+        # Errors raised in DataLoader workers arrive wrapped in a traceback; keep the original message.
+        message = str(err).rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_flag(parser, *names, **kwargs):
+    """Add a flag under each name (the first gives its dest) and each name's --a_b spelling of --a-b."""
+    spellings = []
+    for name in names:
+        spellings += [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def add_architecture_flags(parser):
+    """Flags that pick the DiT variant, optionally shrunk for quick experiments."""
+    add_flag(parser, "--model", default=None, help="DiT variant, e.g. DiT-XL/2, DiT-B/4, DiT-S/8")
+    add_flag(parser, "--depth", type=int, default=None, help="override the variant's number of blocks")
+    add_flag(parser, "--hidden-size", type=int, default=None, help="override the variant's hidden size")
+    add_flag(parser, "--num-heads", type=int, default=None, help="override the variant's attention heads")
+
+
+def setup_distributed():
+    """Join the torchrun process group if any (NCCL on CUDA, gloo on CPU); returns rank, world, device."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA; on CPU fp32 (with a warning when bf16 was asked for)."""
+    if precision == "bf16" and device.type != "cuda":
+        warnings.warn("bf16 mixed precision needs CUDA; running in fp32 on CPU", stacklevel=2)
+        precision = "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def load_vae(spec, device):
+    """Frozen diffusers AutoencoderKL from 'ema', 'mse', a hub id or a local folder."""
+    from diffusers import AutoencoderKL
+
+    source = VAE_HUB_IDS.get(spec, spec)
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load the VAE '{source}' ({type(err).__name__}; offline or not a diffusers folder): "
+            "save it where you have internet (AutoencoderKL.from_pretrained(...).save_pretrained(DIR)) "
+            "and pass --vae DIR"
+        ) from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_downsample(vae):
+    """Spatial downsampling factor of a diffusers AutoencoderKL (8 for the Stable Diffusion VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(image_size, downsample, patch_size):
+    """Latent side length for an image size, or a user error if the model cannot take that size."""
+    if image_size <= 0 or image_size % (downsample * patch_size):
+        raise UserError(
+            f"--image-size {image_size} is not a multiple of {downsample * patch_size} "
+            f"(VAE downsampling {downsample} x patch size {patch_size}); choose e.g. "
+            f"{max(1, round(image_size / (downsample * patch_size))) * downsample * patch_size}"
+        )
+    return image_size // downsample
+
+
+def architecture(name, overrides):
+    """Depth, hidden size, heads and patch of a named variant, with optional overrides."""
+    try:
+        config = variant_config(name)
+    except (KeyError, ValueError):
+        raise UserError(
+            f"unknown --model '{name}'; use DiT-S/2 ... DiT-XL/8 (sizes S B L XL, patches 2 4 8)"
+        ) from None
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return config
+
+
+def build_dit(config, **kwargs):
+    """DiT from a checkpoint config dict."""
+    arch = {k: config[k] for k in ARCHITECTURE_KEYS}
+    return DiT(
+        input_size=config["input_size"],
+        in_channels=config["in_channels"],
+        num_classes=config["num_classes"],
+        **arch,
+        **kwargs,
+    )
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True); files of the original DiT train.py hold an argparse.Namespace."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(
+            f"cannot read checkpoint {path} ({type(err).__name__}); is it a DiT .pt file?"
+        ) from None
+
+
+def state_dict_facts(state_dict, downsample):
+    """Architecture facts readable from a DiT state_dict's shapes (the head count is not among them)."""
+    try:
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        tokens = state_dict["pos_embed"].shape[1]
+        classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
+    except (KeyError, AttributeError, IndexError, TypeError):
+        raise UserError(
+            "the checkpoint is not a DiT state_dict (no x_embedder / pos_embed / y_embedder)"
+        ) from None
+    patch = proj.shape[-1]
+    return dict(
+        patch_size=patch,
+        depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
+        hidden_size=proj.shape[0],
+        in_channels=proj.shape[1],
+        num_classes=classes,
+        image_size=int(tokens**0.5) * patch * downsample,
+    )
+
+
+def variant_name(facts):
+    """Registry name of the variant with these shapes, or None."""
+    for name in VARIANTS:
+        config = variant_config(name)
+        if all(config[k] == facts[k] for k in ("depth", "hidden_size", "patch_size")):
+            return name
+    return None
+
+
+def checkpoint_mismatch(facts, config):
+    """Say how a checkpoint's shapes differ from the model the flags ask for, or return None."""
+    checks = [
+        ("patch_size", "patch size", "--model"),
+        ("depth", "depth (number of blocks)", "--model / --depth"),
+        ("hidden_size", "hidden size", "--model / --hidden-size"),
+        ("num_classes", "number of classes", "--num-classes"),
+        ("image_size", "image size", "--image-size"),
+        ("in_channels", "number of latent channels", "--vae"),
+    ]
+    for key, what, flag in checks:
+        if facts[key] != config[key]:
+            return f"its {what} is {facts[key]} but {flag} asks for {config[key]}"
+    return None
+
+
+def images_from_latents(vae, latents, scale):
+    """Decode latents to uint8 images (N, H, W, 3)."""
+    with torch.no_grad():
+        images = vae.decode(latents.to(vae.dtype) / scale).sample
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+    return images.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def to_pil(array, mode):
+    """uint8 (H, W, 3) array as a PIL image in the data's mode ('L' or 'RGB')."""
+    return Image.fromarray(array).convert(mode)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file in the same folder, so a crash never leaves a broken file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def print_parameter_table(components):
+    """Total / trainable / frozen parameter counts per component."""
+    print(f"{'component':<12}{'total':>16}{'trainable':>16}{'frozen':>16}")
+    for name, module in components.items():
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"{name:<12}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
+
+
+def class_counts(total, num_classes):
+    """Spread `total` samples as evenly as possible over classes: the first total % C get one more."""
+    return [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
