@@ -527,11 +527,11 @@ def metric_lines(values, failures, metrics, args):
         }[metric]
         for title, key, spread in rows:
             if metric in failures:
-                lines.append(f"{title:<23}FAILED ({failures[metric]})")
+                lines.append(f"{title + ' ':<23}FAILED ({failures[metric]})")
             else:
                 digits = 6 if metric == "kid" else 4
                 text = f"{values[key]:.{digits}f}" + (f" ± {values[spread]:.{digits}f}" if spread else "")
-                lines.append(f"{title:<23}{text}")
+                lines.append(f"{title + ' ':<23}{text}")
     return lines
 
 
@@ -851,6 +851,11 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         args.device = select_device(args.device)
+        print(
+            f"Metrics {', '.join(args.metrics)} on {args.device}, batch size {args.batch_size}, "
+            f"{args.num_workers} workers",
+            file=sys.stderr,
+        )
         real, gen, classes = load_inputs(args)
         used = dict.fromkeys(network_of(m, args) for m in args.metrics)
         weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in used}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# FID + precision/recall (and optionally KID / IS) of generated images against real images.
+# Edit the variables below, or set them in the environment: REAL_DIR=... GEN_DIR=... bash evaluate.sh
+# Extra flags after the script name are passed on too:  bash evaluate.sh --max-samples 10000
+set -euo pipefail
+
+PYTHON="${PYTHON:-python}"
+REAL_DIR="${REAL_DIR:-/path/to/real/images}"          # folder (searched recursively) or .npz with arr_0
+GEN_DIR="${GEN_DIR:-/path/to/generated/images}"      # e.g. the sampler's <out> folder with <class_name>/ sub-folders
+METRICS="${METRICS:-fid,precision/recall}"           # any of fid, precision/recall, kid, isc
+BATCH_SIZE="${BATCH_SIZE:-32}"
+DEVICE="${DEVICE:-}"                                 # empty: cuda when available, else cpu
+NUM_WORKERS="${NUM_WORKERS:-4}"
+PR_FEATURES="${PR_FEATURES:-vgg16}"                  # vgg16 (Kynkaanniemi et al.) or inception (ADM tables)
+PER_CLASS="${PER_CLASS:-0}"                          # 1: also report every metric per class sub-folder
+JSON_OUT="${JSON_OUT:-}"                             # e.g. results/eval.json
+CACHE_DIR="${CACHE_DIR:-}"                           # empty: $TORCH_HOME/fidelity_cache
+INCEPTION_WEIGHTS="${INCEPTION_WEIGHTS:-}"           # offline: path to weights-inception-2015-12-05-6726825d.pth
+VGG_WEIGHTS="${VGG_WEIGHTS:-}"                       # offline: path to vgg16-397923af.pth
+
+args=(--real "$REAL_DIR" --gen "$GEN_DIR" --metrics "$METRICS" --batch-size "$BATCH_SIZE"
+      --num-workers "$NUM_WORKERS" --pr-features "$PR_FEATURES")
+[[ -n "$DEVICE" ]] && args+=(--device "$DEVICE")
+[[ "$PER_CLASS" == 1 ]] && args+=(--per-class)
+[[ -n "$JSON_OUT" ]] && args+=(--json "$JSON_OUT")
+[[ -n "$CACHE_DIR" ]] && args+=(--cache-dir "$CACHE_DIR")
+[[ -n "$INCEPTION_WEIGHTS" ]] && args+=(--inception-weights "$INCEPTION_WEIGHTS")
+[[ -n "$VGG_WEIGHTS" ]] && args+=(--vgg-weights "$VGG_WEIGHTS")
+
+exec "$PYTHON" "$(dirname "$0")/precision_recall.py" "${args[@]}" "$@"

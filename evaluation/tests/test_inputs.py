@@ -1,0 +1,113 @@
+"""Image decoding, file discovery, .npz reading, batching and cache keys (no networks involved)."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import precision_recall as pr
+
+
+def decoded(path):
+    with Image.open(path) as image:
+        return pr.pil_to_rgb8(image)  # (3, H, W) uint8
+
+
+def test_16bit_is_scaled_not_clipped(tmp_path):
+    levels = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")  # 16-bit PNG, mode I;16
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "flat.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+    deep, flat = decoded(tmp_path / "deep.png"), decoded(tmp_path / "flat.png")
+    assert deep.dtype == torch.uint8 and deep.shape == (3, 16, 16)
+    assert torch.equal(deep, flat)
+    assert torch.equal(deep[0], torch.from_numpy(levels.astype(np.uint8)))
+
+
+def test_grayscale_rgba_palette_become_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    rgba = np.concatenate([rgb, np.full((8, 8, 1), 7, np.uint8)], axis=2)
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
+    gray = decoded(tmp_path / "gray.png")
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert torch.equal(decoded(tmp_path / "alpha.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    with Image.open(tmp_path / "palette.png") as image:
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(decoded(tmp_path / "palette.png"), expected)
+
+
+def test_folder_listing_is_recursive_sorted_and_case_insensitive(tmp_path):
+    for name in ("b/2.PNG", "a/1.jpeg", "a/x/3.TIF", "top.webp", ".hidden/4.png", "notes.txt"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    files = pr.list_images(str(tmp_path))
+    assert files == sorted(["a/1.jpeg", os.path.join("a", "x", "3.TIF"), "b/2.PNG", "top.webp"])
+    image_set = pr.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
+    assert image_set.classes == ["a", "a", "b", None]
+
+
+def test_npz_grayscale_rgba_and_labels(tmp_path):
+    gray = np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "gray.npz", gray, np.array([2, 0, 1]))
+    image_set = pr.load_npz(str(tmp_path / "gray.npz"))
+    index, image = image_set.dataset()[1]
+    assert index == 1 and image.shape == (3, 8, 8) and torch.equal(image[2], torch.from_numpy(gray[1]))
+    assert image_set.classes == [2, 0, 1]
+    rgba = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 4), dtype=np.uint8)
+    np.savez(tmp_path / "rgba.npz", arr_0=rgba)
+    _, image = pr.load_npz(str(tmp_path / "rgba.npz")).dataset()[0]
+    assert torch.equal(image, torch.from_numpy(rgba[0, :, :, :3]).permute(2, 0, 1))
+
+
+def test_collate_groups_mixed_sizes_and_keeps_indices():
+    items = [(0, torch.zeros(3, 4, 4)), (1, torch.ones(3, 6, 6)), (2, torch.full((3, 4, 4), 2.0))]
+    errors, groups = pr.collate_by_size(items + [(3, "cannot read image x.png: broken")])
+    assert errors == ["cannot read image x.png: broken"]
+    by_size = {tuple(images.shape[2:]): (index.tolist(), images) for index, images in groups}
+    assert by_size[(4, 4)][0] == [0, 2] and torch.equal(by_size[(4, 4)][1][1], items[2][1])
+    assert by_size[(6, 6)][0] == [1]
+
+
+def test_random_subset_is_seeded_sorted_and_bounded(tmp_path):
+    image_set = pr.ImageSet(
+        str(tmp_path), files=[f"{i}.png" for i in range(20)], classes=[None] * 20, total=20
+    )
+    first = pr.random_subset(image_set, 5, seed=3)
+    assert first.files == pr.random_subset(image_set, 5, seed=3).files
+    assert first.files != pr.random_subset(image_set, 5, seed=4).files
+    assert len(first) == 5 and first.total == 20
+    assert [int(f[:-4]) for f in first.files] == sorted(int(f[:-4]) for f in first.files)
+    assert pr.random_subset(image_set, 50, seed=3) is image_set
+
+
+def test_npz_labels_match_sorted_class_folders(tmp_path):
+    folder = pr.ImageSet(
+        str(tmp_path), files=["cat/0.png", "dog/0.png", "dog/1.png"], classes=["cat", "dog", "dog"]
+    )
+    labels = pr.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[1, 0, 1])
+    pairs = pr.match_classes(folder, labels)
+    assert {c: (r.tolist(), g.tolist()) for c, (r, g) in pairs.items()} == {
+        "cat": ([0], [1]),
+        "dog": ([1, 2], [0, 2]),
+    }
+    with pytest.raises(pr.InputError, match="per-class"):
+        pr.match_classes(folder, pr.ImageSet(str(tmp_path), files=["x.png"], classes=[None]))
+
+
+def test_cache_name_follows_files_and_weights(tmp_path, weights):
+    for i in range(2):
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    image_set = pr.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
+    inception = {"path": weights[0]}
+    name = pr.real_cache_name(image_set, "inception", inception)
+    assert name == pr.real_cache_name(image_set, "inception", inception)
+    assert name != pr.real_cache_name(image_set, "vgg16", {"path": weights[1]})
+    later = time.time() + 10
+    os.utime(tmp_path / "1.png", (later, later))
+    assert name != pr.real_cache_name(image_set, "inception", inception)
