@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
+from accelerate.utils import gather_object, set_seed  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
@@ -416,6 +416,7 @@ def main():
     train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
 
     codec = LatentCodec(load_vae(args.vae_pretrained).to(device), args.image_channels)
+    set_seed(args.seed)  # identical initial weights (and so EMA) on every process
     model = build_model(args, codec, len(class_names), resume)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -459,6 +460,7 @@ def main():
         model.unet.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(device)
+    set_seed(args.seed + accelerator.process_index)  # different noise and flips per process
 
     progress = {
         "epoch": 0,

@@ -36,6 +36,17 @@ def user_message(error):
     return lines[-1].split("UserError: ", 1)[-1] if lines else type(error).__name__
 
 
+def both_spellings(names):
+    """Option strings plus their --snake_case / --kebab-case twins."""
+    spellings = list(names)
+    for name in names:
+        if name.startswith("--"):
+            for other in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                if other not in spellings:
+                    spellings.append(other)
+    return spellings
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser that accepts every multi-word flag both as --snake_case and --kebab-case."""
 
@@ -44,13 +55,13 @@ class Parser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def add_argument(self, *names, **kwargs):
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--"):
-                for other in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    if other not in spellings:
-                        spellings.append(other)
-        return super().add_argument(*spellings, **kwargs)
+        return super().add_argument(*both_spellings(names), **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+        group.add_argument = lambda *names, **kw: add(*both_spellings(names), **kw)
+        return group
 
 
 def atomic_save(obj, path):

@@ -1,0 +1,149 @@
+"""Shared tiny fixtures: a random AutoencoderKL folder, class-folder data sets and one trained run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+LDM_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(LDM_DIR))
+
+TRAIN_ARGS = [
+    "--image_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--unet_preset",
+    "tiny",
+    "--num_workers",
+    "0",
+    "--sample_steps",
+    "2",
+    "--grid_samples_per_class",
+    "2",
+]
+
+
+def run_script(script, *args, check=True, env=None):
+    """Run one of the ldm scripts as a user would, offline, from the ldm folder."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, str(LDM_DIR / script), *map(str, args)],
+        cwd=LDM_DIR,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def random_images(folder, count, size, mode, seed, suffix=".png"):
+    """Write `count` random images of a PIL mode into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        if mode == "I;16":
+            image = Image.fromarray(rng.integers(0, 65535, (size, size), dtype=np.uint16))
+        else:
+            channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+            array = rng.integers(0, 255, (size, size, channels), dtype=np.uint8)
+            image = Image.fromarray(array[..., 0] if channels == 1 else array)
+        image.save(folder / f"img_{i:03d}{suffix}")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A random tiny AutoencoderKL saved with save_pretrained (block widths 8, 8; 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rgb_data(tmp_path_factory):
+    """Two RGB classes of five images each, in mixed formats."""
+    root = tmp_path_factory.mktemp("rgb")
+    random_images(root / "cat", 5, 20, "RGB", 0)
+    random_images(root / "dog", 4, 20, "RGB", 1, suffix=".JPG")
+    random_images(root / "dog", 1, 20, "RGBA", 2, suffix=".webp")
+    return root
+
+
+@pytest.fixture(scope="session")
+def gray_data(tmp_path_factory):
+    """Two grayscale classes: 8-bit and 16-bit images."""
+    root = tmp_path_factory.mktemp("gray")
+    random_images(root / "benign", 5, 16, "L", 3)
+    random_images(root / "malignant", 5, 16, "I;16", 4, suffix=".tif")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, rgb_data, tiny_vae):
+    """Three epochs on the RGB set, saving every epoch and keeping two periodic files."""
+    out = tmp_path_factory.mktemp("run") / "ckpts"
+    args = [
+        "--data_root",
+        rgb_data,
+        "--vae_pretrained",
+        tiny_vae,
+        *TRAIN_ARGS,
+        "--num_epochs",
+        "3",
+        "--save_every",
+        "1",
+        "--sample_every",
+        "1",
+        "--checkpoints_total_limit",
+        "2",
+    ]
+    run_script("train.py", "--output_dir", out, *args)
+    return out, args
+
+
+@pytest.fixture(scope="session")
+def trained_vae(tmp_path_factory, gray_data):
+    """train_vae.py run from scratch on the grayscale set; returns the 'best' folder."""
+    out = tmp_path_factory.mktemp("vae_run") / "vae"
+    run_script(
+        "train_vae.py",
+        "--data_root",
+        gray_data,
+        "--output_dir",
+        out,
+        "--image_size",
+        "16",
+        "--block_out_channels",
+        "8",
+        "8",
+        "--norm_num_groups",
+        "8",
+        "--layers_per_block",
+        "1",
+        "--batch_size",
+        "4",
+        "--num_epochs",
+        "1",
+        "--num_workers",
+        "0",
+    )
+    return out / "best"

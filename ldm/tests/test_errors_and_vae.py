@@ -1,0 +1,106 @@
+"""Bad input ends with one clear line and exit code 2; train_vae.py output feeds train.py."""
+
+import time
+
+import pytest
+import torch
+from conftest import TRAIN_ARGS, random_images, run_script
+
+
+def assert_user_error(result, *fragments):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def train(data, vae, out, *extra):
+    return run_script(
+        "train.py",
+        "--data_root",
+        data,
+        "--vae_pretrained",
+        vae,
+        "--output_dir",
+        out,
+        *TRAIN_ARGS,
+        "--num_epochs",
+        "1",
+        *extra,
+        check=False,
+    )
+
+
+def test_missing_data_root(tiny_vae, tmp_path):
+    assert_user_error(train(tmp_path / "absent", tiny_vae, tmp_path / "o"), "--data_root", "absent")
+
+
+def test_folder_without_class_folders(tiny_vae, tmp_path):
+    random_images(tmp_path / "flat", 2, 16, "RGB", 0)
+    assert_user_error(train(tmp_path / "flat", tiny_vae, tmp_path / "o"), "no class sub-folders")
+
+
+def test_unreadable_image(tiny_vae, tmp_path):
+    random_images(tmp_path / "d" / "a", 3, 16, "RGB", 0)
+    (tmp_path / "d" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert_user_error(train(tmp_path / "d", tiny_vae, tmp_path / "o"), "broken.png")
+
+
+def test_vae_not_available_offline_fails_fast(rgb_data, tmp_path):
+    start = time.time()
+    result = train(rgb_data, "stabilityai/sd-vae-ft-mse", tmp_path / "o")
+    assert_user_error(result, "--vae_pretrained", "sd-vae-ft-mse")
+    assert time.time() - start < 60
+    assert_user_error(train(rgb_data, tmp_path / "no_such_vae", tmp_path / "o"), "--vae_pretrained")
+
+
+def test_bad_image_size_and_existing_run(rgb_data, tiny_vae, trained_run, tmp_path):
+    assert_user_error(train(rgb_data, tiny_vae, tmp_path / "o", "--image_size", "18"), "--image_size 18")
+    out = trained_run[0]
+    before = (out / "checkpoint_best.pt").stat().st_mtime_ns
+    assert_user_error(train(rgb_data, tiny_vae, out), "--resume")
+    assert (out / "checkpoint_best.pt").stat().st_mtime_ns == before  # nothing overwritten
+
+
+def test_inference_rejects_wrong_checkpoints_and_classes(trained_run, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"model_type": "controlnet"}, other)
+    common = ["--output_dir", tmp_path / "gen", "--num_samples", "1", "--num_inference_steps", "1"]
+    assert_user_error(run_script("inference.py", "--checkpoint", other, *common, check=False), "not an LDM")
+    ckpt = trained_run[0] / "checkpoint_best.pt"
+    assert_user_error(
+        run_script("inference.py", "--checkpoint", ckpt, "--class_label", "zebra", *common, check=False),
+        "zebra",
+        "cat",
+    )
+    assert_user_error(
+        run_script(
+            "inference_per_class.py",
+            "--checkpoint",
+            tmp_path / "none.pt",
+            "--output_dir",
+            tmp_path / "g",
+            check=False,
+        ),
+        "none.pt",
+    )
+    assert not (tmp_path / "gen").exists()
+
+
+def test_class_index_out_of_range():
+    from inference import resolve_classes
+    from utils import UserError
+
+    assert resolve_classes(["b", "0"], ["a", "b"]) == [1, 0]
+    assert resolve_classes(None, ["a", "b"]) == [0, 1]
+    with pytest.raises(UserError, match="out of range"):
+        resolve_classes(["2"], ["a", "b"])
+
+
+def test_train_vae_writes_loadable_folders(trained_vae):
+    from models import load_vae
+
+    for folder in ("best", "final"):
+        vae = load_vae(str(trained_vae.parent / folder))
+        assert vae.config.in_channels == 3 and vae.config.scaling_factor > 0
