@@ -52,6 +52,7 @@ GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
 
 
 def parse_args(argv=None):
+    """Flags (with --resume, unset ones default to the resumed run's) and the checkpoint to resume."""
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,7 +60,9 @@ def parse_args(argv=None):
         "trained through the RGB VAE and sampled back as grayscale.",
     )
     add_architecture_flags(parser)
-    add_flag(parser, "--data-path", required=True, help="folder with one sub-folder of images per class")
+    add_flag(
+        parser, "--data-path", default=None, help="folder with one sub-folder of images per class (required)"
+    )
     add_flag(
         parser, "--results-dir", default="results", help="runs go to RESULTS/NNN-<model>/ (default: results)"
     )
@@ -150,7 +153,19 @@ def parse_args(argv=None):
         default=None,
         help="checkpoint file, or a run folder (resumes its newest checkpoint)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(resolve_resume(args.resume))
+        if "config" not in resume:
+            raise UserError(
+                f"{args.resume} is not a checkpoint of this train.py (no config); it cannot be resumed"
+            )
+        parser.set_defaults(**{k: v for k, v in resume["args"].items() if k != "resume"})
+        args = parser.parse_args(argv)
+    if args.data_path is None:
+        raise UserError("--data-path is required: a folder with one sub-folder of images per class")
+    return args, resume
 
 
 def create_run_folder(results_dir, model_name):
@@ -430,16 +445,11 @@ def model_config(args, dataset, vae, resume_config):
 
 
 def main():
-    args = parse_args()
+    args, resume = parse_args()
     rank, world, device = setup_distributed()
     if args.global_batch_size % world:
         raise UserError(
             f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
-        )
-    resume = load_checkpoint(resolve_resume(args.resume)) if args.resume else None
-    if resume is not None and "config" not in resume:
-        raise UserError(
-            f"{args.resume} is not a checkpoint of this train.py (no config); it cannot be resumed"
         )
     local_batch = args.global_batch_size // world
 

@@ -16,8 +16,10 @@ def space_timesteps(num_timesteps, count):
     """`count` evenly spaced steps out of `num_timesteps`, always including the first and the last."""
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"cannot take {count} sampling steps out of {num_timesteps}")
-    stride = (num_timesteps - 1) / max(count - 1, 1)
-    return sorted({round(i * stride) for i in range(count)} | {num_timesteps - 1})
+    if count == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (count - 1)  # >= 1, so the rounded steps are distinct
+    return [round(i * stride) for i in range(count)]
 
 
 def mean_flat(x):

@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny VAE, a tiny mixed-format class-folder data set, and one short training run."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+DIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, DIT_DIR)
+PYTHON = sys.executable
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+# Tiny DiT on 16 px images: the test VAE downsamples by 2, so latents are 8 x 8 and there are 16 tokens.
+TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--image-size", "16"]
+# One thread per process: the test machine has two shared cores, and oversubscribed threads crawl.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+torch.set_num_threads(1)
+
+
+def script_command(script, *args, nproc=None):
+    """Command line of a dit script, plain or under a gloo torchrun."""
+    path = os.path.join(DIT_DIR, script)
+    if nproc:
+        return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", path, *map(str, args)]
+    return [PYTHON, path, *map(str, args)]
+
+
+def run_script(script, *args, nproc=None, cwd=None, check=True):
+    """Run a dit script as a user would; fail with its output if it fails unexpectedly."""
+    result = subprocess.run(
+        script_command(script, *args, nproc=nproc),
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{script} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def tiny_vae():
+    """Randomly initialised AutoencoderKL: 2x downsampling, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+
+
+def write_images(root):
+    """Three classes of four images each, in every format a user may have."""
+    rng = np.random.default_rng(0)
+    rgb = lambda: rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)  # noqa: E731
+    makers = {
+        "cat": [lambda: Image.fromarray(rgb()), "png"],
+        "dog": [lambda: Image.fromarray(rng.integers(0, 65535, (18, 18), dtype=np.uint16)), "png"],
+        "eel": [lambda: Image.fromarray(rgb()).convert("P"), "png"],
+    }
+    for name, (make, ext) in makers.items():
+        os.makedirs(os.path.join(root, name))
+        for i in range(4):
+            make().save(os.path.join(root, name, f"{i}.{ext}"))
+    Image.fromarray(rgb()[..., 0]).save(os.path.join(root, "dog", "4.JPG"))
+    Image.fromarray(np.dstack([rgb(), rgb()[..., :1]])).save(os.path.join(root, "cat", "4.png"))
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """Folder with vae/ (diffusers format) and data/<class>/ images."""
+    root = tmp_path_factory.mktemp("dit")
+    tiny_vae().save_pretrained(root / "vae")
+    write_images(root / "data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(workspace):
+    """A 5-step single-process training run (checkpoints at steps 2, 4 and 5)."""
+    run_script(
+        "train.py",
+        *TINY,
+        "--data-path",
+        workspace / "data",
+        "--results-dir",
+        workspace / "results",
+        "--vae",
+        workspace / "vae",
+        "--global-batch-size",
+        4,
+        "--max-steps",
+        5,
+        "--ckpt-every",
+        2,
+        "--log-every",
+        2,
+        "--num-workers",
+        0,
+        "--sample-every",
+        4,
+    )
+    return workspace / "results" / "000-DiT-S-2"

@@ -1,0 +1,139 @@
+"""train.py end to end: checkpoints, resume equivalence, 2-process gloo run, signals."""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import torch
+from conftest import ENV, TINY, run_script, script_command
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_run_layout_and_checkpoint_contents(trained):
+    checkpoints = sorted(os.listdir(trained / "checkpoints"))
+    assert checkpoints == ["0000002.pt", "0000004.pt", "0000005.pt"]  # every 2 steps and at the end
+    ckpt = load(trained / "checkpoints" / "0000005.pt")
+    assert {"model", "ema", "opt", "args", "config", "train_steps", "epoch", "rng"} <= ckpt.keys()
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["global_batch_size"] == 4
+    config = ckpt["config"]
+    assert config["class_names"] == ["cat", "dog", "eel"] and config["image_mode"] == "RGB"
+    assert (config["depth"], config["hidden_size"], config["input_size"], config["num_classes"]) == (
+        2,
+        32,
+        8,
+        3,
+    )
+    assert ckpt["train_steps"] == 5 and ckpt["epoch"] == 1  # 14 images, batch 4: 3 steps per epoch
+    assert ckpt["model"].keys() == ckpt["ema"].keys()
+    # Training moved the weights, and the EMA (decay 0.9999) trails far behind them.
+    first = load(trained / "checkpoints" / "0000002.pt")
+    weight = "final_layer.linear.weight"
+    assert not torch.equal(first["model"][weight], ckpt["model"][weight])
+    assert ckpt["ema"][weight].abs().max() < ckpt["model"][weight].abs().max()
+    log = (trained / "log.txt").read_text()
+    assert "Train Loss" in log and "Saved checkpoint" in log
+    assert any(f.startswith("events.") for f in os.listdir(trained / "tensorboard"))
+    assert os.path.isfile(trained / "samples" / "0000004.png")  # EMA sample grid
+
+
+def test_resume_gives_identical_weights(trained, workspace, tmp_path):
+    """Resume mid-epoch from step 2 and reach step 5: model, EMA and optimizer equal the uninterrupted run."""
+    run_dir = tmp_path / "results" / "000-DiT-S-2"
+    os.makedirs(run_dir / "checkpoints")
+    shutil.copy(trained / "checkpoints" / "0000002.pt", run_dir / "checkpoints")
+    run_script(
+        "train.py",
+        "--data-path",
+        workspace / "data",
+        "--resume",
+        run_dir,
+        "--max-steps",
+        5,
+        "--ckpt-every",
+        2,
+        "--num-workers",
+        0,
+        "--sample-every",
+        0,
+    )
+    resumed, straight = (
+        load(run_dir / "checkpoints" / "0000005.pt"),
+        load(trained / "checkpoints" / "0000005.pt"),
+    )
+    for key in ("model", "ema"):
+        assert all(torch.equal(resumed[key][k], straight[key][k]) for k in straight[key])
+    for a, b in zip(resumed["opt"]["state"].values(), straight["opt"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000002.pt", "0000004.pt", "0000005.pt"]
+
+
+def test_two_process_gloo_run_with_cached_latents(workspace, tmp_path):
+    result = run_script(
+        "train.py",
+        *TINY,
+        "--data-path",
+        workspace / "data",
+        "--results-dir",
+        tmp_path,
+        "--vae",
+        workspace / "vae",
+        "--global-batch-size",
+        4,
+        "--max-steps",
+        3,
+        "--ckpt-every",
+        100,
+        "--log-every",
+        1,
+        "--num-workers",
+        0,
+        "--sample-every",
+        0,
+        "--cache-latents",
+        nproc=2,
+    )
+    run_dir = tmp_path / "000-DiT-S-2"
+    ckpt = load(run_dir / "checkpoints" / "0000003.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["generator"], ckpt["rng"][1]["generator"])  # one stream per rank
+    cache = load(run_dir / "latents-14.pt")
+    assert cache["mean"].shape == (14, 2, 4, 8, 8)  # both flips of every image
+    assert torch.allclose(cache["label"].bincount(), torch.tensor([5, 5, 4]))
+    assert result.stdout.count("Train Loss") == 3  # rank 0 logs the loss averaged over ranks
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_nonzero(workspace, tmp_path):
+    command = script_command(
+        "train.py",
+        *TINY,
+        "--data-path",
+        workspace / "data",
+        "--results-dir",
+        tmp_path,
+        "--vae",
+        workspace / "vae",
+        "--global-batch-size",
+        2,
+        "--epochs",
+        10000,
+        "--num-workers",
+        0,
+        "--sample-every",
+        0,
+        "--log-every",
+        1,
+    )
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "(step=0000003)" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    saved = sorted(os.listdir(tmp_path / "000-DiT-S-2" / "checkpoints"))
+    assert len(saved) == 1 and int(saved[0][:7]) >= 3
+    assert "Stopped by signal" in output
