@@ -65,7 +65,7 @@ ARCH_KEYS = (
 )
 # Settings of one invocation that a resumed run does not inherit.
 RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minutes")
-PREVIEW_STEPS, PREVIEW_CFG = 50, 3.0  # training previews use DDIM-50 so they stay cheap
+PREVIEW_CFG = 3.0  # guidance of the EMA sample grids written during training
 
 
 class Diffusion:
@@ -249,6 +249,13 @@ def add_train_args(parser, conditional=True):
         type=int,
         default=2000,
         help="steps during which the EMA copies the weights",
+    )
+    add_flag(
+        parser,
+        "preview_steps",
+        type=int,
+        default=50,
+        help="DDIM steps of the EMA sample grids written at each save (0: no grids)",
     )
     add_flag(
         parser,
@@ -661,7 +668,7 @@ class Trainer:
         self.save(final=final, periodic=periodic)
         self.improved = False
         if self.ctx.is_main:
-            self.write_preview("final" if final else f"epoch_{self.epoch:04d}", val_loss)
+            self.log_save("final" if final else f"epoch_{self.epoch:04d}", val_loss)
         self.ctx.barrier()
 
     @torch.no_grad()
@@ -681,34 +688,37 @@ class Trainer:
             total += F.mse_loss(pred.float(), noise, reduction="sum").item()
         return total / (len(self.val_set) * self.val_set[0][0].numel())
 
-    def write_preview(self, name, val_loss):
-        """Sample a grid from fixed noise with the EMA weights; save it and log it to TensorBoard."""
+    def preview_grid(self):
+        """EMA samples from fixed noise, 4 per class (up to 16 classes), as one uint8 grid."""
         classes = min(self.config["num_classes"] or 0, 16)
         labels = torch.arange(classes, device=self.device).repeat(4) if classes else None
-        n = len(labels) if classes else 16
         gen = torch.Generator().manual_seed(self.config["seed"])
         images = self.diffusion.sample(
             self.ema_model,
-            n,
+            len(labels) if classes else 16,
             labels,
             PREVIEW_CFG,
             log_time=False,
             sampler="ddim",
-            steps=PREVIEW_STEPS,
+            steps=self.config["preview_steps"],
             generator=gen,
         )
-        grid = make_uint8_grid(images, nrow=classes or 4)
-        path = run_dir(self.config, "results") / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        self.writer.add_image("ema_samples", grid, self.global_step)
+        return make_uint8_grid(images, nrow=classes or 4)
+
+    def log_save(self, name, val_loss):
+        """Report a save: held-out loss and the EMA sample grid to TensorBoard, the grid to results/."""
+        message = f"step {self.global_step}: saved {self.latest_path()}"
         if math.isfinite(val_loss):
             self.writer.add_scalar("val/heldout_loss", val_loss, self.global_step)
+            message += f", held-out loss {val_loss:.5f} (best {self.best_metric:.5f})"
+        if self.config["preview_steps"] > 0:
+            grid, path = self.preview_grid(), run_dir(self.config, "results") / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, path)
+            self.writer.add_image("ema_samples", grid, self.global_step)
+            message += f", grid {path}"
         self.writer.flush()
-        best = (
-            f", held-out loss {val_loss:.5f} (best {self.best_metric:.5f})" if math.isfinite(val_loss) else ""
-        )
-        tqdm.write(f"step {self.global_step}: saved {self.latest_path()} and grid {path}{best}")
+        tqdm.write(message)
 
 
 def train(args, explicit=frozenset(), distributed=False):

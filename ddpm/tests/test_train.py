@@ -1,0 +1,325 @@
+"""End-to-end runs of the training and sampling scripts as a user types them."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from conftest import DDPM_DIR, TINY, make_class_folders, run_script, torchrun
+
+EXPECTED_KEYS = {
+    "model",
+    "ema",
+    "ema_state",
+    "optimizer",
+    "lr_scheduler",
+    "grad_scaler",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "rng",
+    "generators",
+    "best_metric",
+    "class_names",
+    "config",
+    "model_config",
+}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_writes_complete_weights_only_checkpoints_grids_and_logs(trained_run):
+    models = trained_run / "models" / "tiny"
+    names = {p.name for p in models.iterdir()}
+    assert {"ckpt.pt", "ema_ckpt.pt", "ckpt_epoch_0001.pt", "ckpt_best.pt", "ckpt_final.pt"} <= names
+    ckpt = load(models / "ckpt.pt")
+    assert EXPECTED_KEYS <= set(ckpt) and ckpt["global_step"] == 6 and ckpt["epoch"] == 2
+    assert ckpt["class_names"] == ["class_0", "class_1", "class_2"] and ckpt["config"]["channels"] == 1
+    assert np.isfinite(ckpt["best_metric"])
+    ema = load(models / "ema_ckpt.pt")
+    assert ema["weights"] == "ema" and all(torch.equal(ema["model"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+    assert (trained_run / "results" / "tiny" / "final.png").is_file()
+    assert any((trained_run / "runs" / "tiny").glob("events.out.tfevents*"))
+
+
+def test_seed_inference_snippet_works_as_written(tmp_path):
+    data = make_class_folders(tmp_path / "rgb", classes=2, per_class=2, mode="RGB")
+    result = run_script(
+        "ddpm_conditional.py",
+        "--dataset-path",
+        data,
+        "--num-classes",
+        "2",
+        "--image-size",
+        "16",
+        "--max-steps",
+        "1",
+        "--val-split",
+        "0",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    snippet = f"""
+import sys; sys.path.insert(0, {str(DDPM_DIR)!r})
+import torch
+from modules import UNet_conditional, count_parameters
+from ddpm_conditional import Diffusion
+
+device = "cpu"
+img_size = 16
+num_classes = 2
+
+# Load model
+model = UNet_conditional(num_classes=num_classes, img_size=img_size).to(device)
+ckpt = torch.load("./models/DDPM_conditional/ckpt.pt", weights_only=False)
+model.load_state_dict(ckpt)
+
+# Sample
+diffusion = Diffusion(img_size=img_size, device=device)
+labels = torch.Tensor([0, 1, 0, 1]).long().to(device)
+samples = diffusion.sample(model, n=4, labels=labels, cfg_scale=3, log_time=True, sampler="ddim", steps=5)
+assert samples.dtype == torch.uint8 and samples.shape == (4, 3, 16, 16), samples.shape
+assert torch.equal(model.state_dict()["label_emb.weight"], ckpt["model"]["label_emb.weight"])
+print("params", count_parameters(model)["total"])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "4 images, 5 steps" in out.stdout
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=5)
+    common = [
+        "--dataset-path",
+        data,
+        "--num-classes",
+        "2",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "5",
+        "--hflip",
+        "--val-split",
+        "0.2",
+        "--save-interval",
+        "1",
+        "--lr-warmup-steps",
+        "2",
+        "--ema-warmup-steps",
+        "1",
+        *TINY,
+    ]
+    straight = run_script("ddpm_conditional.py", *common, "--run-name", "a", "--max-steps", "6", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    first = run_script("ddpm_conditional.py", *common, "--run-name", "b", "--max-steps", "3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert load(tmp_path / "models/b/ckpt.pt")["step_in_epoch"] == 3  # stopped in the middle of an epoch
+    resumed = run_script(
+        "ddpm_conditional.py", *common, "--run-name", "b", "--max-steps", "6", "--resume", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(tmp_path / "models/a/ckpt.pt"), load(tmp_path / "models/b/ckpt.pt")
+    assert a["global_step"] == b["global_step"] == 6
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert torch.equal(a["generators"][0], b["generators"][0])
+
+
+def test_sigint_saves_latest_and_exits_nonzero_then_resumes(tmp_path, gray_data):
+    cmd = [
+        sys.executable,
+        str(DDPM_DIR / "ddpm_conditional.py"),
+        "--dataset-path",
+        str(gray_data),
+        "--num-classes",
+        "3",
+        "--epochs",
+        "10000",
+        "--batch-size",
+        "2",
+        "--val-split",
+        "0",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert (
+        "training on"
+        in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+    )
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    ckpt = load(tmp_path / "models/DDPM_conditional/ckpt.pt")
+    assert ckpt["global_step"] > 0
+    resumed = run_script(
+        "ddpm_conditional.py",
+        "--resume",
+        "--dataset-path",
+        gray_data,
+        "--max-steps",
+        str(ckpt["global_step"] + 2),
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(tmp_path / "models/DDPM_conditional/ckpt.pt")["global_step"] == ckpt["global_step"] + 2
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, gray_data):
+    result = run_script(
+        "ddpm_conditional.py",
+        "--dataset-path",
+        gray_data,
+        "--num-classes",
+        "3",
+        "--lr",
+        "1e20",
+        "--lr-warmup-steps",
+        "0",
+        "--grad-clip",
+        "0",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "4",
+        *TINY,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "loss became" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unconditional_training_and_sampling(tmp_path):
+    data = make_class_folders(tmp_path / "flat", classes=1, per_class=4, mode="RGB")
+    result = run_script(
+        "ddpm.py", "--dataset-path", data, "--epochs", "1", "--batch-size", "2", *TINY, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    ckpt = tmp_path / "models/DDPM_Uncondtional/ema_ckpt.pt"
+    sampled = run_script(
+        "ddpm_conditional_ddp.py",
+        "--mode",
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--num-samples",
+        "3",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--output-dir",
+        tmp_path / "out",
+        cwd=tmp_path,
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
+    assert np.asarray(__import__("PIL.Image").Image.open(files[0])).shape == (16, 16, 3)
+
+
+def test_sample_writes_balanced_class_folders_npz_and_grid(tmp_path, trained_run):
+    ckpt = trained_run / "models/tiny/ckpt.pt"
+    args = [
+        "--mode",
+        "sample",
+        "--ckpt",
+        ckpt,
+        "--use-ema",
+        "--num-samples",
+        "5",
+        "--class-labels",
+        "0",
+        "class_2",
+        "--cfg-scale",
+        "3",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--output-dir",
+        tmp_path / "s",
+        "--npz",
+        "--grid-path",
+        tmp_path / "grid.png",
+    ]
+    result = run_script("ddpm_conditional_ddp.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "s/image" in result.stdout and "ms/step" in result.stdout and "images/s" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "s/class_0").iterdir()) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+    ]
+    assert sorted(p.name for p in (tmp_path / "s/class_2").iterdir()) == ["000000.png", "000001.png"]
+    npz = np.load(tmp_path / "s.npz")
+    assert npz["arr_0"].shape == (5, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [0, 2, 0, 2, 0]
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_two_process_train_ddp_and_sample_ddp_with_gloo(tmp_path, gray_data):
+    train = [
+        "ddpm_conditional_ddp.py",
+        "--mode",
+        "train_ddp",
+        "--dataset-path",
+        gray_data,
+        "--batch-size",
+        "2",
+        "--val-split",
+        "0.2",
+        "--save-interval",
+        "1",
+        *TINY,
+    ]
+    first = torchrun(*train, "--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    ckpt = load(tmp_path / "models/DDPM_conditional/ckpt.pt")
+    assert len(ckpt["generators"]) == 2 and ckpt["global_step"] == 3  # 10 images / 2 ranks / batch 2
+    resumed = torchrun(*train, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load(tmp_path / "models/DDPM_conditional/ckpt.pt")["global_step"] == 6
+    sample = [
+        "ddpm_conditional_ddp.py",
+        "--mode",
+        "sample_ddp",
+        "--ckpt",
+        "models/DDPM_conditional/ckpt.pt",
+        "--use-ema",
+        "--num-classes",
+        "3",
+        "--batch-size",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--output-dir",
+        "samples",
+        "--npz",
+    ]
+    out = torchrun(*sample, "--num-samples", "7", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "samples").rglob("*.png"))) == 7
+    more = torchrun(*sample, "--num-samples", "10", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert "(3 new, 7 already there)" in more.stdout
+    counts = sorted(len(list(d.iterdir())) for d in (tmp_path / "samples").iterdir())
+    assert counts == [3, 3, 4] and np.load(tmp_path / "samples.npz")["arr_0"].shape[0] == 10
