@@ -9,7 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UserError, list_images, open_image
+from utils import UserError, check_headers, list_images, open_image
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -58,6 +58,7 @@ def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=T
             f"(now '{image_prefix}'/'{mask_prefix}')"
         )
     paired = {images[k] for k in keys} | {masks[k] for k in keys}
+    check_headers([images[k] for k in keys] + [masks[k] for k in keys])
     if verbose:
         print(f"Paired {len(keys)} images with masks in {images_dir}")
         for kind, files in (("images", image_files), ("masks", mask_files)):

@@ -153,6 +153,7 @@ def guided_prediction(model, latents, t, tokens, null_tokens, conditioning, cfg_
     if cfg_scale == 0:
         return model(latents, t, null_tokens, conditioning, control_scale)
     doubled = torch.cat([latents, latents])  # (2N, c, h, w)
+    t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # per-sample timesteps double too
     cond, uncond = model(
         doubled, t, torch.cat([tokens, null_tokens]), torch.cat([conditioning, conditioning]), control_scale
     ).chunk(2)

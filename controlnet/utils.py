@@ -21,7 +21,9 @@ def run_cli(main):
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # a DataLoader worker re-raises with its traceback in the message: keep the original line only
+        message = str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -48,6 +50,16 @@ class Parser(argparse.ArgumentParser):
 def list_images(folder):
     """Sorted image files (any supported extension, any case) directly inside folder."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_headers(paths):
+    """Fail early on files that are not images at all (full decoding happens when they are used)."""
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read image {path} ({err}); replace or remove the file") from None
 
 
 def open_image(path):

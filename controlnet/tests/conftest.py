@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,13 @@ IMAGE_SIZE = 16
 CLASS_NAMES = ["benign", "malignant"]
 
 
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
 def run_script(script, *args, cwd=HERE, timeout=300):
-    """Run a controlnet script as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    """Run a script (path relative to controlnet/) as a user would; returns the CompletedProcess."""
     cmd = [PYTHON, str(HERE / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def check(result):
@@ -130,10 +133,50 @@ def vae_folder(tmp_path_factory):
     return folder
 
 
+def write_class_images(root, per_class=3, seed=0):
+    """root/<class>/*.png grayscale images for the LDM."""
+    rng = np.random.default_rng(seed)
+    for name in CLASS_NAMES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
+    return root
+
+
 @pytest.fixture(scope="session")
 def ldm_checkpoint(tmp_path_factory, vae_folder):
-    """The LDM checkpoint every ControlNet test builds on."""
-    return contract_ldm_checkpoint(tmp_path_factory.mktemp("ldm") / "checkpoint_best.pt", vae_folder)
+    """A tiny LDM checkpoint made by ldm/train.py in a subprocess: what every ControlNet run builds on."""
+    base = tmp_path_factory.mktemp("ldm")
+    data = write_class_images(base / "data")
+    result = run_script(
+        "../ldm/train.py",
+        "--data_root",
+        data,
+        "--output_dir",
+        base / "out",
+        "--image_size",
+        IMAGE_SIZE,
+        "--batch_size",
+        4,
+        "--num_epochs",
+        1,
+        "--unet_preset",
+        "tiny",
+        "--vae_pretrained",
+        vae_folder,
+        "--num_workers",
+        0,
+    )
+    check(result)
+    return base / "out" / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="session")
+def contract_ldm(tmp_path_factory, vae_folder):
+    """An LDM checkpoint built in-process to the contract, for fast in-process model tests."""
+    return contract_ldm_checkpoint(tmp_path_factory.mktemp("contract") / "ldm.pt", vae_folder)
 
 
 @pytest.fixture(scope="session")
@@ -142,8 +185,13 @@ def pair_data(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs"), 8)
 
 
+TINY_RUN = (
+    "--batch_size 2 --num_epochs 2 --learning_rate 1e-3 --num_workers 0 --sample_steps 2 --sample_every 1"
+)
+
+
 def train_args(data, ldm, out, *extra):
-    """A tiny two-epoch training command line."""
+    """A tiny two-epoch training command line (later flags override earlier ones)."""
     return [
         "--data_root",
         data,
@@ -151,18 +199,7 @@ def train_args(data, ldm, out, *extra):
         ldm,
         "--output_dir",
         out,
-        "--batch_size",
-        2,
-        "--num_epochs",
-        2,
-        "--learning_rate",
-        1e-3,
-        "--num_workers",
-        0,
-        "--sample_steps",
-        2,
-        "--sample_every",
-        1,
+        *TINY_RUN.split(),
         "--num_sample_masks",
         2,
         "--val_fraction",
@@ -171,9 +208,51 @@ def train_args(data, ldm, out, *extra):
     ]
 
 
+def run_many(commands, workers=3, cwd=HERE):
+    """Run {name: (script, *args)} concurrently (the suite has two cores); {name: CompletedProcess}."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(run_script, *command, cwd=cwd) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, pair_data, ldm_checkpoint):
-    """A finished two-epoch ControlNet run with a frozen UNet (the default)."""
-    out = tmp_path_factory.mktemp("run") / "controlnet_checkpoints"
-    result = check(run_script("train.py", *train_args(pair_data, ldm_checkpoint, out)))
-    return out, result
+def training_runs(tmp_path_factory, pair_data, class_data, ldm_checkpoint, contract_ldm):
+    """Independent training runs started together: {name: (output_dir, CompletedProcess)}."""
+    base = tmp_path_factory.mktemp("runs")
+    nan_ldm = base / "nan_ldm.pt"
+    broken = torch.load(contract_ldm, weights_only=True)
+    broken["ema_unet"]["conv_out.weight"].fill_(float("nan"))
+    torch.save(broken, nan_ldm)
+    commands = {
+        "frozen": train_args(pair_data, ldm_checkpoint, base / "frozen"),
+        "unfrozen": train_args(
+            pair_data, ldm_checkpoint, base / "unfrozen", "--no_freeze_unet", "--num_epochs", 1
+        ),
+        "class": train_args(
+            class_data, ldm_checkpoint, base / "class", "--use_class_labels", "--num_epochs", 1
+        ),
+        "nan": train_args(pair_data, nan_ldm, base / "nan"),
+    }
+    results = run_many({name: ("train.py", *args) for name, args in commands.items()})
+    return {name: (base / name, results[name]) for name in commands}
+
+
+@pytest.fixture(scope="session")
+def trained_run(training_runs):
+    """The finished two-epoch run with a frozen UNet (the default)."""
+    out, result = training_runs["frozen"]
+    return out, check(result)
+
+
+@pytest.fixture(scope="session")
+def class_data(tmp_path_factory):
+    """Per-class layout root/<class>/images + root/<class>/masks with the LDM's class names."""
+    root = tmp_path_factory.mktemp("classes")
+    for seed, name in enumerate(CLASS_NAMES):
+        write_pairs(root / name, 3, seed=seed)
+    return root
+
+
+def load(path):
+    """A checkpoint as users load it."""
+    return torch.load(path, map_location="cpu", weights_only=True)

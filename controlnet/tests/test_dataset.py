@@ -1,0 +1,126 @@
+"""Pairing, mask scaling, image modes and joint augmentation."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_SIZE, write_pairs
+from PIL import Image
+
+from dataset import MaskPairDataset, find_pairs, load_mask, mask_array, scan_mask_max, split_indices
+from utils import UserError
+
+
+def test_pairs_by_stem_and_reports_unpaired(tmp_path, capsys):
+    root = write_pairs(tmp_path, 3)
+    Image.new("L", (8, 8)).save(root / "images" / "lonely.png")
+    Image.new("L", (8, 8)).save(root / "masks" / "orphan.PNG")
+    pairs = find_pairs(root / "images", root / "masks")
+    assert [(i.name, m.name) for i, m in pairs] == [(f"{k:03d}.png", f"{k:03d}.png") for k in range(3)]
+    out = capsys.readouterr().out
+    assert "Paired 3 images" in out
+    assert "unpaired images (1): lonely.png" in out and "unpaired masks (1): orphan.PNG" in out
+
+
+def test_pairs_by_prefix_mapping(tmp_path):
+    root = write_pairs(tmp_path, 3, image_prefix="Img_", mask_prefix="seg_")
+    pairs = find_pairs(root / "images", root / "masks", "Img_", "seg_", verbose=False)
+    assert [(i.name, m.name) for i, m in pairs][1] == ("Img_001.png", "seg_001.png")
+    with pytest.raises(UserError, match="--image_prefix"):
+        find_pairs(root / "images", root / "masks")
+
+
+def test_ambiguous_stems_are_an_error(tmp_path):
+    root = write_pairs(tmp_path, 1)
+    Image.new("L", (8, 8)).save(root / "masks" / "000.jpg")
+    with pytest.raises(UserError, match="same key"):
+        find_pairs(root / "images", root / "masks")
+
+
+def label_map(values, size=IMAGE_SIZE):
+    """A mask with vertical stripes of the given label values."""
+    stripes = np.array_split(np.arange(size), len(values))
+    mask = np.zeros((size, size), np.uint8)
+    for value, cols in zip(values, stripes, strict=True):
+        mask[:, cols] = value
+    return mask
+
+
+@pytest.mark.parametrize(
+    "mode, values, expected",
+    [("L", (0, 1, 2), (0.0, 0.5, 1.0)), ("L", (0, 255), (0.0, 1.0)), ("I;16", (0, 1), (0.0, 1.0))],
+)
+def test_label_maps_keep_full_contrast(tmp_path, mode, values, expected):
+    path = tmp_path / "mask.png"
+    Image.fromarray(label_map(values).astype(np.uint16 if mode == "I;16" else np.uint8)).save(path)
+    max_value = scan_mask_max([path], 1)
+    assert max_value == max(values)
+    cond = load_mask(path, 1, max_value, IMAGE_SIZE)
+    assert cond.shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert sorted(cond.unique().tolist()) == pytest.approx(list(expected))
+
+
+def test_palette_masks_keep_label_indices_and_rgb_masks_give_three_channels(tmp_path):
+    palette = Image.fromarray(label_map((0, 1, 2))).convert("P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(tmp_path / "p.png")
+    assert set(np.unique(mask_array(Image.open(tmp_path / "p.png"), 1))) == {0, 1, 2}
+    rgb = mask_array(Image.open(tmp_path / "p.png"), 3)
+    assert rgb.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and rgb[..., 0].max() == 255
+
+
+def make_dataset(root, flip=True, image_channels=1, mask_channels=1):
+    pairs = find_pairs(root / "images", root / "masks", verbose=False)
+    samples = [(i, m, 0) for i, m in pairs]
+    return MaskPairDataset(samples, IMAGE_SIZE, image_channels, mask_channels, 255, flip, seed=0)
+
+
+def test_masks_of_another_size_are_resized_nearest(tmp_path):
+    root = write_pairs(tmp_path, 2, mask_size=IMAGE_SIZE * 3)
+    item = make_dataset(root, flip=False)[0]
+    assert item["conditioning"].shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert set(item["conditioning"].unique().tolist()) <= {0.0, 1.0}  # nearest: no blended labels
+
+
+def test_flip_moves_image_and_mask_together(tmp_path):
+    root = write_pairs(tmp_path, 6)
+    plain, flipped = make_dataset(root, flip=False), make_dataset(root, flip=True)
+    flips = 0
+    for epoch in range(3):
+        flipped.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], flipped[i]
+            bright = b["pixel_values"] > 0.3  # the image is bright exactly where the mask is set
+            assert torch.equal(bright, b["conditioning"] > 0.5)
+            was_flipped = not torch.equal(a["conditioning"], b["conditioning"])
+            flips += was_flipped
+            if was_flipped:
+                assert torch.equal(b["conditioning"], a["conditioning"].flip(-1))
+                assert torch.equal(b["pixel_values"], a["pixel_values"].flip(-1))
+    assert 0 < flips < 18
+
+
+def test_image_modes_and_channels(tmp_path):
+    root = write_pairs(tmp_path, 1)
+    gray = np.asarray(Image.open(root / "images" / "000.png"))
+    Image.fromarray(gray).convert("RGBA").save(root / "images" / "000.png")
+    rgb_item = make_dataset(root, flip=False, image_channels=3, mask_channels=3)[0]
+    assert rgb_item["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert rgb_item["conditioning"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(root / "images" / "000.png")
+    gray_item = make_dataset(root, flip=False)[0]
+    torch.testing.assert_close(gray_item["pixel_values"][0], rgb_item["pixel_values"][0], atol=1e-6, rtol=0)
+    assert gray_item["pixel_values"].min() >= -1 and gray_item["pixel_values"].max() <= 1
+
+
+def test_unreadable_image_is_a_user_error(tmp_path):
+    root = write_pairs(tmp_path, 1)
+    (root / "images" / "000.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="000.png"):
+        make_dataset(root)[0]
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, val = split_indices(10, 0.2, seed=1)
+    assert (train, val) == split_indices(10, 0.2, seed=1)
+    assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
+    assert split_indices(2, 0.01, 0)[1] != [] and split_indices(1, 0.5, 0) == ([0], [])

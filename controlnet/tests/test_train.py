@@ -1,0 +1,117 @@
+"""train.py end to end as subprocesses: outputs, frozen/trained UNet, resume, signals, 2 processes."""
+
+import signal
+import subprocess
+import time
+
+import torch
+from conftest import ENV, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
+from PIL import Image
+
+from models import load_controlled_unet, load_ldm
+
+WEIGHT_KEYS = ("controlnet", "ema_controlnet")
+
+
+def assert_same_weights(a, b, keys=WEIGHT_KEYS):
+    """Bit-for-bit equality of the named state_dicts of two checkpoints."""
+    for key in keys:
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def test_run_writes_complete_checkpoints_samples_and_logs(trained_run):
+    out, result = trained_run
+    for name in ("best", "final", "latest", "epoch_2"):
+        assert (out / f"checkpoint_{name}.pt").is_file()
+    ckpt = load(out / "checkpoint_final.pt")
+    assert ckpt["model_type"] == "controlnet" and ckpt["epoch"] == 2 and ckpt["global_step"] == 6
+    assert ckpt["unet"] is None and ckpt["ema_unet"] is None  # frozen UNet: the LDM's weights are used
+    assert ckpt["config"]["mask_max_value"] == 255 and ckpt["config"]["image_channels"] == 1
+    assert len(ckpt["rng"]) == 1 and ckpt["optimizer"]["state"] and ckpt["best_val_loss"] < float("inf")
+    moved = [n for n, w in ckpt["controlnet"].items() if not torch.equal(w, ckpt["ema_controlnet"][n])]
+    assert moved, "EMA equals the raw weights: EMA or training did not run"
+    assert "Paired 8 images" in result.stdout and "ControlNet" in result.stdout and "frozen" in result.stdout
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+
+
+def test_unfrozen_unet_is_trained_saved_and_used(training_runs, ldm_checkpoint):
+    out, result = training_runs["unfrozen"]
+    check(result)
+    ckpt = load(out / "checkpoint_final.pt")
+    ldm = load_ldm(ldm_checkpoint)
+    original = {k: v.clone() for k, v in ldm.unet.state_dict().items()}
+    assert any(not torch.equal(ckpt["unet"][k], original[k]) for k in original)
+    assert any(not torch.equal(ckpt["ema_unet"][k], original[k]) for k in original)
+    model = load_controlled_unet(ckpt, ldm)  # what inference.py builds
+    for name, weight in model.unet.state_dict().items():
+        assert torch.equal(weight, ckpt["ema_unet"][name])
+
+
+def test_sigterm_saves_latest_and_resume_matches_uninterrupted(
+    tmp_path, trained_run, pair_data, ldm_checkpoint
+):
+    out = tmp_path / "run"
+    args = train_args(pair_data, ldm_checkpoint, out)
+    proc = subprocess.Popen(
+        [PYTHON, str(HERE / "train.py"), *map(str, args)],
+        cwd=HERE,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (out / "logs").exists() and proc.poll() is None:
+        time.sleep(0.01)  # the log folder appears just before the first step, after the handlers are set
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr
+    assert "stopped by signal" in stdout
+    interrupted = load(out / "checkpoint_latest.pt")
+    assert interrupted["global_step"] < 6 and not (out / "checkpoint_final.pt").exists()
+    check(run_script("train.py", *args, "--resume", "latest"))
+    assert_same_weights(load(out / "checkpoint_final.pt"), load(trained_run[0] / "checkpoint_final.pt"))
+
+
+def test_two_process_cpu_launch(tmp_path, pair_data, ldm_checkpoint):
+    out = tmp_path / "run"
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train.py",
+        *map(str, train_args(pair_data, ldm_checkpoint, out, "--num_epochs", 1)),
+    ]
+    result = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
+    check(result)
+    ckpt = load(out / "checkpoint_final.pt")
+    assert len(ckpt["rng"]) == 2 and ckpt["global_step"] == 2  # 6 pairs, 2 processes x batch 2
+    assert result.stdout.count("Paired 8 images") == 1  # only rank 0 reports
+
+
+def test_class_conditioned_training_and_inference(tmp_path, training_runs, class_data):
+    out, result = training_runs["class"]
+    check(result)
+    ckpt = load(out / "checkpoint_final.pt")
+    assert ckpt["config"]["use_class_labels"] and ckpt["class_names"] == ["benign", "malignant"]
+    assert "Paired 3 images" in result.stdout and result.stdout.count("Paired") == 2
+    gen = tmp_path / "gen"
+    mask = class_data / "malignant" / "masks" / "001.png"
+    flags = "--class_name malignant --cfg_scale 2 --scheduler dpm++ --controlnet_scale 1.5 --num_images 2 "
+    flags += "--num_inference_steps 3 --save_comparison"
+    result = check(run_script("inference.py", "--checkpoint", out / "checkpoint_final.pt", "--mask", mask,
+                              *flags.split(), "--output_dir", gen))
+    assert sorted(p.name for p in (gen / "malignant").iterdir()) == ["001_000.png", "001_001.png"]
+    assert Image.open(gen / "comparison" / "malignant" / "001.png").size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+    assert "timing: 2 images, 3 steps" in result.stdout
+
+
+def test_non_finite_loss_stops_without_checkpoint(training_runs):
+    out, result = training_runs["nan"]
+    assert result.returncode == 1 and "loss became nan" in result.stderr
+    assert not (out / "checkpoint_latest.pt").exists()
