@@ -157,7 +157,7 @@ def build_extractor(network, weights, device):
     except Exception as error:  # any failure to read or fit the user's file is an input problem
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise InputError(
-            f"{weights['path']} is not a {spec['label']} weights file for torch-fidelity's "
+            f"{weights['path']} does not hold {spec['label']} weights for torch-fidelity's "
             f"{spec['extractor']} ({reason}); pass the right file with {spec['flag']}"
         ) from None
     return extractor.to(device)

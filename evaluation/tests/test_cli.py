@@ -1,0 +1,187 @@
+"""precision_recall.py and evaluate.sh driven end to end as subprocesses, on random-weight networks."""
+
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch_fidelity
+from conftest import FOLDER, SCRIPT, read_json, run_script
+from PIL import Image
+
+SMALL = ["--kid-subset-size", "4", "--isc-splits", "2", "--num-workers", "0"]
+
+
+def inception_run(data, weights, tmp, name, *extra, real=None, gen=None):
+    """Run with Inception features only (precision/recall on Inception too, to keep the tests fast)."""
+    out = os.path.join(tmp, f"{name}.json")
+    args = ["--real", real or data["real"], "--gen", gen or data["gen"], "--pr-features", "inception"]
+    args += ["--inception-weights", weights[0], "--cache-dir", os.path.join(tmp, "cache"), "--json", out]
+    result = run_script(args + SMALL + list(extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return read_json(out), result
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, weights, tmp):
+    """Every metric, overall and per class, with a cold real-feature cache."""
+    return inception_run(data, weights, tmp, "reference", "--metrics", "fid,pr,kid,isc", "--per-class")
+
+
+def test_reference_run_reports_every_metric(reference, weights):
+    result, process = reference
+    assert "FINAL EVALUATION REPORT" in process.stdout and "KID (InceptionV3):" in process.stdout
+    assert set(result["metrics"]) == {
+        "fid",
+        "precision",
+        "recall",
+        "f_score",
+        "kid_mean",
+        "kid_std",
+        "isc_mean",
+        "isc_std",
+    }
+    assert result["failures"] == {}
+    assert result["counts"] == {"real": 10, "gen": 11, "real_total": 10, "gen_total": 11}
+    assert result["image_sizes"]["real"] == {"16x16": 9, "24x24": 1}  # mixed sizes in one folder
+    assert result["metrics"]["fid"] > 0.01 and result["metrics"]["precision"] < 1.0  # informative features
+    assert {c: e["counts"] for c, e in result["per_class"].items()} == {
+        "a": {"real": 5, "gen": 6},
+        "b": {"real": 5, "gen": 5},
+    }
+    assert result["weights"]["inception-v3-compat"]["path"] == weights[0]
+    assert result["versions"]["torch_fidelity"] == torch_fidelity.__version__
+    assert "299x299" in result["preprocessing"]["resize"]["inception-v3-compat"]
+    assert result["cache"]["extracted"]["real"]["inception"]["images"] == 10
+
+
+def shuffled_copy(source, target):
+    """Copy a folder renaming the files so that their sorted order is reversed."""
+    for folder, _, names in os.walk(source):
+        destination = os.path.join(target, os.path.relpath(folder, source))
+        os.makedirs(destination, exist_ok=True)
+        for rank, name in enumerate(sorted(names)):
+            shutil.copy(
+                os.path.join(folder, name), os.path.join(destination, f"{len(names) - rank:03d}_{name}")
+            )
+    return target
+
+
+def test_cached_run_with_other_file_order_and_batch_size_gives_same_numbers(reference, data, weights, tmp):
+    """Second run: real features come from the cache; generated files in another order, batch size 3."""
+    shuffled = shuffled_copy(data["gen"], os.path.join(tmp, "gen_shuffled"))
+    result, process = inception_run(
+        data,
+        weights,
+        tmp,
+        "cached",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "2",
+        "--metrics",
+        "fid,pr",
+        gen=shuffled,
+    )
+    assert result["cache"]["extracted"]["real"]["inception"]["images"] == 0
+    assert result["cache"]["extracted"]["gen"]["inception"]["images"] == 11
+    assert "loaded from the cache" in process.stderr
+    assert result["metrics"]["fid"] == pytest.approx(reference[0]["metrics"]["fid"], rel=1e-4)
+    assert result["metrics"]["precision"] == reference[0]["metrics"]["precision"]
+    assert result["metrics"]["recall"] == reference[0]["metrics"]["recall"]
+
+
+def test_npz_input_matches_the_same_images_in_a_folder(reference, data, weights, tmp):
+    folder = os.path.join(data["gen"], "b")
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))])
+    npz = os.path.join(tmp, "gen_b.npz")
+    np.savez(npz, images, np.ones(len(images), dtype=np.int64))  # arr_0 N x H x W x C, arr_1 labels
+    real_b = os.path.join(data["real"], "b")
+    result, _ = inception_run(
+        data, weights, tmp, "npz", "--metrics", "fid,pr", "--no-cache", real=real_b, gen=npz
+    )
+    assert result["counts"]["gen"] == 5
+    per_class = reference[0]["per_class"]["b"]["metrics"]  # the per-class split gives the same numbers
+    assert result["metrics"]["fid"] == pytest.approx(per_class["fid"], rel=1e-4)
+    assert result["metrics"]["precision"] == per_class["precision"]
+    assert result["metrics"]["recall"] == per_class["recall"]
+
+
+def test_numbers_equal_torch_fidelity_calculate_metrics(reference, data, weights):
+    library = torch_fidelity.calculate_metrics(
+        input1=os.path.join(data["gen"], "b"),
+        input2=os.path.join(data["real"], "b"),
+        kid=True,
+        isc=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=weights[0],
+        kid_subset_size=4,
+        isc_splits=2,
+        cuda=False,
+        cache=False,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    ours = reference[0]["per_class"]["b"]["metrics"]
+    assert ours["kid_mean"] == pytest.approx(library["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
+    assert ours["isc_mean"] == pytest.approx(library["inception_score_mean"], rel=1e-5)
+    assert ours["precision"] == library["precision"] and ours["recall"] == library["recall"]
+
+
+def report_value(stdout, label):
+    return float(re.search(rf"^{re.escape(label)}\s+(-?[0-9.]+)", stdout, re.M).group(1))
+
+
+def test_constants_mode_self_comparison_with_vgg(data, weights, tmp):
+    """No flags: the edited constants are used; a folder against itself gives FID 0, P = R = 1."""
+    copy = os.path.join(tmp, "constants", "precision_recall.py")
+    os.makedirs(os.path.dirname(copy))
+    with open(SCRIPT) as handle:
+        source = handle.read()
+    source = re.sub(r'^REAL_IMAGES_DIR = ".*"$', f'REAL_IMAGES_DIR = "{data["real"]}"', source, flags=re.M)
+    source = re.sub(r'^GEN_IMAGES_DIR = ".*"$', f'GEN_IMAGES_DIR = "{data["real"]}"', source, flags=re.M)
+    source = re.sub(r"^BATCH_SIZE = 32$", "BATCH_SIZE = 4", source, flags=re.M)
+    with open(copy, "w") as handle:
+        handle.write(source)
+    env = {
+        "EVAL_INCEPTION_WEIGHTS": weights[0],
+        "EVAL_VGG16_WEIGHTS": weights[1],
+        "EVAL_CACHE_DIR": os.path.join(tmp, "cache"),
+    }
+    result = run_script([], env=env, cwd=os.path.dirname(copy), script=copy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Real Data: {data['real']}" in result.stdout and "batch size 4" in result.stderr
+    assert abs(report_value(result.stdout, "FID (InceptionV3):")) < 0.01
+    assert report_value(result.stdout, "Precision (VGG16):") == 1.0
+    assert report_value(result.stdout, "Recall (VGG16):") == 1.0
+
+
+def test_evaluate_sh_passes_its_variables_on(reference, data, weights, tmp):
+    out = os.path.join(tmp, "sh.json")
+    env = {
+        "PYTHON": sys.executable,
+        "REAL_DIR": os.path.join(data["real"], "b"),
+        "GEN_DIR": os.path.join(data["gen"], "b"),
+        "METRICS": "precision/recall",
+        "PR_FEATURES": "inception",
+        "BATCH_SIZE": "2",
+        "NUM_WORKERS": "1",
+        "JSON_OUT": out,
+        "CACHE_DIR": os.path.join(tmp, "cache_sh"),
+        "INCEPTION_WEIGHTS": weights[0],
+    }
+    result = run_script([], env=env, script=os.path.join(FOLDER, "evaluate.sh"), interpreter="bash")
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = read_json(out)["settings"]
+    assert (settings["batch_size"], settings["num_workers"], settings["metrics"]) == (2, 1, ["pr"])
+    assert settings["cache_dir"] == env["CACHE_DIR"] and os.listdir(env["CACHE_DIR"])
+    per_class = reference[0]["per_class"]["b"]["metrics"]
+    assert read_json(out)["metrics"]["recall"] == per_class["recall"]
