@@ -317,7 +317,7 @@ def main(ddp=False):
             f"{len(done)} of {len(batches)} batches already done"
         )
     start, generated = time.time(), 0
-    for j, batch in tqdm(todo, disable=rank != 0, desc="batches"):
+    for j, batch in tqdm(todo, disable=rank != 0, desc="batches", file=sys.stdout):
         images = sample_batch(
             model,
             vae,

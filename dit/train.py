@@ -531,7 +531,7 @@ def main():
         f"Training for {max_steps} steps from step {step} "
         f"({steps_per_epoch} steps per epoch, {len(dataset)} images)"
     )
-    progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
     running_loss, log_steps, start_time, last_saved = 0.0, 0, time.time(), None
     while step < max_steps:
         sampler.set_epoch(epoch)
