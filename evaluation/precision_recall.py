@@ -12,7 +12,10 @@ Data layout: --real and --gen are each either
   * an .npz file whose arr_0 is uint8 N x H x W x C (as DiT's and ADM's samplers write); an
     optional arr_1 holds integer labels, label i meaning the i-th sorted class folder of the other side.
 
-With no flags the constants below are used (edit them), as in:  cd evaluation && python precision_recall.py
+With no flags, the constants REAL_IMAGES_DIR, GEN_IMAGES_DIR and BATCH_SIZE at the top of this file
+are used:  cd evaluation && python precision_recall.py
+Prints the FINAL EVALUATION REPORT block; --json also writes counts, settings, versions and weights.
+Exit code 0 on success, 1 if an asked metric failed, 2 for bad input.
 """
 
 import argparse
@@ -700,8 +703,8 @@ def parse_args(argv=None):
         "--vgg-weights",
         "--vgg_weights",
         default=None,
-        help="local torchvision VGG16 file (vgg16-397923af.pth) for offline machines "
-        "(env EVAL_VGG16_WEIGHTS; default: download once into the torch hub folder)",
+        help="local torchvision VGG16 file (vgg16-397923af.pth), offline use "
+        "(or env EVAL_VGG16_WEIGHTS; default: downloaded once into the torch hub folder)",
     )
     add(
         "--pr-features",
