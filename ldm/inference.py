@@ -87,7 +87,7 @@ def check_sampling_args(args):
         raise UserError(f"--cfg_scale must be >= 0 (got {args.cfg_scale})")
 
 
-class Generator:
+class LDMSampler:
     """A trained LDM ready to sample: model, VAE codec, sampler and the latent shape."""
 
     def __init__(self, args, device):
@@ -206,17 +206,17 @@ def main():
     args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
-    generator = Generator(args, device)
-    classes = resolve_classes(args.class_label, generator.class_names)
+    sampler = LDMSampler(args, device)
+    classes = resolve_classes(args.class_label, sampler.class_names)
     timer = Timer(device)
     start, made, num_batches, rows = timer.now(), 0, 0, []
     for label in classes:
-        name = generator.class_names[label]
+        name = sampler.class_names[label]
         write = not args.no_save_images
         todo = missing_indices(args.output_dir, name, args.num_samples, args.overwrite or not write)
         made_now = {}
         for chunk in batches(todo, args.batch_size):
-            images = generator.sample(label, chunk)
+            images = sampler.sample(label, chunk)
             made_now.update(zip(chunk, images, strict=True))
             if write:
                 write_images(args.output_dir, name, chunk, images)
@@ -229,7 +229,7 @@ def main():
                     [
                         made_now[i]
                         if i in made_now
-                        else load_png(image_path(args.output_dir, name, i), generator.codec.image_channels)
+                        else load_png(image_path(args.output_dir, name, i), sampler.codec.image_channels)
                         for i in range(args.num_samples)
                     ]
                 )

@@ -14,11 +14,12 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
 from dataset import load_png  # noqa: E402
 from inference import (  # noqa: E402
-    Generator,
+    LDMSampler,
     add_sampling_args,
     batches,
     check_sampling_args,
@@ -76,9 +77,9 @@ def write_npz(output_dir, class_names, counts, channels, overwrite):
 
 def main():
     args = parse_args()
-    state = PartialState()
-    generator = Generator(args, state.device)
-    names = generator.class_names
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo for CPU multi-process launches
+    sampler = LDMSampler(args, state.device)
+    names = sampler.class_names
     counts = per_class_counts(args.total_samples, len(names))
     work = work_batches(names, counts, args)
     state.wait_for_everyone()  # every process saw the same missing files before any is written
@@ -92,7 +93,7 @@ def main():
     timer = Timer(state.device)
     start = timer.now()
     for label, chunk in mine:
-        write_images(args.output_dir, names[label], chunk, generator.sample(label, chunk))
+        write_images(args.output_dir, names[label], chunk, sampler.sample(label, chunk))
     made = sum(len(chunk) for _, chunk in mine)
     print_timing(
         made,
@@ -103,7 +104,7 @@ def main():
     )
     state.wait_for_everyone()
     if args.npz and state.is_main_process:
-        write_npz(args.output_dir, names, counts, generator.codec.image_channels, args.overwrite)
+        write_npz(args.output_dir, names, counts, sampler.codec.image_channels, args.overwrite)
 
 
 if __name__ == "__main__":

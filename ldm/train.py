@@ -61,7 +61,6 @@ from utils import Parser, TrainingHalted, UserError, atomic_save, print_paramete
 ARCHITECTURE_KEYS = (
     "image_size",
     "image_channels",
-    "vae_pretrained",
     "prediction_type",
     "num_train_timesteps",
     "beta_schedule",
@@ -394,7 +393,8 @@ def validation_loss(model, noise_scheduler, latents, labels, seed, num_timesteps
 def main():
     args = parse_args()
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    # cpu=True also makes torchrun / multi-process launches on CPU machines use gloo.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device = accelerator.device
@@ -404,6 +404,8 @@ def main():
     if resume is not None:
         for key in ARCHITECTURE_KEYS:
             setattr(args, key, resume["config"][key])
+        if args.vae_pretrained == DEFAULT_VAE:  # a VAE given on the command line wins (e.g. a moved folder)
+            args.vae_pretrained = resume["config"]["vae_pretrained"]
 
     class_names, samples = find_class_images(args.data_root)
     if resume is not None and resume["class_names"] != class_names:

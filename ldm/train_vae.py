@@ -192,7 +192,9 @@ def save_folder(vae, folder):
 
 def main():
     args = parse_args()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision))
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision), cpu=not torch.cuda.is_available()
+    )
     output_dir = Path(args.output_dir)
     latest = output_dir / "checkpoint_latest.pt"
     if latest.exists() and not args.resume:

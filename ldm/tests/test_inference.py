@@ -1,8 +1,11 @@
 """Sampling scripts end to end, guidance arithmetic, noise reproducibility."""
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
-from conftest import run_script
+from conftest import LDM_DIR, run_script
 from PIL import Image
 
 from models import (
@@ -113,7 +116,26 @@ def test_per_class_counts_resume_npz_and_match_inference(trained_run, tmp_path):
         "--seed",
         "3",
     ]
-    run_script("inference_per_class.py", *args, "--npz")
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29519",
+    ]
+    command = [*launcher, str(LDM_DIR / "inference_per_class.py"), *map(str, args), "--npz"]
+    two = subprocess.run(
+        command,
+        cwd=LDM_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "process 0]" in two.stdout and "process 1]" in two.stdout  # both processes sampled
     assert len(list((out / "cat").iterdir())) == 3 and len(list((out / "dog").iterdir())) == 2
     npz = np.load(next(out.glob("samples_5x16x16x3*.npz")))
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (5, 16, 16, 3)

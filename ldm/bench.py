@@ -1,0 +1,132 @@
+"""LDM speed figures, measured side by side in one run (`make bench`).
+
+1. training steps/s with the VAE in the loop vs with --cache_latents (same data, model, batch);
+2. sampling images/s with DDIM-50 vs DPM-Solver++-20.
+The model hub is unreachable here, so both use small locally built models with random weights:
+the figures compare code paths, not trained-model quality.
+"""
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from dataset import ClassImageDataset, find_class_images  # noqa: E402
+from models import (  # noqa: E402
+    ClassConditionalUNet,
+    ClassEmbedder,
+    LatentCodec,
+    build_unet,
+    default_noise_scheduler,
+    denoise,
+    load_vae,
+    make_sampler,
+    noise_for,
+    unet_settings,
+)
+from train import diffusion_loss, encode_moments, training_latents  # noqa: E402
+
+IMAGE_SIZE, BATCH, STEPS, WARMUP = 64, 8, 8, 2
+
+
+def make_data(root, classes=2, per_class=16):
+    """Random RGB images in class folders."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class_{c}" / f"{i:03d}.png")
+
+
+def make_vae(folder):
+    """A small SD-shaped VAE (4 levels: 8x downsampling, 4 latent channels) saved like a real one."""
+    AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+        sample_size=IMAGE_SIZE,
+    ).save_pretrained(folder)
+
+
+def steps_per_second(model, optimizer, codec, loader, cached, scheduler):
+    """Optimizer steps per second over STEPS timed steps (after WARMUP untimed ones)."""
+    batches = forever(loader)
+    for step in range(WARMUP + STEPS):
+        if step == WARMUP:
+            start = time.perf_counter()
+        inputs, labels = next(batches)
+        latents = training_latents(inputs, codec, cached, flip=True)
+        loss = diffusion_loss(model, scheduler, latents, labels, 0.1, model.class_embedder.num_classes)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return STEPS / (time.perf_counter() - start)
+
+
+def images_per_second(model, codec, scheduler_config, sampler_name, steps, num_images=8):
+    """Generated (decoded) images per second for one sampler."""
+    sampler = make_sampler(sampler_name, scheduler_config)
+    latent_size = IMAGE_SIZE // codec.downsample
+    noise = noise_for(0, 0, range(num_images), (codec.latent_channels, latent_size, latent_size))
+    labels = torch.zeros(num_images, dtype=torch.long)
+    start = time.perf_counter()
+    codec.decode(denoise(model, sampler, noise, labels, 3.0, steps))
+    return num_images / (time.perf_counter() - start)
+
+
+def forever(loader):
+    """Batches of a loader, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def loader(dataset):
+    return DataLoader(dataset, batch_size=BATCH, shuffle=True)
+
+
+def main():
+    torch.manual_seed(0)
+    print("LDM benchmark (CPU here; the model hub is unreachable, so models are small, local and random):")
+    with tempfile.TemporaryDirectory() as tmp:
+        make_data(Path(tmp) / "data")
+        make_vae(Path(tmp) / "vae")
+        codec = LatentCodec(load_vae(str(Path(tmp) / "vae")), 3)
+        _, samples = find_class_images(Path(tmp) / "data")
+        images = ClassImageDataset(samples, IMAGE_SIZE, 3)
+        labels = torch.tensor([label for _, label in samples])
+        cached = TensorDataset(encode_moments(codec, images, BATCH, "cpu", True), labels)
+        unet = build_unet(unet_settings("tiny"), codec.latent_channels, IMAGE_SIZE // codec.downsample)
+        model = ClassConditionalUNet(unet, ClassEmbedder(2, unet.config.cross_attention_dim))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scheduler = default_noise_scheduler(1000, "scaled_linear", "epsilon")
+        print(
+            f"  data: {len(samples)} images {IMAGE_SIZE}px, batch {BATCH}; UNet preset 'tiny' "
+            f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params); VAE 8x downsampling"
+        )
+        plain = steps_per_second(model, optimizer, codec, loader(images), False, scheduler)
+        fast = steps_per_second(model, optimizer, codec, loader(cached), True, scheduler)
+    print(f"  training  VAE in loop : {plain:7.2f} steps/s")
+    print(f"  training  cached      : {fast:7.2f} steps/s   -> cache_latents speed-up x{fast / plain:.2f}")
+
+    model.eval()
+    ddim = images_per_second(model, codec, scheduler.config, "ddim", 50)
+    dpm = images_per_second(model, codec, scheduler.config, "dpmsolver++", 20)
+    print(f"  sampling  DDIM-50     : {ddim:7.2f} images/s")
+    print(f"  sampling  DPM++-20    : {dpm:7.2f} images/s   -> DPM-Solver++-20 speed-up x{dpm / ddim:.2f}")
+
+
+if __name__ == "__main__":
+    main()
