@@ -399,7 +399,8 @@ class Trainer:
             self.ldm.unet.load_state_dict(ckpt["unet"])
         for name, ema in self.ema.items():
             weights = ckpt[f"ema_{name}"]
-            ema.shadow_params = [weights[key].clone() for key, _ in self.trainable[name].named_parameters()]
+            named = self.trainable[name].named_parameters()
+            ema.shadow_params = [weights[key].to(p.device).clone() for key, p in named]
             ema.optimization_step = ckpt["ema_steps"][name]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])

@@ -19,7 +19,7 @@ IMAGE_SIZE = 16
 CLASS_NAMES = ["benign", "malignant"]
 
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def run_script(script, *args, cwd=HERE, timeout=300):
@@ -185,9 +185,8 @@ def pair_data(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs"), 8)
 
 
-TINY_RUN = (
-    "--batch_size 2 --num_epochs 2 --learning_rate 1e-3 --num_workers 0 --sample_steps 2 --sample_every 1"
-)
+TINY_RUN = "--batch_size 2 --num_epochs 2 --learning_rate 1e-3 --num_workers 0 --sample_steps 2 "
+TINY_RUN += "--sample_every 1 --save_every 1 --checkpoints_total_limit 1"
 
 
 def train_args(data, ldm, out, *extra):
@@ -228,9 +227,8 @@ def training_runs(tmp_path_factory, pair_data, class_data, ldm_checkpoint, contr
         "unfrozen": train_args(
             pair_data, ldm_checkpoint, base / "unfrozen", "--no_freeze_unet", "--num_epochs", 1
         ),
-        "class": train_args(
-            class_data, ldm_checkpoint, base / "class", "--use_class_labels", "--num_epochs", 1
-        ),
+        "class": train_args(class_data, ldm_checkpoint, base / "class", "--use_class_labels",
+                            *"--num_epochs 1 --mixed_precision fp16".split()),
         "nan": train_args(pair_data, nan_ldm, base / "nan"),
     }
     results = run_many({name: ("train.py", *args) for name, args in commands.items()})

@@ -25,6 +25,7 @@ def test_run_writes_complete_checkpoints_samples_and_logs(trained_run):
     out, result = trained_run
     for name in ("best", "final", "latest", "epoch_2"):
         assert (out / f"checkpoint_{name}.pt").is_file()
+    assert not (out / "checkpoint_epoch_1.pt").exists()  # --checkpoints_total_limit 1
     ckpt = load(out / "checkpoint_final.pt")
     assert ckpt["model_type"] == "controlnet" and ckpt["epoch"] == 2 and ckpt["global_step"] == 6
     assert ckpt["unet"] is None and ckpt["ema_unet"] is None  # frozen UNet: the LDM's weights are used
@@ -100,6 +101,7 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
     ckpt = load(out / "checkpoint_final.pt")
     assert ckpt["config"]["use_class_labels"] and ckpt["class_names"] == ["benign", "malignant"]
     assert "Paired 3 images" in result.stdout and result.stdout.count("Paired") == 2
+    assert "training in fp32 on CPU" in result.stderr  # the seed's --mixed_precision fp16 still runs
     gen = tmp_path / "gen"
     mask = class_data / "malignant" / "masks" / "001.png"
     flags = "--class_name malignant --cfg_scale 2 --scheduler dpm++ --controlnet_scale 1.5 --num_images 2 "
