@@ -37,9 +37,15 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_flag(
-        parser, "--batch-size", type=int, default=None, help="images per step (default: 2 on CPU, 32 on CUDA)"
+        parser, "--batch-size", type=int, default=None, help="images per step (default: 1 on CPU, 32 on CUDA)"
     )
-    add_flag(parser, "--steps", type=int, default=3, help="timed steps per setting (default: 3)")
+    add_flag(
+        parser,
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per setting (default: 2 on CPU, 20 on CUDA)",
+    )
     add_flag(
         parser, "--vae", default=None, help="local diffusers VAE folder (default: random SD-VAE weights)"
     )
@@ -72,7 +78,8 @@ def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    n = args.batch_size or (32 if device.type == "cuda" else 2)
+    n = args.batch_size or (32 if device.type == "cuda" else 1)
+    steps = args.steps or (20 if device.type == "cuda" else 2)
     if args.vae:
         vae = load_vae(args.vae, device)
     else:
@@ -85,7 +92,7 @@ def main():
         False: (torch.rand(n, 3, 256, 256) * 2 - 1, labels),  # images, encoded every step
         True: (torch.randn(n, 2, 4, 32, 32), torch.rand(n, 2, 4, 32, 32) * 0.1, labels),  # cached mean, std
     }
-    print(f"DiT-S/2, 256 px (32x32 latents), batch {n}, {args.steps} timed steps per setting, {device}")
+    print(f"DiT-S/2, 256 px (32x32 latents), batch {n}, {steps} timed steps per setting, {device}")
     speeds = {}
     for cached in (True, False):
         for attention in ("sdpa", "plain"):
@@ -94,7 +101,7 @@ def main():
                 DiT_models["DiT-S/2"](input_size=32, num_classes=8, attention=attention).to(device).train()
             )
             speeds[attention, cached] = time_steps(
-                model, vae, diffusion, batches[cached], cached, args.steps, device
+                model, vae, diffusion, batches[cached], cached, steps, device
             )
             name = "cached latents" if cached else "VAE every step"
             print(f"  {attention:<6} {name:<16} {speeds[attention, cached]:8.3f} steps/s")
