@@ -120,7 +120,7 @@ def resolve_weights(network, given):
 def download_weights(spec, destination):
     """Fetch a standard weights file once, failing within seconds when the machine is offline."""
     name = os.path.basename(destination)
-    hint = f"copy {spec['url']} here and pass it with {spec['flag']} PATH (or set {spec['env']})"
+    hint = f"fetch {spec['url']} elsewhere and pass the file with {spec['flag']} PATH (or set {spec['env']})"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise InputError(
             f"offline (HF_HUB_OFFLINE is set) and {name} is not in {os.path.dirname(destination)}: {hint}"
@@ -724,8 +724,8 @@ def parse_args(argv=None):
         "--pr-chunk-size",
         "--pr_chunk_size",
         type=positive_int,
-        default=2500,
-        help="rows per distance chunk; peak memory about 8 x chunk x N bytes (default 2500: ~1 GB at N=50k)",
+        default=1000,
+        help="rows per distance block; peak memory about 20 x chunk x N bytes (default 1000: ~1 GB at N=50k)",
     )
     add(
         "--kid-subset-size",

@@ -83,7 +83,7 @@ def build_cases(root, weights):
         "offline without weights": (
             ["--real", good, "--gen", good, *fid, "--no-cache"],
             {"TORCH_HOME": os.path.join(root, "torch_home")},
-            "6726825d.pth here and pass it with --inception-weights",
+            "6726825d.pth elsewhere and pass the file with --inception-weights",
         ),
         "missing vgg file": (
             [
