@@ -336,6 +336,7 @@ def validate(config, fresh):
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
     if not 0.0 <= config["val_split"] < 1.0:
         raise UserError(f"--val-split must be in [0, 1), got {config['val_split']}")
+    pick_device(config["device"])  # an unavailable device fails now, before any data is read
     if config["dataset_path"] is None:
         raise UserError(f"pass --dataset-path (layout: {data_layout()})")
     if fresh and (run_dir(config, "models") / "ckpt.pt").exists() and not config["overwrite"]:
