@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -69,10 +70,14 @@ def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=T
 
 
 def image_array(img, channels):
-    """PIL image of any mode -> float32 (H, W, channels) in [0, 1]; alpha is dropped."""
+    """PIL image of any mode -> float32 (H, W, channels) in [0, 1], read the way the LDM reads its data."""
     if img.mode in HIGH_BIT_MODES:
-        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        gray = np.asarray(img, dtype=np.float32)
+        gray = gray / (65535.0 if gray.max() > 255 else 255.0)  # 16-bit range, or 8-bit values stored wide
         return np.repeat(gray[..., None], channels, axis=2).clip(0, 1)
+    if img.mode == "P" or "A" in img.mode:  # alpha composited on black, as in ldm/
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
     return array[..., None] if channels == 1 else array
 

@@ -102,12 +102,16 @@ def test_flip_moves_image_and_mask_together(tmp_path):
 def test_image_modes_and_channels(tmp_path):
     root = write_pairs(tmp_path, 1)
     gray = np.asarray(Image.open(root / "images" / "000.png"))
-    Image.fromarray(gray).convert("RGBA").save(root / "images" / "000.png")
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    rgba[0, 0, 3] = 0  # a transparent pixel becomes black
+    Image.fromarray(rgba, "RGBA").save(root / "images" / "000.png")
     rgb_item = make_dataset(root, flip=False, image_channels=3, mask_channels=3)[0]
     assert rgb_item["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert rgb_item["conditioning"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     Image.fromarray(gray.astype(np.uint16) * 257).save(root / "images" / "000.png")
     gray_item = make_dataset(root, flip=False)[0]
+    assert rgb_item["pixel_values"][:, 0, 0].tolist() == [-1.0, -1.0, -1.0]
+    rgb_item["pixel_values"][:, 0, 0] = gray_item["pixel_values"][0, 0, 0]
     torch.testing.assert_close(gray_item["pixel_values"][0], rgb_item["pixel_values"][0], atol=1e-6, rtol=0)
     assert gray_item["pixel_values"].min() >= -1 and gray_item["pixel_values"].max() <= 1
 
