@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -444,6 +445,115 @@ def model_config(args, dataset, vae, resume_config):
     )
 
 
+class GridWriter:
+    """EMA sample grids from fixed noise, to TensorBoard and run_dir/samples/NNNNNNN.png."""
+
+    def __init__(self, run_dir, config, seed, device):
+        n = min(GRID_IMAGES, max(4, config["num_classes"]))
+        size = config["input_size"]
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(n, config["in_channels"], size, size, generator=generator).to(device)
+        self.labels = (torch.arange(n) % config["num_classes"]).to(device)
+        self.folder = os.path.join(run_dir, "samples")
+        self.config = config
+
+    def write(self, ema, vae, writer, step):
+        grid = sample_grid(ema, vae, self.config, self.noise, self.labels)
+        writer.add_image("samples/ema", grid, step)
+        os.makedirs(self.folder, exist_ok=True)
+        array = (grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        Image.fromarray(array).save(os.path.join(self.folder, f"{step:07d}.png"))
+
+
+class LossMeter:
+    """Running loss and throughput between log lines; the loss is averaged over ranks."""
+
+    def __init__(self, args, world, device, logger, writer):
+        self.args, self.world, self.device, self.logger, self.writer = args, world, device, logger, writer
+        self.reset()
+
+    def reset(self):
+        self.total, self.steps, self.start = 0.0, 0, time.time()
+
+    def update(self, loss):
+        self.total += loss.item()
+        self.steps += 1
+
+    def log(self, step, grad_norm):
+        elapsed = time.time() - self.start
+        avg = torch.tensor(self.total / self.steps, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(avg)
+            avg /= self.world
+        steps_per_sec = self.steps / elapsed
+        self.logger.info(
+            f"(step={step:07d}) Train Loss: {avg.item():.4f}, Train Steps/Sec: {steps_per_sec:.2f}"
+        )
+        if self.writer:
+            scalars = {"loss": avg.item(), "lr": self.args.lr, "grad_norm": grad_norm.item(),
+                       "steps_per_sec": steps_per_sec,
+                       "images_per_sec": steps_per_sec * self.args.global_batch_size}  # fmt: skip
+            for tag, value in scalars.items():
+                self.writer.add_scalar(f"train/{tag}", value, step)
+        self.reset()
+
+
+def prepare_run(args, resume, rank, world, device):
+    """Data set, VAE, model config, run folder and logger (the run folder of the checkpoint on resume)."""
+    dataset = ImageFolderDataset(
+        args.data_path, resume["config"]["image_size"] if resume else args.image_size
+    )
+    vae = load_vae(resume["config"]["vae"] if resume else args.vae, device)
+    config = model_config(args, dataset, vae, resume["config"] if resume else None)
+    run_dir = None
+    if rank == 0 and resume:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(args.resume))))
+    elif rank == 0:
+        run_dir = create_run_folder(args.results_dir, config["model"])
+    run_dir = broadcast(run_dir, world)
+    logger = make_logger(run_dir, rank)
+    logger.info(f"Run folder {run_dir}; {world} process(es) on {device}; config {config}")
+    return dataset, vae, config, run_dir, logger
+
+
+def build_training(args, config, resume, rank, world, device, logger):
+    """Model, EMA, optimizer and this rank's random generator, restored from the checkpoint on resume."""
+    torch.manual_seed(args.global_seed)
+    model = build_dit(config).to(device)
+    model.gradient_checkpointing = args.grad_checkpointing
+    ema = deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    generator = torch.Generator(device).manual_seed(args.global_seed * world + rank)
+    if resume:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["opt"])
+        if len(resume["rng"]) == world:
+            set_rng_state(resume["rng"][rank], generator)
+        else:
+            logger.info(
+                f"Resuming with {world} processes instead of {len(resume['rng'])}: new random streams"
+            )
+    return model, ema, optimizer, generator
+
+
+def make_loader(data, args, rank, world, device, step):
+    """Loader whose shuffling depends only on the seed and epoch, positioned at `step`."""
+    local_batch = args.global_batch_size // world
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.global_seed)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"{args.data_path} has {len(data)} images, fewer than the {local_batch} "
+            "that each process needs per step"
+        )
+    sampler.skip = (step % steps_per_epoch) * local_batch
+    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(args.global_seed))  # fmt: skip
+    return loader, sampler, steps_per_epoch
+
+
 def main():
     args, resume = parse_args()
     rank, world, device = setup_distributed()
@@ -451,92 +561,43 @@ def main():
         raise UserError(
             f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
         )
-    local_batch = args.global_batch_size // world
-
-    dataset = ImageFolderDataset(
-        args.data_path, resume["config"]["image_size"] if resume else args.image_size
-    )
-    vae = load_vae(resume["config"]["vae"] if resume else args.vae, device)
-    config = model_config(args, dataset, vae, resume["config"] if resume else None)
-    if rank == 0:
-        run_dir = (
-            os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(args.resume))))
-            if resume
-            else create_run_folder(args.results_dir, config["model"])
-        )
-    run_dir = broadcast(run_dir if rank == 0 else None, world)
-    logger = make_logger(run_dir, rank)
-    logger.info(f"Run folder {run_dir}; {world} process(es) on {device}; config {config}")
-
-    torch.manual_seed(args.global_seed)
-    model = build_dit(config).to(device)
-    model.gradient_checkpointing = args.grad_checkpointing
-    ema = deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    generator = torch.Generator(device).manual_seed(args.global_seed * world + rank)
-    step, epoch = 0, 0
-    if resume:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["opt"])
-        step, epoch = resume["train_steps"], resume["epoch"]
-        if len(resume["rng"]) == world:
-            set_rng_state(resume["rng"][rank], generator)
-        else:
-            logger.info(
-                f"Resuming with {world} processes instead of {len(resume['rng'])}: random streams restart"
-            )
+    dataset, vae, config, run_dir, logger = prepare_run(args, resume, rank, world, device)
+    model, ema, optimizer, generator = build_training(args, config, resume, rank, world, device, logger)
     if rank == 0:
         print_parameter_table({"DiT": model, "EMA": ema, "VAE": vae})
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     if args.compile:
         net = torch.compile(net)
     diffusion = create_diffusion()
-
+    scale = config["latent_scale"]
     data = (
-        cache_latents(dataset, vae, config["latent_scale"], run_dir, rank, world, device, logger)
+        cache_latents(dataset, vae, scale, run_dir, rank, world, device, logger)
         if args.cache_latents
         else dataset
     )
-    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.global_seed)
-    steps_per_epoch = len(sampler) // local_batch
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"{args.data_path} has {len(dataset)} images, fewer than the {local_batch} "
-            "each process needs per step"
-        )
-    loader = DataLoader(
-        data,
-        batch_size=local_batch,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        generator=torch.Generator().manual_seed(args.global_seed),
-    )
+    step = resume["train_steps"] if resume else 0
+    loader, sampler, steps_per_epoch = make_loader(data, args, rank, world, device, step)
     max_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    epoch = step // steps_per_epoch
-    sampler.skip = (step % steps_per_epoch) * local_batch
-
-    grid_gen = torch.Generator().manual_seed(args.global_seed)
-    n_grid = min(GRID_IMAGES, max(4, config["num_classes"]))
-    grid_noise = torch.randn(
-        n_grid, config["in_channels"], config["input_size"], config["input_size"], generator=grid_gen
-    ).to(device)
-    grid_labels = (torch.arange(n_grid) % config["num_classes"]).to(device)
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if rank == 0 else None
-    stop = StopSignal()
-    model.train()
-    logger.info(
-        f"Training for {max_steps} steps from step {step} "
-        f"({steps_per_epoch} steps per epoch, {len(dataset)} images)"
+    grids, meter, stop = (
+        GridWriter(run_dir, config, args.global_seed, device),
+        LossMeter(args, world, device, logger, writer),
+        StopSignal(),
     )
+
+    def save(step):
+        path = save_checkpoint(run_dir, step, step // steps_per_epoch, model, ema, optimizer, args, config,
+                               generator, world, args.checkpoints_total_limit)  # fmt: skip
+        logger.info(f"Saved checkpoint to {path}")
+
+    logger.info(f"Training for {max_steps} steps from step {step} ({steps_per_epoch} steps per epoch)")
+    model.train()
     progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
-    running_loss, log_steps, start_time, last_saved = 0.0, 0, time.time(), None
+    epoch = step // steps_per_epoch
     while step < max_steps:
         sampler.set_epoch(epoch)
-        for batch in loader:
-            x0, y = latent_batch(batch, vae, config["latent_scale"], args.cache_latents, generator, device)
+        for batch in itertools.islice(loader, max_steps - step):
+            x0, y = latent_batch(batch, vae, scale, args.cache_latents, generator, device)
             loss, grad_norm = train_step(
                 net, diffusion, optimizer, x0, y, model.null_class, args, generator, device
             )
@@ -545,70 +606,27 @@ def main():
             progress.update()
             stopping, diverged = check_stop(loss, stop, world, device)
             if diverged:
-                logger.info(
-                    f"error: the loss became non-finite at step {step}; stopping "
-                    f"(last checkpoint: {last_saved})"
+                print(
+                    f"error: the loss became non-finite at step {step}; the last checkpoint is kept",
+                    file=sys.stderr,
                 )
                 sys.exit(1)
-            running_loss += loss.item()
-            log_steps += 1
+            meter.update(loss)
             if step % args.log_every == 0 or step == max_steps:
-                elapsed = time.time() - start_time
-                avg = torch.tensor(running_loss / log_steps, device=device)
-                if world > 1:
-                    dist.all_reduce(avg)
-                    avg /= world
-                logger.info(
-                    f"(step={step:07d}) Train Loss: {avg.item():.4f}, "
-                    f"Train Steps/Sec: {log_steps / elapsed:.2f}"
-                )
-                if writer:
-                    for tag, value in (
-                        ("loss", avg.item()),
-                        ("lr", args.lr),
-                        ("grad_norm", grad_norm.item()),
-                        ("steps_per_sec", log_steps / elapsed),
-                        ("images_per_sec", log_steps * args.global_batch_size / elapsed),
-                    ):
-                        writer.add_scalar(f"train/{tag}", value, step)
-                running_loss, log_steps, start_time = 0.0, 0, time.time()
+                meter.log(step, grad_norm)
             if step % args.ckpt_every == 0 or step == max_steps or stopping:
-                last_saved = save_checkpoint(
-                    run_dir,
-                    step,
-                    step // steps_per_epoch,
-                    model,
-                    ema,
-                    optimizer,
-                    args,
-                    config,
-                    generator,
-                    world,
-                    args.checkpoints_total_limit,
-                )
-                logger.info(f"Saved checkpoint to {last_saved}")
+                save(step)
             if args.sample_every and step % args.sample_every == 0 and rank == 0:
-                grid = sample_grid(ema, vae, config, grid_noise, grid_labels)
-                writer.add_image("samples/ema", grid, step)
-                os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-                save_grid_png(grid, os.path.join(run_dir, "samples", f"{step:07d}.png"))
+                grids.write(ema, vae, writer, step)
             if stopping:
                 logger.info(f"Stopped by signal {stop.received} at step {step}")
                 sys.exit(128 + (stop.received or signal.SIGTERM))
-            if step >= max_steps:
-                break
         epoch += 1
         sampler.skip = 0
     progress.close()
     logger.info("Done.")
     if world > 1:
         dist.destroy_process_group()
-
-
-def save_grid_png(grid, path):
-    from PIL import Image
-
-    Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(path)
 
 
 if __name__ == "__main__":
