@@ -51,7 +51,7 @@ def test_vae_not_available_offline_fails_fast(rgb_data, tmp_path):
     start = time.time()
     result = train(rgb_data, "stabilityai/sd-vae-ft-mse", tmp_path / "o")
     assert_user_error(result, "--vae_pretrained", "sd-vae-ft-mse")
-    assert time.time() - start < 60
+    assert time.time() - start < 120  # no network retries (generous: the test machines are shared)
     assert_user_error(train(rgb_data, tmp_path / "no_such_vae", tmp_path / "o"), "--vae_pretrained")
 
 
