@@ -12,6 +12,8 @@ from PIL import Image
 FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, FOLDER)
 SCRIPT = os.path.join(FOLDER, "precision_recall.py")
+# Runs started two at a time use one thread each, so they do not fight over the two cores.
+PARALLEL = {"OMP_NUM_THREADS": "1"}
 
 from random_weights import write_random_weights  # noqa: E402
 

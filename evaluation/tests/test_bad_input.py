@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import PARALLEL, run_script
 from PIL import Image
 
 
@@ -123,7 +123,7 @@ def outcomes(tmp_path_factory, weights):
     """Run all cases, two at a time (most of each run is starting Python and importing torch)."""
     root = str(tmp_path_factory.mktemp("bad"))
     cases = build_cases(root, weights)
-    clean_env = {"EVAL_INCEPTION_WEIGHTS": "", "EVAL_VGG16_WEIGHTS": ""}
+    clean_env = {"EVAL_INCEPTION_WEIGHTS": "", "EVAL_VGG16_WEIGHTS": "", **PARALLEL}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {n: pool.submit(run_script, a, {**clean_env, **e}) for n, (a, e, _) in cases.items()}
     return {name: (futures[name].result(), cases[name][2]) for name in cases}

@@ -4,22 +4,23 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch_fidelity
-from conftest import FOLDER, SCRIPT, read_json, run_script
+from conftest import FOLDER, PARALLEL, SCRIPT, read_json, run_script
 from PIL import Image
 
 SMALL = ["--kid-subset-size", "4", "--isc-splits", "2", "--num-workers", "0"]
 
 
-def inception_run(data, weights, tmp, name, *extra, real=None, gen=None):
+def inception_run(data, weights, tmp, name, *extra, real=None, gen=None, env=None):
     """Run with Inception features only (precision/recall on Inception too, to keep the tests fast)."""
     out = os.path.join(tmp, f"{name}.json")
     args = ["--real", real or data["real"], "--gen", gen or data["gen"], "--pr-features", "inception"]
     args += ["--inception-weights", weights[0], "--cache-dir", os.path.join(tmp, "cache"), "--json", out]
-    result = run_script(args + SMALL + list(extra))
+    result = run_script(args + SMALL + list(extra), env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     return read_json(out), result
 
@@ -30,13 +31,40 @@ def tmp(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data, weights, tmp):
-    """Every metric, overall and per class, with a cold real-feature cache."""
-    return inception_run(data, weights, tmp, "reference", "--metrics", "fid,pr,kid,isc", "--per-class")
+def runs(data, weights, tmp):
+    """The reference run first (it fills the real-feature cache), then the other runs two at a time."""
+    reference = inception_run(data, weights, tmp, "reference", "--metrics", "fid,pr,kid,isc", "--per-class")
+    shuffled = shuffled_copy(data["gen"], os.path.join(tmp, "gen_shuffled"))
+    npz = write_npz(os.path.join(data["gen"], "b"), os.path.join(tmp, "gen_b.npz"))
+    real_b = os.path.join(data["real"], "b")
+    jobs = {
+        "cached": lambda: inception_run(
+            data,
+            weights,
+            tmp,
+            "cached",
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "2",
+            "--metrics",
+            "fid,pr",
+            gen=shuffled,
+            env=PARALLEL,
+        ),
+        "npz": lambda: inception_run(
+            data, weights, tmp, "npz", "--metrics", "fid,pr", "--no-cache", real=real_b, gen=npz, env=PARALLEL
+        ),
+        "constants": lambda: constants_run(data, weights, tmp),
+        "evaluate.sh": lambda: evaluate_sh_run(data, weights, tmp),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        yield {"reference": reference, **futures}
 
 
-def test_reference_run_reports_every_metric(reference, weights):
-    result, process = reference
+def test_reference_run_reports_every_metric(runs, weights):
+    result, process = runs["reference"]
     assert "FINAL EVALUATION REPORT" in process.stdout and "KID (InceptionV3):" in process.stdout
     assert set(result["metrics"]) == {
         "fid",
@@ -74,47 +102,37 @@ def shuffled_copy(source, target):
     return target
 
 
-def test_cached_run_with_other_file_order_and_batch_size_gives_same_numbers(reference, data, weights, tmp):
+def write_npz(folder, path):
+    """The folder's images as arr_0 (N x H x W x C uint8) with labels 1 (class "b") as arr_1."""
+    images = np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))])
+    np.savez(path, images, np.ones(len(images), dtype=np.int64))
+    return path
+
+
+def test_cached_run_with_other_file_order_and_batch_size_gives_same_numbers(runs):
     """Second run: real features come from the cache; generated files in another order, batch size 3."""
-    shuffled = shuffled_copy(data["gen"], os.path.join(tmp, "gen_shuffled"))
-    result, process = inception_run(
-        data,
-        weights,
-        tmp,
-        "cached",
-        "--batch-size",
-        "3",
-        "--num-workers",
-        "2",
-        "--metrics",
-        "fid,pr",
-        gen=shuffled,
-    )
+    reference = runs["reference"][0]["metrics"]
+    result, process = runs["cached"].result()
     assert result["cache"]["extracted"]["real"]["inception"]["images"] == 0
     assert result["cache"]["extracted"]["gen"]["inception"]["images"] == 11
     assert "loaded from the cache" in process.stderr
-    assert result["metrics"]["fid"] == pytest.approx(reference[0]["metrics"]["fid"], rel=1e-4)
-    assert result["metrics"]["precision"] == reference[0]["metrics"]["precision"]
-    assert result["metrics"]["recall"] == reference[0]["metrics"]["recall"]
+    assert result["metrics"]["fid"] == pytest.approx(reference["fid"], rel=1e-4)
+    assert result["metrics"]["precision"] == reference["precision"]
+    assert result["metrics"]["recall"] == reference["recall"]
 
 
-def test_npz_input_matches_the_same_images_in_a_folder(reference, data, weights, tmp):
-    folder = os.path.join(data["gen"], "b")
-    images = np.stack([np.asarray(Image.open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))])
-    npz = os.path.join(tmp, "gen_b.npz")
-    np.savez(npz, images, np.ones(len(images), dtype=np.int64))  # arr_0 N x H x W x C, arr_1 labels
-    real_b = os.path.join(data["real"], "b")
-    result, _ = inception_run(
-        data, weights, tmp, "npz", "--metrics", "fid,pr", "--no-cache", real=real_b, gen=npz
-    )
+def test_npz_input_matches_the_same_images_in_a_folder(runs):
+    result, _ = runs["npz"].result()
     assert result["counts"]["gen"] == 5
-    per_class = reference[0]["per_class"]["b"]["metrics"]  # the per-class split gives the same numbers
+    per_class = runs["reference"][0]["per_class"]["b"][
+        "metrics"
+    ]  # the per-class split gives the same numbers
     assert result["metrics"]["fid"] == pytest.approx(per_class["fid"], rel=1e-4)
     assert result["metrics"]["precision"] == per_class["precision"]
     assert result["metrics"]["recall"] == per_class["recall"]
 
 
-def test_numbers_equal_torch_fidelity_calculate_metrics(reference, data, weights):
+def test_numbers_equal_torch_fidelity_calculate_metrics(runs, data, weights):
     library = torch_fidelity.calculate_metrics(
         input1=os.path.join(data["gen"], "b"),
         input2=os.path.join(data["real"], "b"),
@@ -130,7 +148,7 @@ def test_numbers_equal_torch_fidelity_calculate_metrics(reference, data, weights
         save_cpu_ram=True,
         verbose=False,
     )
-    ours = reference[0]["per_class"]["b"]["metrics"]
+    ours = runs["reference"][0]["per_class"]["b"]["metrics"]
     assert ours["kid_mean"] == pytest.approx(library["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
     assert ours["isc_mean"] == pytest.approx(library["inception_score_mean"], rel=1e-5)
     assert ours["precision"] == library["precision"] and ours["recall"] == library["recall"]
@@ -140,8 +158,8 @@ def report_value(stdout, label):
     return float(re.search(rf"^{re.escape(label)}\s+(-?[0-9.]+)", stdout, re.M).group(1))
 
 
-def test_constants_mode_self_comparison_with_vgg(data, weights, tmp):
-    """No flags: the edited constants are used; a folder against itself gives FID 0, P = R = 1."""
+def constants_run(data, weights, tmp):
+    """A copy of the script with edited constants, run with no flags (weights from the environment)."""
     copy = os.path.join(tmp, "constants", "precision_recall.py")
     os.makedirs(os.path.dirname(copy))
     with open(SCRIPT) as handle:
@@ -155,8 +173,14 @@ def test_constants_mode_self_comparison_with_vgg(data, weights, tmp):
         "EVAL_INCEPTION_WEIGHTS": weights[0],
         "EVAL_VGG16_WEIGHTS": weights[1],
         "EVAL_CACHE_DIR": os.path.join(tmp, "cache"),
+        **PARALLEL,
     }
-    result = run_script([], env=env, cwd=os.path.dirname(copy), script=copy)
+    return run_script([], env=env, cwd=os.path.dirname(copy), script=copy)
+
+
+def test_constants_mode_self_comparison_with_vgg(runs, data):
+    """No flags: the edited constants are used; a folder against itself gives FID 0, P = R = 1."""
+    result = runs["constants"].result()
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"Real Data: {data['real']}" in result.stdout and "batch size 4" in result.stderr
     assert abs(report_value(result.stdout, "FID (InceptionV3):")) < 0.01
@@ -164,8 +188,8 @@ def test_constants_mode_self_comparison_with_vgg(data, weights, tmp):
     assert report_value(result.stdout, "Recall (VGG16):") == 1.0
 
 
-def test_evaluate_sh_passes_its_variables_on(reference, data, weights, tmp):
-    out = os.path.join(tmp, "sh.json")
+def evaluate_sh_run(data, weights, tmp):
+    """evaluate.sh with its variables set in the environment; returns (env, CompletedProcess)."""
     env = {
         "PYTHON": sys.executable,
         "REAL_DIR": os.path.join(data["real"], "b"),
@@ -174,14 +198,19 @@ def test_evaluate_sh_passes_its_variables_on(reference, data, weights, tmp):
         "PR_FEATURES": "inception",
         "BATCH_SIZE": "2",
         "NUM_WORKERS": "1",
-        "JSON_OUT": out,
+        "JSON_OUT": os.path.join(tmp, "sh.json"),
         "CACHE_DIR": os.path.join(tmp, "cache_sh"),
         "INCEPTION_WEIGHTS": weights[0],
+        **PARALLEL,
     }
-    result = run_script([], env=env, script=os.path.join(FOLDER, "evaluate.sh"), interpreter="bash")
+    return env, run_script([], env=env, script=os.path.join(FOLDER, "evaluate.sh"), interpreter="bash")
+
+
+def test_evaluate_sh_passes_its_variables_on(runs):
+    env, result = runs["evaluate.sh"].result()
     assert result.returncode == 0, result.stderr[-2000:]
-    settings = read_json(out)["settings"]
+    report = read_json(env["JSON_OUT"])
+    settings = report["settings"]
     assert (settings["batch_size"], settings["num_workers"], settings["metrics"]) == (2, 1, ["pr"])
     assert settings["cache_dir"] == env["CACHE_DIR"] and os.listdir(env["CACHE_DIR"])
-    per_class = reference[0]["per_class"]["b"]["metrics"]
-    assert read_json(out)["metrics"]["recall"] == per_class["recall"]
+    assert report["metrics"]["recall"] == runs["reference"][0]["per_class"]["b"]["metrics"]["recall"]
