@@ -98,3 +98,22 @@ def test_report_block_matches_the_seed_layout(capsys):
         "Recall (VGG16):        0.7834",
         "=" * 40,
     ]
+
+
+def test_main_exits_1_and_shows_the_failure(monkeypatch, capsys, data, weights):
+    """A metric that fails after the features were extracted: report shows it, exit code 1."""
+    log = {"extracted": {"real": {}, "gen": {}}}
+    failed = {"metrics": {}, "failures": {"fid": "LinAlgError: broken"}, "per_class": {}, "image_sizes": {}}
+    monkeypatch.setattr(pr, "evaluate", lambda *args: (failed, log))
+    argv = [
+        "--real",
+        data["real"],
+        "--gen",
+        data["gen"],
+        "--metrics",
+        "fid",
+        "--inception-weights",
+        weights[0],
+    ]
+    assert pr.main(argv) == 1
+    assert "FID (InceptionV3):     FAILED (LinAlgError: broken)" in capsys.readouterr().out
