@@ -1,0 +1,114 @@
+"""Speed figures of the pixel-space DDPM on this machine, measured side by side in one run.
+
+Prints training images/s, sampling images/s with DDPM-1000 and DDIM-50 and their ratio, and the speed of
+attention through scaled_dot_product_attention against a plain softmax(QK^T)V.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ddpm_conditional import Diffusion  # noqa: E402
+from modules import SelfAttention, UNet_conditional  # noqa: E402
+from utils import pick_device  # noqa: E402
+
+
+def timed(fn, repeats):
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_training(model, diffusion, batch, size, device, repeats):
+    """Training images/s of full optimizer steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, model.c_in, size, size, device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+
+    def step():
+        t = diffusion.sample_timesteps(batch)
+        noise = torch.randn_like(x)
+        loss = F.mse_loss(model(diffusion.noise_images(x, t, noise), t, y), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch / timed(step, repeats)
+
+
+def bench_sampling(model, diffusion, n, sampler, steps):
+    """Sampling images/s with CFG (both halves in one batch)."""
+    labels = torch.arange(n, device=next(model.parameters()).device) % model.num_classes
+    start = time.perf_counter()
+    diffusion.sample(model, n, labels, cfg_scale=3, log_time=False, sampler=sampler, steps=steps)
+    sync()
+    return n / (time.perf_counter() - start)
+
+
+def plain_attention(attn, x):
+    """The same attention block with softmax(QK^T / sqrt(d)) V written out."""
+    n, c, h, w = x.shape
+    qkv = attn.qkv(attn.norm(x)).reshape(n, 3, attn.num_heads, c // attn.num_heads, h * w)
+    q, k, v = qkv.transpose(-1, -2).unbind(1)  # (N, heads, HW, d)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (N, heads, HW, HW)
+    return x + attn.proj((weights @ v).transpose(-1, -2).reshape(n, c, h, w))
+
+
+@torch.no_grad()
+def bench_attention(device, channels, side, batch, repeats):
+    """Seconds per forward of SDPA and plain attention, and their largest difference."""
+    attn = SelfAttention(channels).to(device).eval()
+    x = torch.randn(batch, channels, side, side, device=device)
+    diff = (attn(x) - plain_attention(attn, x)).abs().max().item()
+    return timed(lambda: attn(x), repeats), timed(lambda: plain_attention(attn, x), repeats), diff
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=16)
+    parser.add_argument("--base-channels", "--base_channels", dest="base_channels", type=int, default=16)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
+    parser.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=4)
+    args = parser.parse_args()
+    device = pick_device()
+    torch.manual_seed(0)
+    size = args.image_size
+    model = UNet_conditional(
+        c_in=1, c_out=1, num_classes=10, img_size=size, base_channels=args.base_channels
+    ).to(device)
+    diffusion = Diffusion(img_size=size, device=device)
+    print(
+        f"DDPM benchmark on {device} ({torch.get_num_threads()} threads): UNet_conditional {size}x{size}x1, "
+        f"width {args.base_channels}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    train_ips = bench_training(model, diffusion, args.batch_size, size, device, repeats=5)
+    print(f"training:             {train_ips:9.1f} images/s (batch {args.batch_size}, fp32)")
+    ddpm_ips = bench_sampling(model, diffusion, args.num_samples, "ddpm", 1000)
+    ddim_ips = bench_sampling(model, diffusion, args.num_samples, "ddim", 50)
+    print(f"sampling DDPM-1000:   {ddpm_ips:9.3f} images/s (batch {args.num_samples}, CFG 3)")
+    print(f"sampling DDIM-50:     {ddim_ips:9.3f} images/s (batch {args.num_samples}, CFG 3)")
+    print(f"DDIM-50 / DDPM-1000:  {ddim_ips / ddpm_ips:9.1f}x faster")
+    sdpa_s, plain_s, diff = bench_attention(device, channels=128, side=16, batch=16, repeats=20)
+    print(f"attention SDPA:       {1000 * sdpa_s:9.2f} ms per forward (16 x 128 ch x 16x16 tokens)")
+    print(f"attention plain:      {1000 * plain_s:9.2f} ms per forward (max difference {diff:.1e})")
+    print(f"plain / SDPA:         {plain_s / sdpa_s:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
