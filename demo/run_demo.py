@@ -151,7 +151,7 @@ def main():
     print(f"samples:     {out / 'samples'}")
     print(f"grid:        {grid} (one column per digit 0..9)")
     print(
-        f"timing:      training {train_s:.1f} s for {steps} steps ({steps / train_s:.2f} steps/s with start-up), "
+        f"timing:      training {train_s:.1f} s for {steps} steps ({steps / train_s:.2f} steps/s), "
         f"sampling {sample_s:.1f} s, total {total_s:.1f} s"
     )
 
