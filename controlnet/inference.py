@@ -31,7 +31,7 @@ from utils import (  # noqa: E402
 LAYOUT = """outputs:
   <output_dir>/<mask_stem>_<k:03d>.png            k = 0 .. num_images-1 (null-class token)
   <output_dir>/<class_name>/<mask_stem>_<k:03d>.png  with --class_name / --class_label
-  <output_dir>/comparison/<mask_stem>.png          with --save_comparison: mask | image 0 | image 1 ...
+  <output_dir>/comparison/[<class_name>/]<mask_stem>.png  with --save_comparison: mask | image 0 | ...
 Existing outputs are skipped (resume) unless --overwrite. Masks are scaled like in training
 (labels / the checkpoint's mask_max_value) and resized nearest-neighbour to the model's image size."""
 

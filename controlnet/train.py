@@ -214,7 +214,8 @@ def build_datasets(args, ldm, verbose):
     mask_max = args.mask_max_value or scan_mask_max([m for _, m, _ in samples], args.mask_channels)
     train_idx, val_idx = split_indices(len(samples), args.val_fraction, args.seed)
     if not val_idx:
-        warnings.warn("one sample only: validating on the training sample", stacklevel=2)
+        message = "no held-out pairs (--val_fraction 0 or one pair): validating on training pairs"
+        warnings.warn(message, stacklevel=2)
         val_idx = train_idx
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx], mask_max
 
@@ -430,11 +431,9 @@ class Trainer:
     def should_stop(self):
         """True on every process once any process got a signal."""
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
-        return (
-            bool(self.accelerator.reduce(flag, "max").item())
-            if self.accelerator.num_processes > 1
-            else bool(flag.item())
-        )
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        return bool(flag.item())
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -446,17 +445,13 @@ class Trainer:
         return self.ldm.class_embedder(labels)
 
     def loss(self, model, batch, tokens, noise=None, timesteps=None):
-        """Per-sample diffusion loss (N,), with fresh noise and timesteps unless given."""
+        """Per-sample diffusion loss (N,); fresh noise and timesteps unless both are given."""
         with torch.no_grad():
             latents = encode(self.vae, batch["pixel_values"], self.cfg)
-        noise = noise if noise is not None else torch.randn_like(latents)
-        timesteps = (
-            timesteps
-            if timesteps is not None
-            else torch.randint(
-                0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-            )
-        )
+        if noise is None:
+            noise = torch.randn_like(latents)
+            num_t = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, num_t, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
             pred = model(noisy, timesteps, tokens.to(self.weight_dtype), batch["conditioning"])

@@ -20,6 +20,7 @@ CLASS_NAMES = ["benign", "malignant"]
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+torch.set_num_threads(1)  # tiny in-process models: extra threads only contend with the script subprocesses
 
 
 def run_script(script, *args, cwd=HERE, timeout=300):
