@@ -779,52 +779,62 @@ def load_inputs(args):
     return real, gen, classes
 
 
+def networks_used(args):
+    """The networks the asked metrics need, Inception first."""
+    return list(dict.fromkeys(network_of(m, args) for m in args.metrics))
+
+
+def cached_real_fid_statistics(real_features, cache_name, extractor, network, args):
+    """FID mean and covariance of the real set, from the cache when it holds them."""
+    if cache_name is None:
+        return None
+    layer = layer_for("fid", network)
+    return fid_featuresdict_to_statistics_cached(
+        real_features, cache_name, extractor, layer, cache_root=args.cache_dir, verbose=False
+    )
+
+
+def per_class_metrics(result, metrics, classes, real_features, gen_features, network, args):
+    """Add each class's metrics (features sliced by class, no re-extraction) to result['per_class']."""
+    for name, (real_index, gen_index) in classes.items():
+        counts = {"real": len(real_index), "gen": len(gen_index)}
+        entry = result["per_class"].setdefault(name, {"counts": counts, "metrics": {}, "failures": {}})
+        real_part = {k: v[real_index] for k, v in real_features.items()}
+        gen_part = {k: v[gen_index] for k, v in gen_features.items()}
+        values, failures = compute_metrics(metrics, real_part, gen_part, network, args)
+        entry["metrics"].update(values)
+        entry["failures"].update(failures)
+
+
 def evaluate(args, real, gen, classes, weights):
     """All asked metrics, network by network (each network loads its own weights file)."""
     result = {"metrics": {}, "failures": {}, "per_class": {}, "image_sizes": {}}
     log = {"extracted": {"real": {}, "gen": {}}}
-    for network in dict.fromkeys(network_of(m, args) for m in args.metrics):
+    for network in networks_used(args):
         metrics = [m for m in args.metrics if network_of(m, args) == network]
         extractor = build_extractor(network, weights[network], args.device)
         real_features, gen_features, cache_name = features_of_both(
             real, gen, network, extractor, weights[network], args, log
         )
-        real_fid_stats = None
-        if "fid" in metrics and cache_name:
-            real_fid_stats = fid_featuresdict_to_statistics_cached(
-                real_features,
-                cache_name,
-                extractor,
-                layer_for("fid", network),
-                cache_root=args.cache_dir,
-                verbose=False,
-            )
-        values, failures = compute_metrics(
-            metrics, real_features, gen_features, network, args, real_fid_stats
+        stats = (
+            cached_real_fid_statistics(real_features, cache_name, extractor, network, args)
+            if "fid" in metrics
+            else None
         )
+        values, failures = compute_metrics(metrics, real_features, gen_features, network, args, stats)
         result["metrics"].update(values)
         result["failures"].update(failures)
-        for name, (real_index, gen_index) in classes.items():
-            entry = result["per_class"].setdefault(
-                name,
-                {"counts": {"real": len(real_index), "gen": len(gen_index)}, "metrics": {}, "failures": {}},
-            )
-            real_part = {k: v[real_index] for k, v in real_features.items()}
-            gen_part = {k: v[gen_index] for k, v in gen_features.items()}
-            values, failures = compute_metrics(metrics, real_part, gen_part, network, args)
-            entry["metrics"].update(values)
-            entry["failures"].update(failures)
+        per_class_metrics(result, metrics, classes, real_features, gen_features, network, args)
         result["image_sizes"] = {
             "real": size_histogram(real_features["image_sizes"]),
             "gen": size_histogram(gen_features["image_sizes"]),
         }
-        del extractor
     return result, log
 
 
 def describe(args, real, gen, weights, log, seconds):
     """Everything but the metric values that a reader of the numbers needs to reproduce them."""
-    used = dict.fromkeys(network_of(m, args) for m in args.metrics)
+    used = networks_used(args)
     settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
     return {
         "real": os.path.abspath(args.real),
@@ -860,8 +870,7 @@ def main(argv=None):
             file=sys.stderr,
         )
         real, gen, classes = load_inputs(args)
-        used = dict.fromkeys(network_of(m, args) for m in args.metrics)
-        weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in used}
+        weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in networks_used(args)}
         result, log = evaluate(args, real, gen, classes, weights)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
