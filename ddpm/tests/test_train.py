@@ -1,5 +1,6 @@
 """End-to-end runs of the training and sampling scripts as a user types them."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -323,3 +324,33 @@ def test_two_process_train_ddp_and_sample_ddp_with_gloo(tmp_path, gray_data):
     assert "(3 new, 7 already there)" in more.stdout
     counts = sorted(len(list(d.iterdir())) for d in (tmp_path / "samples").iterdir())
     assert counts == [3, 3, 4] and np.load(tmp_path / "samples.npz")["arr_0"].shape[0] == 10
+
+
+def test_example_scripts_train_and_sample(tmp_path, gray_data):
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHON": sys.executable,
+        "DATASET_PATH": str(gray_data),
+        "WORKDIR": str(tmp_path),
+        "IMAGE_SIZE": "16",
+        "EPOCHS": "1",
+        "BATCH_SIZE": "4",
+        "EXTRA_ARGS": "--base-channels 8 --time-dim 32 --num-workers 0 --preview-steps 2",
+    }
+    trained = subprocess.run(
+        ["bash", str(DDPM_DIR / "scripts/train.sh")], env=env, capture_output=True, text=True
+    )
+    assert trained.returncode == 0, trained.stderr
+    env.update(
+        CKPT=str(tmp_path / "models/DDPM_conditional/ckpt.pt"),
+        OUTPUT_DIR=str(tmp_path / "out"),
+        NUM_SAMPLES="3",
+        STEPS="2",
+        EXTRA_ARGS="",
+    )
+    sampled = subprocess.run(
+        ["bash", str(DDPM_DIR / "scripts/sample.sh")], env=env, capture_output=True, text=True
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3 and (tmp_path / "out.npz").is_file()
