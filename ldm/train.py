@@ -287,6 +287,11 @@ class StopSignal:
         return int(accelerator.gather(torch.tensor([self.signum], device=accelerator.device)).max())
 
 
+def ignore_interrupts(worker_id):
+    """Loader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def rng_state():
     """This process's RNG states as plain data (weights_only loadable)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -584,6 +589,7 @@ def train_epoch(trainer, train_set, labels, epoch, batches_per_epoch, stop):
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed + epoch),
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts,
     )
     accum = args.gradient_accumulation_steps
     null_class = len(trainer["class_names"])

@@ -28,7 +28,14 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset import DATA_LAYOUT, ClassImageDataset, detect_channels, find_class_images, split_holdout  # noqa: E402
 from models import load_vae  # noqa: E402
-from train import StopSignal, epoch_order, resolve_mixed_precision, rng_state, set_rng_state  # noqa: E402
+from train import (
+    StopSignal,
+    epoch_order,
+    ignore_interrupts,
+    resolve_mixed_precision,
+    rng_state,
+    set_rng_state,
+)  # noqa: E402
 from utils import Parser, TrainingHalted, UserError, atomic_save, print_parameter_table, run_main  # noqa: E402
 
 
@@ -261,6 +268,7 @@ def train_epoch(args, accelerator, vae, optimizer, lr_scheduler, train_set, perc
         sampler=order,
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed + epoch),
+        worker_init_fn=ignore_interrupts,
     )
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not accelerator.is_main_process)
     for images, _ in bar:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import LDM_DIR, run_script
 from PIL import Image
@@ -47,75 +48,48 @@ def test_noise_is_reproducible_and_differs_per_class_and_index():
     assert not torch.equal(a, noise_for(8, 0, [0, 1], (4, 8, 8)))
 
 
-def test_inference_by_name_and_index(trained_run, tmp_path):
+SAMPLING = "--num_inference_steps 2 --scheduler dpmsolver++ --seed 5".split()
+
+
+@pytest.fixture(scope="module")
+def named_run(trained_run, tmp_path_factory):
+    """inference.py for one class by name and one by index, with a grid."""
     ckpt = trained_run[0] / "checkpoint_best.pt"
-    out = tmp_path / "gen"
-    result = run_script(
-        "inference.py",
-        "--checkpoint",
-        ckpt,
-        "--output_dir",
-        out,
-        "--class_label",
-        "dog",
-        "0",
-        "--num_samples",
-        "3",
-        "--batch_size",
-        "2",
-        "--num_inference_steps",
-        "2",
-        "--save_grid",
-        "--seed",
-        "5",
-    )
+    out = tmp_path_factory.mktemp("named") / "gen"
+    args = ["--checkpoint", ckpt, "--output_dir", out, "--class_label", "dog", "0", "--num_samples", "3"]
+    result = run_script("inference.py", *args, "--batch_size", "2", "--save_grid", *SAMPLING)
+    return ckpt, out, result
+
+
+def test_inference_by_name_and_index(named_run):
+    ckpt, out, result = named_run
     for name in ("cat", "dog"):
-        files = sorted(p.name for p in (out / name).iterdir())
-        assert files == ["000000.png", "000001.png", "000002.png"]
+        assert sorted(p.name for p in (out / name).iterdir()) == ["000000.png", "000001.png", "000002.png"]
         assert Image.open(out / name / "000000.png").size == (16, 16)
     assert Image.open(out / "grid.png").size[1] > 16
     for figure in ("images: 6", "steps: 2", "s/image", "ms/step", "images/s"):
         assert figure in result.stdout
     # A second run skips what exists and never replaces the earlier grid.
-    again = run_script(
-        "inference.py",
+    args = [
         "--checkpoint",
         ckpt,
-        "--output_dir",
+        "--output-dir",
         out,
         "--class-label",
         "1",
         "--num-samples",
         "4",
-        "--num-inference-steps",
-        "2",
         "--save-grid",
-        "--seed",
-        "5",
-    )
+    ]
+    again = run_script("inference.py", *args, *SAMPLING)
     assert "generated 1, skipped 3" in again.stdout
     assert (out / "grid_001.png").exists() and len(list((out / "dog").iterdir())) == 4
 
 
-def test_per_class_counts_resume_npz_and_match_inference(trained_run, tmp_path):
-    ckpt = trained_run[0] / "checkpoint_best.pt"
+def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
+    ckpt, named, _ = named_run
     out = tmp_path / "per_class"
-    args = [
-        "--checkpoint",
-        ckpt,
-        "--output_dir",
-        out,
-        "--total_samples",
-        "5",
-        "--batch_size",
-        "2",
-        "--num_inference_steps",
-        "2",
-        "--scheduler",
-        "dpmsolver++",
-        "--seed",
-        "3",
-    ]
+    args = ["--checkpoint", ckpt, "--output_dir", out, "--total_samples", "5", "--batch_size", "2", *SAMPLING]
     launcher = [
         sys.executable,
         "-m",
@@ -125,9 +99,8 @@ def test_per_class_counts_resume_npz_and_match_inference(trained_run, tmp_path):
         "--master_port",
         "29519",
     ]
-    command = [*launcher, str(LDM_DIR / "inference_per_class.py"), *map(str, args), "--npz"]
     two = subprocess.run(
-        command,
+        [*launcher, str(LDM_DIR / "inference_per_class.py"), *map(str, args), "--npz"],
         cwd=LDM_DIR,
         capture_output=True,
         text=True,
@@ -140,6 +113,12 @@ def test_per_class_counts_resume_npz_and_match_inference(trained_run, tmp_path):
     npz = np.load(next(out.glob("samples_5x16x16x3*.npz")))
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (5, 16, 16, 3)
     assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1]
+    # Same seed, class, index and sampler give the same image as inference.py.
+    for name, index in (("cat", 2), ("dog", 1)):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / name / f"{index:06d}.png")),
+            np.asarray(Image.open(named / name / f"{index:06d}.png")),
+        )
     kept = out / "cat" / "000000.png"
     kept_time = kept.stat().st_mtime_ns
     redo = out / "dog" / "000001.png"
@@ -149,23 +128,3 @@ def test_per_class_counts_resume_npz_and_match_inference(trained_run, tmp_path):
     assert "1 to generate" in result.stdout
     assert kept.stat().st_mtime_ns == kept_time
     np.testing.assert_array_equal(np.asarray(Image.open(redo)), redo_pixels)
-    # Same seed, class, index and sampler give the same image from inference.py.
-    single = tmp_path / "single"
-    run_script(
-        "inference.py",
-        "--checkpoint",
-        ckpt,
-        "--output_dir",
-        single,
-        "--class_label",
-        "dog",
-        "--num_samples",
-        "2",
-        "--num_inference_steps",
-        "2",
-        "--scheduler",
-        "dpmsolver++",
-        "--seed",
-        "3",
-    )
-    np.testing.assert_array_equal(np.asarray(Image.open(single / "dog" / "000001.png")), redo_pixels)
