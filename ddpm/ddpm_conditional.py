@@ -223,7 +223,10 @@ def add_train_args(parser, conditional=True):
         help="continue from a checkpoint: a path, or no value for <workdir>/models/<run-name>/ckpt.pt",
     )
     add_flag(
-        parser, "overwrite", action="store_true", help="allow starting a new run over an existing run folder"
+        parser,
+        "overwrite",
+        action="store_true",
+        help="training: start a new run over an existing run folder; sampling: redo existing images",
     )
     add_flag(
         parser, "max_steps", type=int, default=None, help="stop after this many optimizer steps in total"
