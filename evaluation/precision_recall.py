@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import socket
+import struct
 import sys
 import time
 import zipfile
@@ -207,7 +208,7 @@ class ArrayImages(Dataset):
         return len(self.array)
 
     def __getitem__(self, index):
-        image = torch.from_numpy(np.ascontiguousarray(self.array[index]))  # (H, W, C)
+        image = torch.from_numpy(np.array(self.array[index]))  # (H, W, C), copied out of the read-only map
         if image.shape[2] == 1:
             image = image.expand(-1, -1, 3)
         return index, image[:, :, :3].permute(2, 0, 1).contiguous()  # alpha dropped, like the files
@@ -283,9 +284,9 @@ def load_npz(path):
                 raise InputError(
                     f"{path} has no arr_0 (found: {', '.join(data.files)}); expected uint8 N x H x W x C"
                 )
-            array = data["arr_0"]
             labels = data["arr_1"] if "arr_1" in data.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        array = npz_member(path, "arr_0")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         raise InputError(f"cannot read {path} as .npz: {error}") from None
     array = array[..., None] if array.ndim == 3 else array
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] not in (1, 3, 4) or len(array) == 0:
@@ -297,6 +298,29 @@ def load_npz(path):
     )
     classes = [int(v) for v in labels] if valid_labels else [None] * len(array)
     return ImageSet(path, array=array, classes=classes, total=len(array))
+
+
+def npz_member(path, name):
+    """An array of an .npz, memory-mapped when stored uncompressed (np.savez, as samplers write 50k
+    images), so a large file is not read into memory; compressed members are read whole."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member)
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset + 26)  # file name and extra field lengths of the local header
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(name_length + extra_length, os.SEEK_CUR)
+        version = np.lib.format.read_magic(handle)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        shape, fortran_order, dtype = read_header[version](handle)
+        offset = handle.tell()
+    order = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order=order)
 
 
 def random_subset(image_set, max_samples, seed):
@@ -760,6 +784,8 @@ def select_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
         # TF32 would shift the features away from the reference fp32 numbers the tables report.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

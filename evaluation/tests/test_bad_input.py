@@ -113,7 +113,9 @@ def build_cases(root, weights):
             ["--real", good, "--gen", good, "--metrics", "fid,sharpness"],
             {},
             "unknown metric",
+            "bad device",
         ),
+        "bad device": (["--real", good, "--gen", good, "--device", "gpu0", *flags], {}, "--device gpu0"),
         "constants not edited": ([], {}, "REAL_IMAGES_DIR"),
     }
 
@@ -144,6 +146,7 @@ CASES = [
     "wrong weights file",
     "per-class without classes",
     "unknown metric",
+    "bad device",
     "constants not edited",
 ]
 

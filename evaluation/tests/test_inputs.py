@@ -111,3 +111,14 @@ def test_cache_name_follows_files_and_weights(tmp_path, weights):
     later = time.time() + 10
     os.utime(tmp_path / "1.png", (later, later))
     assert name != pr.real_cache_name(image_set, "inception", inception)
+
+
+def test_uncompressed_npz_is_memory_mapped_and_equal(tmp_path):
+    images = np.random.default_rng(3).integers(0, 256, (4, 6, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images, np.arange(4))
+    np.savez_compressed(tmp_path / "packed.npz", images)
+    plain, packed = pr.load_npz(str(tmp_path / "plain.npz")), pr.load_npz(str(tmp_path / "packed.npz"))
+    assert isinstance(plain.array, np.memmap) and not isinstance(packed.array, np.memmap)
+    assert np.array_equal(plain.array, images) and np.array_equal(packed.array, images)
+    assert plain.classes == [0, 1, 2, 3]
+    assert torch.equal(plain.subset([1, 3]).dataset()[1][1], torch.from_numpy(images[3]).permute(2, 0, 1))
