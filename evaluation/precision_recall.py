@@ -71,6 +71,7 @@ METRIC_ALIASES = {
     "is": "isc",
 }
 METRIC_ORDER = ("fid", "pr", "kid", "isc")
+METRIC_TITLES = {"fid": "FID", "pr": "precision/recall", "kid": "KID", "isc": "IS"}
 TORCH_FIDELITY_NAME = {"fid": "fid", "pr": "prc", "kid": "kid", "isc": "isc"}
 NETWORKS = {
     "inception": {
@@ -890,9 +891,9 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         args.device = select_device(args.device)
+        titles = ", ".join(METRIC_TITLES[m] for m in args.metrics)
         print(
-            f"Metrics {', '.join(args.metrics)} on {args.device}, batch size {args.batch_size}, "
-            f"{args.num_workers} workers",
+            f"Metrics {titles} on {args.device}, batch size {args.batch_size}, {args.num_workers} workers",
             file=sys.stderr,
         )
         real, gen, classes = load_inputs(args)
