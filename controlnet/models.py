@@ -54,6 +54,15 @@ class Ldm:
         return len(self.class_names)
 
 
+def load_weights(module, state, source):
+    """load_state_dict with a user-level error when the weights do not fit the architecture."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(f"{source}: weights do not fit the stored architecture ({first[:150]})") from None
+
+
 def load_ldm(path):
     """Rebuild the LDM's UNet and class embedder (EMA weights when present) from its checkpoint."""
     ckpt = load_checkpoint(path, "ldm", "--ldm_checkpoint")
@@ -61,11 +70,11 @@ def load_ldm(path):
     if missing:
         raise UserError(f"--ldm_checkpoint {path} lacks {missing}; re-save it with the current ldm/train.py")
     unet = UNet2DConditionModel.from_config(ckpt["unet_config"])
-    unet.load_state_dict(ckpt.get("ema_unet") or ckpt["unet"])
+    load_weights(unet, ckpt.get("ema_unet") or ckpt["unet"], f"--ldm_checkpoint {path}")
     embedder_state = ckpt.get("ema_class_embedder") or ckpt["class_embedder"]
     rows, dim = embedder_state["embedding.weight"].shape
     embedder = ClassEmbedder(rows - 1, dim)
-    embedder.load_state_dict(embedder_state)
+    load_weights(embedder, embedder_state, f"--ldm_checkpoint {path}")
     return Ldm(
         unet,
         embedder,
@@ -203,9 +212,9 @@ def load_controlled_unet(ckpt, ldm, use_ema=True):
             "--ldm_checkpoint has another UNet architecture than the one this ControlNet was trained on"
         )
     controlnet = ControlNetModel.from_config(ckpt["controlnet_config"])
-    controlnet.load_state_dict((use_ema and ckpt.get("ema_controlnet")) or ckpt["controlnet"])
+    load_weights(controlnet, (use_ema and ckpt.get("ema_controlnet")) or ckpt["controlnet"], "--checkpoint")
     if ckpt.get("unet") is not None:
-        ldm.unet.load_state_dict((use_ema and ckpt.get("ema_unet")) or ckpt["unet"])
+        load_weights(ldm.unet, (use_ema and ckpt.get("ema_unet")) or ckpt["unet"], "--checkpoint")
     return ControlledUNet(controlnet, ldm.unet).requires_grad_(False).eval()
 
 

@@ -37,6 +37,7 @@ from models import (  # noqa: E402
     encode,
     load_ldm,
     load_vae,
+    load_weights,
     make_scheduler,
     parameter_table,
     sample_latents,
@@ -395,9 +396,9 @@ class Trainer:
         ckpt = load_checkpoint(path, "controlnet", "--resume")
         if ckpt["unet_config"] != self.ldm.unet_config:
             raise UserError(f"--resume {path} was trained on another LDM than --ldm_checkpoint")
-        self.model.controlnet.load_state_dict(ckpt["controlnet"])
+        load_weights(self.model.controlnet, ckpt["controlnet"], f"--resume {path}")
         if ckpt["unet"] is not None:
-            self.ldm.unet.load_state_dict(ckpt["unet"])
+            load_weights(self.ldm.unet, ckpt["unet"], f"--resume {path}")
         for name, ema in self.ema.items():
             weights = ckpt[f"ema_{name}"]
             named = self.trainable[name].named_parameters()

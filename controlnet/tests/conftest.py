@@ -111,16 +111,16 @@ def shape_mask(rng, size, labels=(1,)):
     return mask
 
 
-def write_pairs(root, count, seed=0, image_prefix="", mask_prefix="", binary_value=255, mask_size=IMAGE_SIZE):
-    """count grayscale images with masks; the image is bright where the mask is set."""
+def write_pairs(root, count, seed=0, image_prefix="", mask_prefix="", mask_size=IMAGE_SIZE, labels=None):
+    """count grayscale images with masks (0/255, or raw label maps with `labels`); bright where masked."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        mask = shape_mask(rng, IMAGE_SIZE)
-        image = (mask * 180 + rng.integers(0, 60, mask.shape)).astype(np.uint8)
+        mask = shape_mask(rng, IMAGE_SIZE, labels or (1,))
+        image = ((mask > 0) * 180 + rng.integers(0, 60, mask.shape)).astype(np.uint8)
         Image.fromarray(image).save(root / "images" / f"{image_prefix}{i:03d}.png")
-        mask_img = Image.fromarray(mask * binary_value)
+        mask_img = Image.fromarray(mask if labels else mask * 255)
         mask_img.resize((mask_size, mask_size), Image.NEAREST).save(
             root / "masks" / f"{mask_prefix}{i:03d}.png"
         )
@@ -245,10 +245,10 @@ def trained_run(training_runs):
 
 @pytest.fixture(scope="session")
 def class_data(tmp_path_factory):
-    """Per-class layout root/<class>/images + root/<class>/masks with the LDM's class names."""
+    """Per-class layout root/<class>/images + root/<class>/masks (label maps) with the LDM's class names."""
     root = tmp_path_factory.mktemp("classes")
     for seed, name in enumerate(CLASS_NAMES):
-        write_pairs(root / name, 3, seed=seed)
+        write_pairs(root / name, 3, seed=seed, labels=(1, 2))  # label maps 0/1/2
     return root
 
 

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import torch
 from conftest import ENV, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
 from PIL import Image
@@ -100,6 +101,7 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
     check(result)
     ckpt = load(out / "checkpoint_final.pt")
     assert ckpt["config"]["use_class_labels"] and ckpt["class_names"] == ["benign", "malignant"]
+    assert ckpt["config"]["mask_max_value"] == 2  # 0/1/2 label maps are scaled by 1/2
     assert "Paired 3 images" in result.stdout and result.stdout.count("Paired") == 2
     assert "training in fp32 on CPU" in result.stderr  # the seed's --mixed_precision fp16 still runs
     gen = tmp_path / "gen"
@@ -109,7 +111,9 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
     result = check(run_script("inference.py", "--checkpoint", out / "checkpoint_final.pt", "--mask", mask,
                               *flags.split(), "--output_dir", gen))
     assert sorted(p.name for p in (gen / "malignant").iterdir()) == ["001_000.png", "001_001.png"]
-    assert Image.open(gen / "comparison" / "malignant" / "001.png").size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+    comparison = Image.open(gen / "comparison" / "malignant" / "001.png")
+    assert comparison.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
+    assert set(np.unique(np.asarray(comparison)[:, :IMAGE_SIZE])) == {0, 128, 255}  # the mask, full contrast
     assert "timing: 2 images, 3 steps" in result.stdout
 
 
