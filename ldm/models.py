@@ -291,10 +291,10 @@ def load_checkpoint(path, flag="--checkpoint"):
     except Exception as error:  # any unpickling failure means "not our checkpoint"
         raise UserError(f"{flag} {path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("model_type") != "ldm":
-        kind = ckpt.get("model_type", "unknown") if isinstance(ckpt, dict) else "bare state_dict"
+        kind = ckpt.get("model_type") if isinstance(ckpt, dict) else None
+        found = f"a {kind} checkpoint" if kind else "no model_type"
         raise UserError(
-            f"{flag} {path} is not an LDM checkpoint (model type: {kind}); "
-            "pass a checkpoint written by ldm/train.py"
+            f"{flag} {path} is not an LDM checkpoint ({found}); pass a checkpoint written by ldm/train.py"
         )
     return ckpt
 

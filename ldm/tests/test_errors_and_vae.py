@@ -63,7 +63,7 @@ def test_missing_vae_folder_and_checkpoint_name_the_flag(tmp_path):
     with pytest.raises(UserError, match="--checkpoint .*none.pt: file not found"):
         load_checkpoint(tmp_path / "none.pt")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bare.pt")
-    with pytest.raises(UserError, match="not an LDM checkpoint .*bare state_dict"):
+    with pytest.raises(UserError, match="not an LDM checkpoint .no model_type"):
         load_checkpoint(tmp_path / "bare.pt")
 
 
