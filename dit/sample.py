@@ -29,6 +29,7 @@ from utils import (  # noqa: E402
     architecture,
     autocast,
     build_dit,
+    check_precision,
     checkpoint_mismatch,
     class_counts,
     images_from_latents,
@@ -49,7 +50,7 @@ def build_parser(ddp):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_architecture_flags(parser)
+    add_architecture_flags(parser, None)
     add_flag(
         parser,
         "--ckpt",
@@ -199,7 +200,7 @@ def resolve_config(args, facts, saved, vae):
 
 def load_model(args, device):
     """DiT (strictly loaded), its config and the VAE."""
-    path = args.ckpt or official_checkpoint(args.image_size or 256)
+    path = args.ckpt or official_path(args)
     state, saved = checkpoint_weights(load_checkpoint(path), path, args.weights)
     vae = load_vae(args.vae or saved.get("vae") or "ema", device)
     facts = state_dict_facts(state, vae_downsample(vae))
@@ -215,6 +216,13 @@ def load_model(args, device):
             f"{path} does not load into {config['model']}: {str(err).splitlines()[1].strip()}"
         ) from None
     return model.to(device).eval(), config, vae, path
+
+
+def official_path(args):
+    """Official DiT-XL/2 file for --image-size (256 or 512), downloaded if missing."""
+    if args.model not in (None, "DiT-XL/2"):
+        raise UserError(f"--ckpt is required for {args.model}: official weights exist only for DiT-XL/2")
+    return official_checkpoint(args.image_size or 256)
 
 
 def class_folder(config, label):
@@ -298,7 +306,13 @@ def main(ddp=False):
     args = build_parser(ddp).parse_args()
     rank, world, device = setup_distributed()
     torch.set_grad_enabled(False)
+    if args.ckpt is None and world > 1:
+        if rank == 0:
+            official_path(args)  # download once, before the other ranks look for the file
+        dist.barrier()
     model, config, vae, ckpt_path = load_model(args, device)
+    if rank == 0:
+        check_precision(args.precision, device)
     total = args.num_fid_samples if ddp else args.num_samples
     batch_size = args.per_proc_batch_size if ddp else args.batch_size
     check_args(args, total, batch_size, config)

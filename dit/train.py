@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -31,13 +32,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from dataset import ImageFolderDataset  # noqa: E402
 from diffusion import classifier_free_guidance, create_diffusion  # noqa: E402
 from utils import (  # noqa: E402
-    SEED_DEFAULTS,
     UserError,
     add_architecture_flags,
     add_flag,
     architecture,
     autocast,
     build_dit,
+    check_precision,
     images_from_latents,
     latent_size,
     load_checkpoint,
@@ -60,7 +61,7 @@ def parse_args(argv=None):
         epilog="Data layout: DATA/<class_name>/*.{png,jpg,jpeg,bmp,tif,tiff,webp}; grayscale data is "
         "trained through the RGB VAE and sampled back as grayscale.",
     )
-    add_architecture_flags(parser)
+    add_architecture_flags(parser, "DiT-B/2")
     add_flag(
         parser, "--data-path", default=None, help="folder with one sub-folder of images per class (required)"
     )
@@ -71,7 +72,7 @@ def parse_args(argv=None):
         parser,
         "--image-size",
         type=int,
-        default=SEED_DEFAULTS["image_size"],
+        default=256,
         help="image side in pixels, a multiple of 8 x patch size (default: 256)",
     )
     add_flag(
@@ -148,6 +149,14 @@ def parse_args(argv=None):
     )
     add_flag(parser, "--compile", action="store_true", help="torch.compile the model")
     add_flag(parser, "--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    add_flag(
+        parser,
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the images; their EMA loss at each checkpoint picks "
+        "checkpoints/best.pt (default: 0, train on everything as published)",
+    )
     add_flag(
         parser,
         "--resume",
@@ -287,7 +296,8 @@ def latent_batch(batch, vae, scale, cached, generator, device):
     if cached:
         mean, std, y = (b.to(device) for b in batch)
         flip = torch.rand(len(y), generator=generator, device=device) < 0.5
-        mean, std = mean[torch.arange(len(y)), flip.long()], std[torch.arange(len(y)), flip.long()]
+        rows = torch.arange(len(y), device=device)
+        mean, std = mean[rows, flip.long()], std[rows, flip.long()]  # (N, C, h, w)
     else:
         images, y = batch[0].to(device), batch[1].to(device)
         flip = torch.rand(len(y), generator=generator, device=device) < 0.5
@@ -351,28 +361,64 @@ def gather(value, world):
     return values
 
 
-def save_checkpoint(run_dir, step, epoch, model, ema, optimizer, args, config, generator, world, limit):
-    """Everything needed to resume, as plain types; written atomically by rank 0."""
+def save_checkpoint(path, modules, meta, generator, world):
+    """State dicts, plain-type metadata and every rank's random state; written atomically by rank 0."""
     rng = gather(rng_state(generator), world)
     if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-    state = {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": optimizer.state_dict(),
-        "args": vars(args),
-        "config": config,
-        "train_steps": step,
-        "epoch": epoch,
-        "rng": rng,
-        "world_size": world,
-    }
-    save_atomic(state, path)
-    if limit:
-        for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")))[:-limit]:
-            os.remove(old)
-    return path
+        return
+    save_atomic(
+        {**{k: m.state_dict() for k, m in modules.items()}, **meta, "rng": rng, "world_size": world}, path
+    )
+
+
+def prune_checkpoints(folder, limit):
+    """Keep only the newest `limit` numbered checkpoints (best.pt is not among them)."""
+    for old in sorted(glob.glob(os.path.join(folder, "[0-9]" * 7 + ".pt")))[:-limit]:
+        os.remove(old)
+
+
+def split_holdout(n, fraction, seed):
+    """(training, held-out) indices: a fixed random `fraction` of the images, at least one, is held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, round(n * fraction)) if fraction > 0 else 0
+    if k >= n:
+        raise UserError(f"--val-fraction {fraction} leaves no training images out of {n}")
+    return sorted(order[k:]), sorted(order[:k])
+
+
+class HeldOut:
+    """Held-out images with fixed timesteps and noise; their loss under the EMA weights selects best.pt."""
+
+    def __init__(self, dataset, indices, vae, scale, device, seed):
+        chunks = [indices[i : i + 32] for i in range(0, len(indices), 32)]
+        self.latents = torch.cat(
+            [encode_images(dataset, c, vae, scale, device)["mean"][:, 0] for c in chunks]
+        )
+        self.labels = torch.tensor([dataset.samples[i][1] for i in indices])
+        generator = torch.Generator().manual_seed(seed)
+        self.t = torch.randint(0, 1000, (len(indices),), generator=generator)
+        self.noise = torch.randn(self.latents.shape, generator=generator)
+        self.device = device
+        self.best = math.inf
+
+    @torch.no_grad()
+    def loss(self, ema, diffusion):
+        """Mean hybrid loss of the EMA model on the held-out set."""
+        total = 0.0
+        for i in range(0, len(self.t), 64):
+            part = [x[i : i + 64].to(self.device) for x in (self.latents, self.t, self.labels, self.noise)]
+            total += diffusion.training_losses(ema, part[0], part[1], part[2], part[3])["loss"].sum().item()
+        return total / len(self.t)
+
+    def update(self, ema, diffusion, step, logger, writer):
+        """Evaluate, log, and say whether this is the best EMA model so far."""
+        value = self.loss(ema, diffusion)
+        logger.info(f"(step={step:07d}) Held-out loss (EMA): {value:.4f} (best so far {self.best:.4f})")
+        writer.add_scalar("val/loss_ema", value, step)
+        if value < self.best:
+            self.best = value
+            return True
+        return False
 
 
 @torch.no_grad()
@@ -418,7 +464,7 @@ def model_config(args, dataset, vae, resume_config):
                 f"{resume_config['class_names']}"
             )
         return resume_config
-    name = args.model or SEED_DEFAULTS["model"]
+    name = args.model
     arch = architecture(
         name, {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads}
     )
@@ -562,6 +608,8 @@ def main():
             f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
         )
     dataset, vae, config, run_dir, logger = prepare_run(args, resume, rank, world, device)
+    if rank == 0:
+        check_precision(args.precision, device)
     model, ema, optimizer, generator = build_training(args, config, resume, rank, world, device, logger)
     if rank == 0:
         print_parameter_table({"DiT": model, "EMA": ema, "VAE": vae})
@@ -575,6 +623,12 @@ def main():
         if args.cache_latents
         else dataset
     )
+    train_indices, holdout_indices = split_holdout(len(dataset), args.val_fraction, args.global_seed)
+    data = Subset(data, train_indices) if holdout_indices else data
+    holdout = None
+    if holdout_indices and rank == 0:
+        holdout = HeldOut(dataset, holdout_indices, vae, scale, device, args.global_seed)
+        holdout.best = (resume or {}).get("best_val_loss") or math.inf
     step = resume["train_steps"] if resume else 0
     loader, sampler, steps_per_epoch = make_loader(data, args, rank, world, device, step)
     max_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
@@ -586,9 +640,19 @@ def main():
     )
 
     def save(step):
-        path = save_checkpoint(run_dir, step, step // steps_per_epoch, model, ema, optimizer, args, config,
-                               generator, world, args.checkpoints_total_limit)  # fmt: skip
-        logger.info(f"Saved checkpoint to {path}")
+        folder = os.path.join(run_dir, "checkpoints")
+        improved = holdout is not None and rank == 0 and holdout.update(ema, diffusion, step, logger, writer)
+        meta = {"args": vars(args), "config": config, "train_steps": step, "epoch": step // steps_per_epoch,
+                "best_val_loss": holdout.best if holdout else None}  # fmt: skip
+        path = os.path.join(folder, f"{step:07d}.pt")
+        save_checkpoint(path, {"model": model, "ema": ema, "opt": optimizer}, meta, generator, world)
+        if rank == 0:
+            logger.info(f"Saved checkpoint to {path}")
+            if improved:
+                shutil.copyfile(path, os.path.join(folder, "best.pt.tmp"))
+                os.replace(os.path.join(folder, "best.pt.tmp"), os.path.join(folder, "best.pt"))
+            if args.checkpoints_total_limit:
+                prune_checkpoints(folder, args.checkpoints_total_limit)
 
     logger.info(f"Training for {max_steps} steps from step {step} ({steps_per_epoch} steps per epoch)")
     model.train()

@@ -2,18 +2,14 @@
 
 import argparse
 import os
-import random
 import sys
-import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
 from models import VARIANTS, DiT, variant_config
 
-SEED_DEFAULTS = {"model": "DiT-B/2", "image_size": 256, "num_classes": 8}
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 
@@ -41,9 +37,15 @@ def add_flag(parser, *names, **kwargs):
     parser.add_argument(*spellings, **kwargs)
 
 
-def add_architecture_flags(parser):
+def add_architecture_flags(parser, default_model):
     """Flags that pick the DiT variant, optionally shrunk for quick experiments."""
-    add_flag(parser, "--model", default=None, help="DiT variant, e.g. DiT-XL/2, DiT-B/4, DiT-S/8")
+    shown = default_model or "from the checkpoint"
+    add_flag(
+        parser,
+        "--model",
+        default=default_model,
+        help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}} (default: {shown})",
+    )
     add_flag(parser, "--depth", type=int, default=None, help="override the variant's number of blocks")
     add_flag(parser, "--hidden-size", type=int, default=None, help="override the variant's hidden size")
     add_flag(parser, "--num-heads", type=int, default=None, help="override the variant's attention heads")
@@ -64,12 +66,17 @@ def setup_distributed():
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
-def autocast(device, precision):
-    """bf16 autocast on CUDA; on CPU fp32 (with a warning when bf16 was asked for)."""
+def check_precision(precision, device):
+    """bf16 needs CUDA; on CPU the run continues in fp32 with a warning instead of failing."""
     if precision == "bf16" and device.type != "cuda":
-        warnings.warn("bf16 mixed precision needs CUDA; running in fp32 on CPU", stacklevel=2)
-        precision = "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        print("warning: bf16 mixed precision needs CUDA; running in fp32 on CPU", file=sys.stderr)
+
+
+def autocast(device, precision):
+    """bf16 autocast when asked for on CUDA, else a no-op context."""
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda"
+    )
 
 
 def load_vae(spec, device):
@@ -219,10 +226,3 @@ def print_parameter_table(components):
 def class_counts(total, num_classes):
     """Spread `total` samples as evenly as possible over classes: the first total % C get one more."""
     return [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
-
-
-def seed_everything(seed):
-    """Seed python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

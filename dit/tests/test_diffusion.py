@@ -40,10 +40,9 @@ def test_respacing_keeps_alphas_cumprod(count):
 def test_q_sample_is_the_closed_form():
     diffusion = create_diffusion()
     x0, noise, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999])
-    acp = torch.cumprod(1 - linear_betas(), 0)[t].float().view(-1, 1, 1, 1)
-    assert torch.allclose(
-        diffusion.q_sample(x0, t, noise), acp.sqrt() * x0 + (1 - acp).sqrt() * noise, atol=1e-6
-    )
+    acp = torch.cumprod(1 - linear_betas(), 0)[t].view(-1, 1, 1, 1)  # float64
+    expected = acp.sqrt() * x0.double() + (1 - acp).sqrt() * noise.double()
+    assert torch.allclose(diffusion.q_sample(x0, t, noise).double(), expected, atol=1e-6)
 
 
 def oracle(diffusion_full, x0):

@@ -10,7 +10,7 @@ from conftest import ENV, TINY, script_command
 def cases(workspace, trained, tmp):
     """name -> (script, arguments, words the error line must contain)."""
     data, vae, ckpt = workspace / "data", workspace / "vae", trained / "checkpoints" / "0000005.pt"
-    train = [*TINY, "--vae", vae, "--results-dir", tmp / "results", "--num-workers", 0]
+    train = [*TINY, "--vae", vae, "--results-dir", tmp / "results", "--num-workers", 0, "--precision", "fp32"]
     return {
         "missing data": (
             "train.py",

@@ -49,24 +49,11 @@ def test_sample_class_names_counts_npz_and_resume(trained, workspace, tmp_path):
 
 def test_sample_ddp_two_processes_exact_counts(trained, tmp_path):
     out = tmp_path / "fid"
-    result = run_script(
-        "sample_ddp.py",
-        "--ckpt",
-        trained / "checkpoints" / "0000005.pt",
-        "--num-fid-samples",
-        7,
-        "--per-proc-batch-size",
-        2,
-        "--num-sampling-steps",
-        4,
-        "--sampler",
-        "ddim",
-        "--cfg-channels",
-        3,
-        "--output-dir",
-        out,
-        nproc=2,
+    flags = (
+        "--num-fid-samples 7 --per-proc-batch-size 2 --num-sampling-steps 4 --sampler ddim --cfg-channels 3"
     )
+    ckpt = trained / "checkpoints" / "0000005.pt"
+    result = run_script("sample_ddp.py", "--ckpt", ckpt, *flags.split(), "--output-dir", out, nproc=2)
     assert {c: len(f) for c, f in pngs(out).items()} == {"cat": 3, "dog": 2, "eel": 2}
     npz = np.load(f"{out}.npz")
     assert npz["arr_0"].shape == (7, 16, 16, 3) and npz["arr_0"].dtype == np.uint8

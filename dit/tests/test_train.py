@@ -15,7 +15,7 @@ def load(path):
 
 def test_training_run_layout_and_checkpoint_contents(trained):
     checkpoints = sorted(os.listdir(trained / "checkpoints"))
-    assert checkpoints == ["0000002.pt", "0000004.pt", "0000005.pt"]  # every 2 steps and at the end
+    assert checkpoints == ["0000002.pt", "0000004.pt", "0000005.pt", "best.pt"]  # every 2 steps, end, best
     ckpt = load(trained / "checkpoints" / "0000005.pt")
     assert {"model", "ema", "opt", "args", "config", "train_steps", "epoch", "rng"} <= ckpt.keys()
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["global_batch_size"] == 4
@@ -27,7 +27,8 @@ def test_training_run_layout_and_checkpoint_contents(trained):
         8,
         3,
     )
-    assert ckpt["train_steps"] == 5 and ckpt["epoch"] == 1  # 14 images, batch 4: 3 steps per epoch
+    assert ckpt["train_steps"] == 5 and ckpt["epoch"] == 2  # 11 training images, batch 4: 2 steps per epoch
+    assert 0 < ckpt["best_val_loss"] < 10 and "Held-out loss" in (trained / "log.txt").read_text()
     assert ckpt["model"].keys() == ckpt["ema"].keys()
     # Training moved the weights, and the EMA (decay 0.9999) trails far behind them.
     first = load(trained / "checkpoints" / "0000002.pt")
@@ -41,61 +42,28 @@ def test_training_run_layout_and_checkpoint_contents(trained):
 
 
 def test_resume_gives_identical_weights(trained, workspace, tmp_path):
-    """Resume mid-epoch from step 2 and reach step 5: model, EMA and optimizer equal the uninterrupted run."""
+    """Resume from step 2 and reach step 5 (mid-epoch): model, EMA, optimizer and held-out loss match."""
     run_dir = tmp_path / "results" / "000-DiT-S-2"
     os.makedirs(run_dir / "checkpoints")
     shutil.copy(trained / "checkpoints" / "0000002.pt", run_dir / "checkpoints")
-    run_script(
-        "train.py",
-        "--data-path",
-        workspace / "data",
-        "--resume",
-        run_dir,
-        "--max-steps",
-        5,
-        "--ckpt-every",
-        2,
-        "--num-workers",
-        0,
-        "--sample-every",
-        0,
-    )
-    resumed, straight = (
-        load(run_dir / "checkpoints" / "0000005.pt"),
-        load(trained / "checkpoints" / "0000005.pt"),
-    )
+    flags = "--max-steps 5 --ckpt-every 2 --num-workers 0 --sample-every 0"
+    run_script("train.py", "--data-path", workspace / "data", "--resume", run_dir, *flags.split())
+    resumed = load(run_dir / "checkpoints" / "0000005.pt")
+    straight = load(trained / "checkpoints" / "0000005.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(resumed[key][k], straight[key][k]) for k in straight[key])
     for a, b in zip(resumed["opt"]["state"].values(), straight["opt"]["state"].values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["0000002.pt", "0000004.pt", "0000005.pt"]
+    assert resumed["best_val_loss"] == straight["best_val_loss"]
+    assert {"0000002.pt", "0000004.pt", "0000005.pt"} <= set(os.listdir(run_dir / "checkpoints"))
 
 
 def test_two_process_gloo_run_with_cached_latents(workspace, tmp_path):
-    result = run_script(
-        "train.py",
-        *TINY,
-        "--data-path",
-        workspace / "data",
-        "--results-dir",
-        tmp_path,
-        "--vae",
-        workspace / "vae",
-        "--global-batch-size",
-        4,
-        "--max-steps",
-        3,
-        "--ckpt-every",
-        100,
-        "--log-every",
-        1,
-        "--num-workers",
-        0,
-        "--sample-every",
-        0,
-        "--cache-latents",
-        nproc=2,
+    flags = (
+        "--global-batch-size 4 --max-steps 3 --ckpt-every 100 --log-every 1 --num-workers 0 --cache-latents"
     )
+    paths = ["--data-path", workspace / "data", "--results-dir", tmp_path, "--vae", workspace / "vae"]
+    result = run_script("train.py", *TINY, *flags.split(), "--sample-every", 0, *paths, nproc=2)
     run_dir = tmp_path / "000-DiT-S-2"
     ckpt = load(run_dir / "checkpoints" / "0000003.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
@@ -107,26 +75,9 @@ def test_two_process_gloo_run_with_cached_latents(workspace, tmp_path):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_nonzero(workspace, tmp_path):
-    command = script_command(
-        "train.py",
-        *TINY,
-        "--data-path",
-        workspace / "data",
-        "--results-dir",
-        tmp_path,
-        "--vae",
-        workspace / "vae",
-        "--global-batch-size",
-        2,
-        "--epochs",
-        10000,
-        "--num-workers",
-        0,
-        "--sample-every",
-        0,
-        "--log-every",
-        1,
-    )
+    flags = "--global-batch-size 2 --epochs 10000 --num-workers 0 --sample-every 0 --log-every 1"
+    command = script_command("train.py", *TINY, *flags.split(), "--data-path", workspace / "data",
+                             "--results-dir", tmp_path, "--vae", workspace / "vae")  # fmt: skip
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if "(step=0000003)" in line:
