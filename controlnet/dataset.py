@@ -91,10 +91,21 @@ def mask_array(img, channels):
     return labels[..., None] if channels == 1 else labels
 
 
-def scan_mask_max(mask_paths, channels):
-    """Largest label value over all masks: the divisor that gives label maps full contrast."""
-    top = max(int(mask_array(open_image(p), channels).max()) for p in mask_paths)
-    return max(top, 1)
+def scan_mask_max(mask_paths, channels, verbose=True):
+    """Largest label value over all masks (the divisor K that gives label maps full contrast)."""
+    maxima = [int(mask_array(open_image(p), channels).max()) for p in mask_paths]
+    top = max(max(maxima), 1)
+    if verbose:
+        warn_faint([p for p, m in zip(mask_paths, maxima, strict=True) if 0 < m * 10 < top], top)
+    return top
+
+
+def warn_faint(paths, max_value):
+    """Masks whose labels stay below a tenth of K would reach the model nearly black: say so."""
+    if paths:
+        names = ", ".join(Path(p).name for p in paths[:10]) + (" ..." if len(paths) > 10 else "")
+        print(f"warning: {len(paths)} masks have values far below the mask scale K={max_value} and will look "
+              f"almost black to the model ({names}); store them on one scale or set --mask_max_value")
 
 
 def scale_mask(labels, max_value):
@@ -122,6 +133,8 @@ def resize_crop(size):
 def load_mask(path, channels, max_value, size):
     """A conditioning mask for inference: (Cm, size, size) in [0, 1]."""
     labels = torch.from_numpy(mask_array(open_image(path), channels)).permute(2, 0, 1).float()
+    if 0 < labels.max() * 10 < max_value:
+        warn_faint([path], max_value)
     return scale_mask(resize_crop(size)(tv_tensors.Mask(labels)), max_value).as_subclass(torch.Tensor)
 
 

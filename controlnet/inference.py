@@ -83,6 +83,8 @@ def parse_args(argv=None):
         choices=("bright", "dark"),
         help="for --eval_masks: the masked structure is brighter or darker (default: bright)",
     )
+    p.add_argument("--mask_max_value", type=int,
+                   help="label value shown at full intensity (default: the training masks' K)")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
     p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
@@ -234,7 +236,8 @@ def run(args):
     """Generate every planned image in batches, then comparisons and mask scores."""
     masks = mask_files(args)
     gen = Generator(args)
-    size, channels, max_value = gen.cfg["image_size"], gen.cfg["mask_channels"], gen.cfg["mask_max_value"]
+    size, channels = gen.cfg["image_size"], gen.cfg["mask_channels"]
+    max_value = args.mask_max_value or gen.cfg["mask_max_value"]
     conditioning = {m: load_mask(m, channels, max_value, size) for m in masks}  # (Cm, H, W) each
     jobs = plan_jobs(args, masks, gen.class_folder)
     print(f"{len(masks)} masks x {args.num_images} images: {len(jobs)} to generate in {args.output_dir}")

@@ -212,7 +212,8 @@ def check_output_dir(args):
 def build_datasets(args, ldm, verbose):
     """Train and validation datasets, the deterministic split and the mask scaling value."""
     samples = collect_samples(args, ldm.class_names, verbose)
-    mask_max = args.mask_max_value or scan_mask_max([m for _, m, _ in samples], args.mask_channels)
+    masks = [m for _, m, _ in samples]
+    mask_max = args.mask_max_value or scan_mask_max(masks, args.mask_channels, verbose)
     train_idx, val_idx = split_indices(len(samples), args.val_fraction, args.seed)
     if not val_idx:
         message = "no held-out pairs (--val_fraction 0 or one pair): validating on training pairs"

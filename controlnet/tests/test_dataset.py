@@ -59,6 +59,17 @@ def test_label_maps_keep_full_contrast(tmp_path, mode, values, expected):
     assert sorted(cond.unique().tolist()) == pytest.approx(list(expected))
 
 
+def test_masks_on_another_scale_are_reported(tmp_path, capsys):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.fromarray(label_map((0, 255))).save(paths[0])
+    Image.fromarray(label_map((0, 1))).save(paths[1])
+    assert scan_mask_max(paths, 1) == 255
+    assert "1 masks have values far below the mask scale K=255" in capsys.readouterr().out
+    load_mask(paths[1], 1, 255, IMAGE_SIZE)
+    assert "b.png" in capsys.readouterr().out
+    assert scan_mask_max(paths[:1], 1) == 255 and "warning" not in capsys.readouterr().out
+
+
 def test_palette_masks_keep_label_indices_and_rgb_masks_give_three_channels(tmp_path):
     palette = Image.fromarray(label_map((0, 1, 2))).convert("P")
     palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
