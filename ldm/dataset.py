@@ -19,7 +19,7 @@ DATA_LAYOUT = """expected data layout (one sub-folder per class; classes are the
       class_name_2/  image1.png  ...
 image types: png jpg jpeg bmp tif tiff webp (any case); grayscale, RGB, RGBA, palette and 16-bit."""
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail loudly, not train as grey pixels
 
 
 def is_image(path):

@@ -7,6 +7,7 @@ VAE come from the checkpoint; EMA weights are used unless --no_ema.
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +103,10 @@ class LDMSampler:
         self.sampler = make_sampler(args.scheduler, ckpt["scheduler_config"])
         self.args = args
         on_cuda = self.device.type == "cuda" and args.mixed_precision != "no"
+        if args.mixed_precision != "no" and not on_cuda:
+            warnings.warn(
+                f"--mixed_precision {args.mixed_precision} needs CUDA; sampling in fp32", stacklevel=2
+            )
         self.dtype = (
             {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if on_cuda else None
         )
