@@ -469,13 +469,7 @@ def main():
     ema.model.to(device)
     set_seed(args.seed + accelerator.process_index)  # different noise and flips per process
 
-    progress = {
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "global_step": 0,
-        "best_val_loss": float("inf"),
-        "val_history": [],
-    }
+    progress = dict(epoch=0, step_in_epoch=0, global_step=0, best_val_loss=float("inf"), val_history=[])
     if resume is not None:
         progress = restore_training_state(resume, accelerator, model, ema, optimizer, lr_scheduler)
     writer = SummaryWriter(str(output_dir / "logs")) if accelerator.is_main_process else None
@@ -496,7 +490,7 @@ def main():
     )
     stop = StopSignal()
     for epoch in range(progress["epoch"], args.num_epochs):
-        signum = train_epoch(trainer, train_set, labels, epoch, batches_per_epoch, stop)
+        signum = train_epoch(trainer, train_set, epoch, batches_per_epoch, stop)
         if signum:
             save_checkpoints(trainer, ["checkpoint_latest.pt"])
             if accelerator.is_main_process:
@@ -576,7 +570,7 @@ def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_schedule
     return dict(ckpt["progress"])
 
 
-def train_epoch(trainer, train_set, labels, epoch, batches_per_epoch, stop):
+def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
     accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
     model, optimizer = trainer["model"], trainer["optimizer"]
