@@ -1,5 +1,7 @@
 """The DiT model: official key layout and sizes, adaLN-Zero, attention, any size and class count."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -139,20 +141,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
-def test_official_style_state_dict_round_trip(workspace, tmp_path):
-    """A plain EMA state_dict (as in DiT-XL-2-256x256.pt) loads strictly through sample.py's loader."""
+@pytest.mark.parametrize("layout", ["plain state_dict", "original train.py checkpoint"])
+def test_official_style_state_dict_round_trip(workspace, tmp_path, layout):
+    """Official files (a plain EMA state_dict, as DiT-XL-2-256x256.pt) load strictly through sample.py."""
     from sample import build_parser, load_model
 
     torch.manual_seed(3)
     source = DiT_models["DiT-S/4"](input_size=8, num_classes=5, depth=1, hidden_size=24, num_heads=2)
     for p in source.parameters():
         torch.nn.init.normal_(p)
-    torch.save(source.state_dict(), tmp_path / "official.pt")
-    args = build_parser(ddp=False).parse_args(
-        ["--ckpt", str(tmp_path / "official.pt"), "--vae", str(workspace / "vae"), "--model", "DiT-S/4"]
-        + ["--depth", "1", "--hidden-size", "24", "--num-heads", "2"]
-    )
-    model, config, _, _ = load_model(args, torch.device("cpu"))
+    state = source.state_dict()
+    if layout != "plain state_dict":  # facebookresearch/DiT train.py keeps its argparse.Namespace
+        state = {"model": {}, "ema": state, "opt": {}, "args": argparse.Namespace(model="DiT-S/4", vae="ema")}
+    torch.save(state, tmp_path / "official.pt")
+    flags = ["--ckpt", tmp_path / "official.pt", "--vae", workspace / "vae", "--model", "DiT-S/4"]
+    flags += ["--depth", 1, "--hidden-size", 24, "--num-heads", 2]
+    model, config, _, _ = load_model(build_parser(ddp=False).parse_args(map(str, flags)), torch.device("cpu"))
     assert (config["image_size"], config["num_classes"], config["patch_size"], config["depth"]) == (
         16,
         5,
