@@ -392,8 +392,11 @@ def split_heldout(files, labels, fraction, seed):
         min(max(1, round(len(files) * fraction)), len(files) - 1) if fraction > 0 and len(files) > 1 else 0
     )
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-    return pick(sorted(order[n_val:])), pick(sorted(order[:n_val]))
+
+    def subset(indices):
+        return [files[i] for i in sorted(indices)], [labels[i] for i in sorted(indices)]
+
+    return subset(order[n_val:]), subset(order[:n_val])
 
 
 def ignore_sigint(_worker_id):
@@ -416,6 +419,7 @@ class Trainer:
     """One training run: model, EMA, optimizer, data and the loop, on one or several processes."""
 
     def __init__(self, config, ckpt, class_names, train_data, val_data, ctx):
+        # Imported here: only training needs them, and they add seconds to every sampling start-up.
         from diffusers.optimization import get_constant_schedule_with_warmup
         from diffusers.training_utils import EMAModel
 

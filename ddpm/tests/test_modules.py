@@ -24,7 +24,7 @@ def tiny_conditional(channels=1, size=16, num_classes=3):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("size", [16, 24, 32, 64])
+@pytest.mark.parametrize("size", [16, 24, 32, 64, 256])
 def test_output_shape_follows_channels_and_size(channels, size):
     model = UNet_conditional(
         c_in=channels, c_out=channels, num_classes=4, img_size=size, base_channels=8, time_dim=32
