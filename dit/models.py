@@ -242,6 +242,8 @@ VARIANTS = [f"DiT-{size}/{patch}" for size in SIZES for patch in (2, 4, 8)]
 
 def variant_config(name):
     """Architecture numbers of a named variant, e.g. 'DiT-B/2'."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown DiT variant {name!r}; choose one of {VARIANTS}")
     size, patch = name.removeprefix("DiT-").split("/")
     depth, hidden_size, num_heads = SIZES[size]
     return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch))

@@ -287,6 +287,7 @@ def merge_shards(path, world, dataset):
 
 
 def barrier(world):
+    """Wait for every rank (no-op in a single process)."""
     if world > 1:
         dist.barrier()
 
