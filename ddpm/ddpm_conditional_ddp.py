@@ -184,14 +184,14 @@ def check_sample_args(args, noise_steps):
 
 
 def generate(plan, model, diffusion, args, ctx):
-    """Sample this rank's share of the missing images; returns (images written, batches run)."""
+    """Sample this rank's share of the missing images; returns (written, batches run, skipped)."""
     todo = [(i, label, path) for i, (label, path) in enumerate(plan) if args.overwrite or not path.exists()]
+    ctx.barrier()  # every rank must see the same missing files before any rank writes new ones
     mine = todo[ctx.rank :: ctx.world_size]
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     for batch in batches:
-        gen = torch.Generator().manual_seed(
-            args.seed * 1_000_003 + batch[0][0]
-        )  # depends on the images, not the rank
+        # Noise depends on the images' indices, not on the rank that draws them.
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch[0][0])
         labels = None if batch[0][1] is None else torch.tensor([b[1] for b in batch], device=ctx.device)
         images = diffusion.sample(
             model,
