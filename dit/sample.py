@@ -182,8 +182,10 @@ def resolve_config(args, facts, saved, vae):
         raise UserError(
             f"the checkpoint's shapes ({facts}) match no DiT variant; pass --model and --num-heads"
         )
+    # A checkpoint's own size overrides apply only to its own variant; another --model is compared as named.
+    saved_arch = saved if name == saved.get("model") else {}
     flags = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads")}
-    arch = architecture(name, {k: flags[k] if flags[k] is not None else saved.get(k) for k in flags})
+    arch = architecture(name, {k: flags[k] if flags[k] is not None else saved_arch.get(k) for k in flags})
     image_size = args.image_size or facts["image_size"]
     return dict(
         model=name,

@@ -65,7 +65,12 @@ def cases(workspace, trained, tmp):
             ["--ckpt", ckpt, "--model", "DiT-S/4"],
             ["patch size is 2", "--model"],
         ),
-        "size mismatch": (
+        "variant mismatch": (
+            "sample.py",
+            ["--ckpt", ckpt, "--model", "DiT-B/2"],
+            ["depth (number of blocks) is 2"],
+        ),
+        "image mismatch": (
             "sample.py",
             ["--ckpt", ckpt, "--image-size", 32],
             ["image size is 16", "--image-size"],
@@ -99,14 +104,15 @@ def outcomes(workspace, trained, tmp_path_factory):
                                stderr=subprocess.PIPE, text=True)
         for name, (script, args, _) in table.items()
     }  # fmt: skip
-    results = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in processes.items()}
+    stderr = {name: p.communicate(timeout=300)[1] for name, p in processes.items()}
+    results = {name: (p.returncode, stderr[name]) for name, p in processes.items()}
     return table, results, tmp
 
 
 CASE_NAMES = [
     "missing data", "no class folders", "truncated image", "image size", "unknown model", "vae offline",
-    "resume missing", "classes mismatch", "patch mismatch", "size mismatch", "bad class", "not a checkpoint",
-    "offline download",
+    "resume missing", "classes mismatch", "patch mismatch", "variant mismatch", "image mismatch", "bad class",
+    "not a checkpoint", "offline download",
 ]  # fmt: skip
 
 
