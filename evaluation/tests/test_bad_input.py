@@ -113,7 +113,6 @@ def build_cases(root, weights):
             ["--real", good, "--gen", good, "--metrics", "fid,sharpness"],
             {},
             "unknown metric",
-            "bad device",
         ),
         "bad device": (["--real", good, "--gen", good, "--device", "gpu0", *flags], {}, "--device gpu0"),
         "constants not edited": ([], {}, "REAL_IMAGES_DIR"),

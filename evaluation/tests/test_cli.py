@@ -203,7 +203,8 @@ def evaluate_sh_run(data, weights, tmp):
         "INCEPTION_WEIGHTS": weights[0],
         **PARALLEL,
     }
-    return env, run_script([], env=env, script=os.path.join(FOLDER, "evaluate.sh"), interpreter="bash")
+    extra = ["--max-samples", "4", "--seed", "1"]  # flags after the script name are passed on too
+    return env, run_script(extra, env=env, script=os.path.join(FOLDER, "evaluate.sh"), interpreter="bash")
 
 
 def test_evaluate_sh_passes_its_variables_on(runs):
@@ -212,5 +213,7 @@ def test_evaluate_sh_passes_its_variables_on(runs):
     report = read_json(env["JSON_OUT"])
     settings = report["settings"]
     assert (settings["batch_size"], settings["num_workers"], settings["metrics"]) == (2, 1, ["pr"])
+    assert (settings["pr_features"], settings["max_samples"], settings["seed"]) == ("inception", 4, 1)
     assert settings["cache_dir"] == env["CACHE_DIR"] and os.listdir(env["CACHE_DIR"])
-    assert report["metrics"]["recall"] == runs["reference"][0]["per_class"]["b"]["metrics"]["recall"]
+    assert report["counts"] == {"real": 4, "gen": 4, "real_total": 5, "gen_total": 5}
+    assert set(report["metrics"]) == {"precision", "recall", "f_score"}
