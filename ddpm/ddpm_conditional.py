@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -72,6 +70,9 @@ class Diffusion:
     """Linear-schedule Gaussian diffusion: noising for training, DDPM or DDIM sampling with CFG."""
 
     def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None):
+        # diffusers is imported on first use: it adds seconds to start-up, and input errors should be instant.
+        from diffusers import DDPMScheduler
+
         self.noise_steps, self.img_size = noise_steps, img_size
         self.device = pick_device(device)
         self.scheduler = DDPMScheduler(
@@ -99,6 +100,8 @@ class Diffusion:
 
     def make_sampler(self, sampler="ddpm", steps=None):
         """A fresh diffusers scheduler for ancestral DDPM or DDIM, set to `steps` denoising steps."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
         scheduler_cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
@@ -131,6 +134,8 @@ class Diffusion:
         generator=None,
     ):
         """Generate n images as uint8 (n, C, H, W); labels=None samples unconditionally."""
+        from diffusers.utils.torch_utils import randn_tensor
+
         if labels is not None and (model.num_classes is None or len(labels) != n):
             raise ValueError("labels need a conditional model and one label per image")
         scheduler = self.make_sampler(sampler, steps)

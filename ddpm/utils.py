@@ -10,8 +10,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.utils import make_grid
 
 from modules import count_parameters
 
@@ -135,6 +133,8 @@ class ImageDataset(Dataset):
     """Images resized and centre-cropped to a square, scaled to [-1, 1], with their class index."""
 
     def __init__(self, files, labels, image_size, channels):
+        from torchvision import transforms  # imported on first use: start-up and input errors stay fast
+
         self.files, self.labels, self.channels = list(files), list(labels), channels
         self.transform = transforms.Compose(
             [
@@ -179,6 +179,8 @@ def save_image(image, path):
 
 def make_uint8_grid(images, nrow):
     """Tile uint8 (N, C, H, W) images into one (C, H', W') uint8 grid, keeping 1-channel images gray."""
+    from torchvision.utils import make_grid
+
     grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=0)
     return grid[: images.shape[1]].to(torch.uint8)
 
