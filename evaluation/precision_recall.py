@@ -91,7 +91,7 @@ NETWORKS = {
         "env": "EVAL_VGG16_WEIGHTS",
     },
 }
-# Bump when image decoding changes, so cached features from the old decoding are not reused.
+# Part of the real-feature cache key: change it with the decoding, so old cached features are not reused.
 DECODING = "8-bit RGB: 16/32-bit integers scaled by 1/257, gray replicated, alpha dropped, palette expanded"
 LINE = "=" * 40
 
