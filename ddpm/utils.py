@@ -92,9 +92,8 @@ def scan_dataset(root, conditional):
     """Files, labels and class names of root/<class_name>/* (conditional) or all images under root."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(
-            f"dataset folder {root} does not exist: pass --dataset-path (layout: {data_layout()})"
-        )
+        layout = data_layout() if conditional else "any folder of images, sub-folders included"
+        raise UserError(f"dataset folder {root} does not exist: pass --dataset-path (layout: {layout})")
     if not conditional:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
