@@ -105,3 +105,10 @@ def test_train_vae_writes_loadable_folders(trained_vae):
     for folder in ("best", "final"):
         vae = load_vae(str(trained_vae.parent / folder))
         assert vae.config.in_channels == 3 and vae.config.scaling_factor > 0
+
+
+def test_non_finite_loss_stops_with_a_message(rgb_data, tiny_vae, tmp_path):
+    result = train(rgb_data, tiny_vae, tmp_path / "o", "--learning_rate", "1e30", "--lr_warmup_steps", "0")
+    assert result.returncode == 1
+    assert "loss became non-finite" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "checkpoint_final.pt").exists()
