@@ -4,6 +4,7 @@ guided sampling and the checkpoint format (see the checkpoint contract in the RE
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
+from huggingface_hub.utils import logging as hub_logging
 
 from utils import UserError
 
@@ -158,13 +160,19 @@ def load_vae(name_or_path):
         )
     else:
         source = name_or_path
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # the failure is reported below as one line, not as hub retries
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+            vae = AutoencoderKL.from_pretrained(source)
     except Exception as error:  # hub, file-system and format errors all mean "not available"
         raise UserError(
             f"cannot load VAE '{name_or_path}' ({type(error).__name__}); on an offline machine pass "
             "--vae_pretrained /path/to/local/vae_folder (a save_pretrained folder, e.g. from train_vae.py)"
         ) from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
     return vae.eval().requires_grad_(False)
 
 

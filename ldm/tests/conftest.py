@@ -30,7 +30,7 @@ TRAIN_ARGS = [
 
 def run_script(script, *args, check=True, env=None):
     """Run one of the ldm scripts as a user would, offline, from the ldm folder."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run(
         [sys.executable, str(LDM_DIR / script), *map(str, args)],
         cwd=LDM_DIR,
