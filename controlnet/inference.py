@@ -1,5 +1,6 @@
 """Generate images that follow masks with a trained ControlNet on its LDM."""
 
+import math
 import os
 import sys
 import time
@@ -142,6 +143,7 @@ class Generator:
     def __init__(self, args):
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
         ckpt = load_checkpoint(args.checkpoint, "controlnet", "--checkpoint")
         self.cfg = ckpt["config"]
         ldm_path = args.ldm_checkpoint or self.cfg["ldm_checkpoint"]
@@ -163,7 +165,6 @@ class Generator:
                 f"--mixed_precision {self.args.mixed_precision} needs CUDA; using fp32", stacklevel=2
             )
             return None
-        torch.backends.cuda.matmul.allow_tf32 = True
         return {"fp16": torch.float16, "bf16": torch.bfloat16}[self.args.mixed_precision]
 
     def tokens(self, n):
@@ -223,13 +224,12 @@ def comparison_row(mask, images):
     return np.concatenate(tiles, axis=1)
 
 
-def print_timing(count, steps, seconds):
-    """Images, steps, total seconds, seconds per image, ms per step, images/s."""
+def print_timing(count, steps, batches, seconds):
+    """Images, steps, total seconds, seconds per image, ms per (batched) step, images/s."""
     per_image = seconds / max(count, 1)
-    print(
-        f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
-        f"{1000 * seconds / max(count * steps, 1):.2f} ms/step, {count / max(seconds, 1e-9):.2f} images/s"
-    )
+    per_step = 1000 * seconds / max(batches * steps, 1)
+    print(f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
+          f"{per_step:.2f} ms/step ({batches} batches), {count / max(seconds, 1e-9):.2f} images/s")
 
 
 def run(args):
@@ -253,7 +253,8 @@ def run(args):
             save_png(array, output_path(args, gen.class_folder, m.stem, k))
     if gen.device.type == "cuda":
         torch.cuda.synchronize()
-    print_timing(len(jobs), args.num_inference_steps, time.perf_counter() - start)
+    batches = math.ceil(len(jobs) / args.batch_size)
+    print_timing(len(jobs), args.num_inference_steps, batches, time.perf_counter() - start)
     if args.save_comparison:
         save_comparisons(args, masks, conditioning, gen.class_folder)
     if args.eval_masks:
