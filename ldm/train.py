@@ -573,7 +573,7 @@ def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_schedule
 def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
     accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
-    model, optimizer = trainer["model"], trainer["optimizer"]
+    model = trainer["model"]
     skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0
     order = epoch_order(len(train_set), epoch, args.seed, accelerator)[skip * args.batch_size :]
     loader = DataLoader(
@@ -586,50 +586,59 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
         worker_init_fn=ignore_interrupts,
     )
     accum = args.gradient_accumulation_steps
-    null_class = len(trainer["class_names"])
-    bar = tqdm(
-        total=batches_per_epoch,
-        initial=skip,
-        desc=f"epoch {epoch + 1}/{args.num_epochs}",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
     window = {"loss": 0.0, "images": 0, "start": time.perf_counter()}
-    for index, (inputs, batch_labels) in enumerate(loader, start=skip):
-        group_end = (index + 1) % accum == 0 or index + 1 == batches_per_epoch
-        group_size = min(accum, batches_per_epoch - (index // accum) * accum)
-        with nullcontext() if group_end else accelerator.no_sync(model):
-            latents = training_latents(inputs, trainer["codec"], args.cache_latents, not args.no_flip)
-            with accelerator.autocast():
-                loss = diffusion_loss(
-                    model,
-                    trainer["noise_scheduler"],
-                    latents,
-                    batch_labels.to(latents.device),
-                    args.cfg_dropout,
-                    null_class,
+    desc = f"epoch {epoch + 1}/{args.num_epochs}"
+    with tqdm(
+        total=batches_per_epoch, initial=skip, desc=desc, disable=not accelerator.is_main_process
+    ) as bar:
+        for index, (inputs, labels) in enumerate(loader, start=skip):
+            group_end = (index + 1) % accum == 0 or index + 1 == batches_per_epoch
+            group_size = min(accum, batches_per_epoch - (index // accum) * accum)
+            with nullcontext() if group_end else accelerator.no_sync(model):
+                window["loss"] += (
+                    backward_micro_batch(trainer, inputs, labels, epoch, group_size) / group_size
                 )
-            mean_loss = check_finite(accelerator, loss, epoch, progress)
-            accelerator.backward(loss / group_size)
-        window["loss"] += mean_loss / group_size
-        window["images"] += inputs.shape[0] * accelerator.num_processes
-        bar.update(1)
-        if not group_end:
-            continue
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        trainer["lr_scheduler"].step()
-        optimizer.zero_grad(set_to_none=True)
-        trainer["ema"].update(accelerator.unwrap_model(model))
-        progress.update(epoch=epoch, step_in_epoch=index + 1, global_step=progress["global_step"] + 1)
-        log_step(trainer, window, grad_norm, bar)
-        signum = stop.agreed(accelerator)
-        if signum:
-            bar.close()
-            return signum
-    bar.close()
+            window["images"] += inputs.shape[0] * accelerator.num_processes
+            bar.update(1)
+            if not group_end:
+                continue
+            grad_norm = optimizer_step(trainer)
+            progress.update(epoch=epoch, step_in_epoch=index + 1, global_step=progress["global_step"] + 1)
+            log_step(trainer, window, grad_norm, bar)
+            signum = stop.agreed(accelerator)
+            if signum:
+                return signum
     progress.update(epoch=epoch + 1, step_in_epoch=0)
     return 0
+
+
+def backward_micro_batch(trainer, inputs, labels, epoch, group_size):
+    """Gradients of one micro-batch, scaled by its accumulation group's size; returns the mean loss."""
+    accelerator, args = trainer["accelerator"], trainer["args"]
+    latents = training_latents(inputs, trainer["codec"], args.cache_latents, not args.no_flip)
+    with accelerator.autocast():
+        loss = diffusion_loss(
+            trainer["model"],
+            trainer["noise_scheduler"],
+            latents,
+            labels.to(latents.device),
+            args.cfg_dropout,
+            len(trainer["class_names"]),
+        )
+    mean_loss = check_finite(accelerator, loss, epoch, trainer["progress"])
+    accelerator.backward(loss / group_size)
+    return mean_loss
+
+
+def optimizer_step(trainer):
+    """Clip, step optimizer and LR schedule, update the EMA; returns the gradient norm."""
+    accelerator, model, optimizer = trainer["accelerator"], trainer["model"], trainer["optimizer"]
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainer["args"].max_grad_norm)
+    optimizer.step()
+    trainer["lr_scheduler"].step()
+    optimizer.zero_grad(set_to_none=True)
+    trainer["ema"].update(accelerator.unwrap_model(model))
+    return grad_norm
 
 
 def check_finite(accelerator, loss, epoch, progress):
