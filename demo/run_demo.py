@@ -20,12 +20,30 @@ from build_digits import build_digits  # noqa: E402
 
 DDPM_SCRIPT = DEMO_DIR.parent / "ddpm" / "ddpm_conditional_ddp.py"
 RUN_NAME = "digits"
+MIN_GOOD_STEPS = 800  # below this many steps the 16 px digits are still noisy
 # Settings found to give recognisable 16 px digits within a few minutes on two CPU cores.
 TRAIN_FLAGS = [
-    "--base-channels", "16", "--time-dim", "64", "--batch-size", "32", "--lr", "1e-3",
-    "--lr-warmup-steps", "100", "--ema-warmup-steps", "200", "--ema-decay", "0.995",
-    "--save-interval", "20", "--preview-steps", "20", "--epochs", "100000",
-]  # fmt: skip
+    "--base-channels",
+    "16",
+    "--time-dim",
+    "64",
+    "--batch-size",
+    "32",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-steps",
+    "100",
+    "--ema-warmup-steps",
+    "200",
+    "--ema-decay",
+    "0.995",
+    "--save-interval",
+    "20",
+    "--preview-steps",
+    "20",
+    "--epochs",
+    "100000",
+]
 
 
 def parse_args():
@@ -116,6 +134,11 @@ def main():
     train_s = run_step(f"training for {train_minutes:.2f} minutes", train_cmd)
     ckpt = out / "models" / RUN_NAME / "ema_ckpt.pt"
     steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    if steps < MIN_GOOD_STEPS:
+        print(
+            f"warning: only {steps} training steps fit in the budget ({MIN_GOOD_STEPS} give clear digits); "
+            "the machine is slow or busy: try --minutes 10"
+        )
     grid = out / "digits_grid.png"
     sample_cmd = [
         sys.executable,
