@@ -174,3 +174,21 @@ def test_image_modes_load_with_the_right_channels_and_range(tmp_path, make, chan
     assert (
         abs(int(out.max()) - 255) <= 1 and int(out.min()) == 0
     )  # 16-bit is scaled, not clipped to black/white
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_conditional().train()
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5, 50]), torch.tensor([0, 3])
+
+    def grads():
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    model.down[0].res.register_forward_hook(lambda *_: calls.append(1))
+    plain = grads()
+    model.set_grad_checkpointing()
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert len(calls) == 3  # once without checkpointing, twice (forward + recompute) with it
