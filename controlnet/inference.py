@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mask_metrics import score, summary  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dataset import load_mask  # noqa: E402
+from mask_metrics import score, summary  # noqa: E402
 from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler  # noqa: E402
 from models import sample_latents as run_sampler  # noqa: E402
 from utils import (  # noqa: E402

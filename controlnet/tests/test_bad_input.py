@@ -1,6 +1,7 @@
 """Bad input to every script: exit code 2, one clear line naming the problem, nothing overwritten."""
 
 import pytest
+
 from conftest import HERE, run_many, train_args, write_pairs
 
 TRAIN_CASES = {

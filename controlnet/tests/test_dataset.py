@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, write_pairs
 from PIL import Image
 
+from conftest import IMAGE_SIZE, write_pairs
 from dataset import MaskPairDataset, find_pairs, load_mask, mask_array, scan_mask_max, split_indices
 from utils import UserError
 

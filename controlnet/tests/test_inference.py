@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import IMAGE_SIZE, check, run_script
 from PIL import Image
+
+from conftest import IMAGE_SIZE, check, run_script
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE
-from mask_metrics import dice_iou, otsu_threshold, score
 from PIL import Image
 
+from conftest import IMAGE_SIZE
+from mask_metrics import dice_iou, otsu_threshold, score
 from models import (
     SCHEDULERS,
     ControlledUNet,

@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import torch
-from conftest import ENV, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
 from PIL import Image
 
+from conftest import ENV, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
 from models import load_controlled_unet, load_ldm
 
 WEIGHT_KEYS = ("controlnet", "ema_controlnet")

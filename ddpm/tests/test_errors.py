@@ -4,8 +4,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import TINY, make_class_folders, run_script
 
+from conftest import TINY, make_class_folders, run_script
 from modules import UNet_conditional
 
 SAMPLE = (

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import torch
+
 from conftest import DDPM_DIR, TINY, make_class_folders, run_script, torchrun
 
 EXPECTED_KEYS = {

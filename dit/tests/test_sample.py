@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+
 from conftest import run_script
 
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 
 import torch
+
 from conftest import ENV, TINY, run_script, script_command
 
 

@@ -6,8 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import PARALLEL, run_script
 from PIL import Image
+
+from conftest import PARALLEL, run_script
 
 
 def good_images(folder, count):

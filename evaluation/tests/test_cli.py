@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch_fidelity
-from conftest import FOLDER, PARALLEL, SCRIPT, read_json, run_script
 from PIL import Image
+
+from conftest import FOLDER, PARALLEL, SCRIPT, read_json, run_script
 
 SMALL = ["--kid-subset-size", "4", "--isc-splits", "2", "--num-workers", "0"]
 

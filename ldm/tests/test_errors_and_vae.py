@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+
 from conftest import TRAIN_ARGS, random_images, run_script
 
 

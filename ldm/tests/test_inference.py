@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import LDM_DIR, run_script
 from PIL import Image
 
+from conftest import LDM_DIR, run_script
 from models import (
     ClassConditionalUNet,
     ClassEmbedder,

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import LDM_DIR, TRAIN_ARGS, run_script
 
 CONTRACT_CONFIG_KEYS = {
