@@ -64,6 +64,7 @@ ARCH_KEYS = (
 # Settings of one invocation that a resumed run does not inherit.
 RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minutes")
 PREVIEW_CFG = 3.0  # guidance of the EMA sample grids written during training
+PREVIEW_ETA = 1.0  # stochastic DDIM: deterministic DDIM shows blotches on a model early in training
 
 
 class Diffusion:
@@ -145,7 +146,8 @@ class Diffusion:
         model.eval()
         start = time.perf_counter()
         x = randn_tensor((n, model.c_in, self.img_size, self.img_size), generator=generator, device=device)
-        extra = {"eta": eta} if sampler == "ddim" else {}
+        # DDIM re-derives the noise from the clipped x0, as guided-diffusion does: guided samples stay clean.
+        extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
         for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", leave=False, disable=not log_time):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 eps = self.guided_noise(model, x, t.to(device).expand(n), labels, cfg_scale).float()
@@ -714,6 +716,7 @@ class Trainer:
             log_time=False,
             sampler="ddim",
             steps=self.config["preview_steps"],
+            eta=PREVIEW_ETA,
             generator=gen,
         )
         return make_uint8_grid(images, nrow=classes or 4)

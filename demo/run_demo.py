@@ -86,6 +86,12 @@ def parse_args():
         default=3.0,
         help="classifier-free guidance scale",
     )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=1.0,
+        help="DDIM noise: 1 (stochastic) keeps a briefly trained model's samples clean, 0: deterministic",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (quick checks)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of training and sampling")
     return parser.parse_args()
@@ -153,6 +159,8 @@ def main():
         "ddim",
         "--steps",
         args.sampling_steps,
+        "--eta",
+        args.eta,
         "--cfg-scale",
         args.cfg_scale,
         "--batch-size",
