@@ -104,8 +104,10 @@ def warn_faint(paths, max_value):
     """Masks whose labels stay below a tenth of K would reach the model nearly black: say so."""
     if paths:
         names = ", ".join(Path(p).name for p in paths[:10]) + (" ..." if len(paths) > 10 else "")
-        print(f"warning: {len(paths)} masks have values far below the mask scale K={max_value} and will look "
-              f"almost black to the model ({names}); store them on one scale or set --mask_max_value")
+        print(
+            f"warning: {len(paths)} masks have values far below the mask scale K={max_value} and will look "
+            f"almost black to the model ({names}); store them on one scale or set --mask_max_value"
+        )
 
 
 def scale_mask(labels, max_value):

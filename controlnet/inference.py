@@ -84,8 +84,11 @@ def parse_args(argv=None):
         choices=("bright", "dark"),
         help="for --eval_masks: the masked structure is brighter or darker (default: bright)",
     )
-    p.add_argument("--mask_max_value", type=int,
-                   help="label value shown at full intensity (default: the training masks' K)")
+    p.add_argument(
+        "--mask_max_value",
+        type=int,
+        help="label value shown at full intensity (default: the training masks' K)",
+    )
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
     p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
@@ -228,8 +231,10 @@ def print_timing(count, steps, batches, seconds):
     """Images, steps, total seconds, seconds per image, ms per (batched) step, images/s."""
     per_image = seconds / max(count, 1)
     per_step = 1000 * seconds / max(batches * steps, 1)
-    print(f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
-          f"{per_step:.2f} ms/step ({batches} batches), {count / max(seconds, 1e-9):.2f} images/s")
+    print(
+        f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
+        f"{per_step:.2f} ms/step ({batches} batches), {count / max(seconds, 1e-9):.2f} images/s"
+    )
 
 
 def run(args):

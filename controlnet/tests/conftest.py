@@ -228,8 +228,13 @@ def training_runs(tmp_path_factory, pair_data, class_data, ldm_checkpoint, contr
         "unfrozen": train_args(
             pair_data, ldm_checkpoint, base / "unfrozen", "--no_freeze_unet", "--num_epochs", 1
         ),
-        "class": train_args(class_data, ldm_checkpoint, base / "class", "--use_class_labels",
-                            *"--num_epochs 1 --mixed_precision fp16".split()),
+        "class": train_args(
+            class_data,
+            ldm_checkpoint,
+            base / "class",
+            "--use_class_labels",
+            *"--num_epochs 1 --mixed_precision fp16".split(),
+        ),
         "nan": train_args(pair_data, nan_ldm, base / "nan"),
     }
     results = run_many({name: ("train.py", *args) for name, args in commands.items()})

@@ -108,8 +108,18 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
     mask = class_data / "malignant" / "masks" / "001.png"
     flags = "--class_name malignant --cfg_scale 2 --scheduler dpm++ --controlnet_scale 1.5 --num_images 2 "
     flags += "--num_inference_steps 3 --save_comparison"
-    result = check(run_script("inference.py", "--checkpoint", out / "checkpoint_final.pt", "--mask", mask,
-                              *flags.split(), "--output_dir", gen))
+    result = check(
+        run_script(
+            "inference.py",
+            "--checkpoint",
+            out / "checkpoint_final.pt",
+            "--mask",
+            mask,
+            *flags.split(),
+            "--output_dir",
+            gen,
+        )
+    )
     assert sorted(p.name for p in (gen / "malignant").iterdir()) == ["001_000.png", "001_001.png"]
     comparison = Image.open(gen / "comparison" / "malignant" / "001.png")
     assert comparison.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
