@@ -29,11 +29,12 @@ test: $(STAMP)
 		echo "== tests: $$d"; \
 		(cd $$d && ../$(PY) -m pytest tests) || failed="$$failed $$d"; \
 	done; \
-	echo "== lint"; $(VENV)/bin/ruff check . || failed="$$failed lint"; \
+	echo "== lint"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . || failed="$$failed lint"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	@for d in $(BENCH_DIRS); do echo "== bench: $$d"; (cd $$d && ../$(PY) bench.py) || exit 1; done
