@@ -76,7 +76,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--ldm_checkpoint", help="required: checkpoint of the trained LDM (ldm/train.py)")
     p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the LDM checkpoint's)")
-    p.add_argument("--output_dir", default="./controlnet_checkpoints", help="checkpoints, samples and logs")
+    p.add_argument(
+        "--output_dir",
+        default="./controlnet_checkpoints",
+        help="checkpoints, samples and logs (default: ./controlnet_checkpoints)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="start over in an output_dir that has checkpoints"
     )

@@ -81,10 +81,18 @@ def bench_attention(device, channels, side, batch, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=16)
-    parser.add_argument("--base-channels", "--base_channels", dest="base_channels", type=int, default=16)
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32)
-    parser.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=4)
+    parser.add_argument(
+        "--image-size", "--image_size", dest="image_size", type=int, default=16, help="pixels"
+    )
+    parser.add_argument(
+        "--base-channels", "--base_channels", dest="base_channels", type=int, default=16, help="UNet width"
+    )
+    parser.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="training batch"
+    )
+    parser.add_argument(
+        "--num-samples", "--num_samples", dest="num_samples", type=int, default=4, help="sampling batch"
+    )
     args = parser.parse_args()
     device = pick_device()
     torch.manual_seed(0)

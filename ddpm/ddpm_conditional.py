@@ -279,7 +279,11 @@ def add_train_args(parser, conditional=True):
     )
     if conditional:
         add_flag(
-            parser, "num_classes", type=int, default=None, help="number of classes (default: class folders)"
+            parser,
+            "num_classes",
+            type=int,
+            default=None,
+            help="number of classes (None: count the class folders)",
         )
         add_flag(
             parser,

@@ -33,7 +33,9 @@ def build_digits(out_dir, size=16, limit=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument(
         "--out-dir",
         "--out_dir",
