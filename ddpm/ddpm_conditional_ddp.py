@@ -64,7 +64,10 @@ def add_sample_args(parser):
     )
     add_flag(parser, "eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     add_flag(
-        parser, "npz", action="store_true", help="also write <output-dir>.npz (arr_0 images, arr_1 labels)"
+        parser,
+        "npz",
+        action="store_true",
+        help="also write <output-dir>.npz (arr_0 uint8 N x H x W x 3, arr_1 labels)",
     )
     add_flag(
         parser, "grid_path", default=None, help="also write a PNG grid of the images, one column per class"
@@ -219,7 +222,10 @@ def write_extras(plan, args):
     labels = np.array([-1 if label is None else label for label, _ in plan], dtype=np.int64)
     if args.npz:
         npz_path = Path(args.output_dir).with_suffix(".npz")
-        np.savez(npz_path, arr_0=images, arr_1=labels)
+        # The ADM evaluator's Inception takes 3 channels: grayscale is repeated.
+        np.savez(
+            npz_path, arr_0=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, arr_1=labels
+        )
         print(f"wrote {npz_path} ({images.shape})")
     if args.grid_path:
         columns = len({label for label, _ in plan}) if plan[0][0] is not None else 8

@@ -141,7 +141,7 @@ def build_parser(ddp):
         parser,
         "--npz",
         default=None,
-        help="also write all images as an .npz (arr_0 uint8 NxHxWxC, arr_1 labels) for the ADM evaluator"
+        help="also write all images as an .npz (arr_0 uint8 NxHxWx3, arr_1 labels) for the ADM evaluator"
         + (" (default: <output-dir>.npz)" if ddp else ""),
     )
     add_flag(parser, "--seed", "--global-seed", type=int, default=0, help="random seed (default: 0)")
@@ -280,12 +280,9 @@ def default_output_dir(args, config, ckpt_path):
     return os.path.join("samples", name)
 
 
-def write_npz(plan, path, mode):
-    """All planned images as arr_0 (N, H, W, C) uint8 and their labels as arr_1."""
-    images = [np.asarray(Image.open(p).convert(mode)) for _, p in plan]
-    arr = np.stack(images)
-    if arr.ndim == 3:
-        arr = arr[..., None]
+def write_npz(plan, path):
+    """All planned images as arr_0 (N, H, W, 3) uint8, RGB as the ADM evaluator expects; labels as arr_1."""
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for _, p in plan])
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, arr_0=arr, arr_1=np.array([label for label, _ in plan]))
     os.replace(tmp, path)
@@ -353,7 +350,7 @@ def main(ddp=False):
     if world > 1:
         dist.barrier()
     if rank == 0 and npz_path:
-        print(f"Wrote {npz_path} with arr_0 of shape {write_npz(plan, npz_path, config['image_mode'])}")
+        print(f"Wrote {npz_path} with arr_0 of shape {write_npz(plan, npz_path)}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 """Sample many images over several processes for FID (torchrun; NCCL on CUDA, gloo on CPU).
 
 Exactly --num-fid-samples images, spread evenly over the classes, go to
-OUTPUT/<class_name>/<index:06d>.png and into OUTPUT.npz (arr_0 uint8 NxHxWxC, arr_1 labels) for the
+OUTPUT/<class_name>/<index:06d>.png and into OUTPUT.npz (arr_0 uint8 NxHxWx3, arr_1 labels) for the
 ADM evaluator. Batches are numbered globally and seeded by their number, so the images do not depend
 on the number of processes, and a rerun only generates the missing ones.
 

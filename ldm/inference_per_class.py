@@ -3,7 +3,7 @@
 Writes <output_dir>/<class_name>/<index:06d>.png; files that already exist are skipped, so an
 interrupted run continues where it stopped. Launched with several processes
 (`accelerate launch --num_processes N inference_per_class.py ...` or `torchrun --nproc_per_node=N`)
-the batches are shared out over them. --npz also writes samples_<N>x<H>x<W>x<C>.npz (arr_0 uint8
+the batches are shared out over them. --npz also writes samples_<N>x<H>x<W>x3.npz (arr_0 uint8 RGB
 images, arr_1 labels) for evaluation tools.
 """
 
@@ -62,11 +62,11 @@ def work_batches(class_names, counts, args):
     return work
 
 
-def write_npz(output_dir, class_names, counts, channels, overwrite):
-    """All images of the run in class order, as the ADM evaluator expects."""
+def write_npz(output_dir, class_names, counts, overwrite):
+    """All images of the run in class order, RGB (grayscale repeated) as the ADM evaluator expects."""
     images, labels = [], []
     for label, (name, count) in enumerate(zip(class_names, counts, strict=True)):
-        images += [load_png(image_path(output_dir, name, i), channels) for i in range(count)]
+        images += [load_png(image_path(output_dir, name, i), 3) for i in range(count)]
         labels += [label] * count
     arr = np.stack(images)
     path = Path(output_dir) / f"samples_{'x'.join(str(s) for s in arr.shape)}.npz"
@@ -104,7 +104,7 @@ def main():
     )
     state.wait_for_everyone()
     if args.npz and state.is_main_process:
-        write_npz(args.output_dir, names, counts, sampler.codec.image_channels, args.overwrite)
+        write_npz(args.output_dir, names, counts, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -271,7 +271,9 @@ def test_sample_writes_balanced_class_folders_npz_and_grid(tmp_path, trained_run
     ]
     assert sorted(p.name for p in (tmp_path / "s/class_2").iterdir()) == ["000000.png", "000001.png"]
     npz = np.load(tmp_path / "s.npz")
-    assert npz["arr_0"].shape == (5, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
+    # Grayscale samples go into the .npz as RGB, as the ADM evaluator needs.
+    assert npz["arr_0"].shape == (5, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    assert (npz["arr_0"] == npz["arr_0"][..., :1]).all()
     assert npz["arr_1"].tolist() == [0, 2, 0, 2, 0]
     assert (tmp_path / "grid.png").is_file()
 

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+from PIL import Image
 
 from conftest import run_script
 
@@ -60,3 +61,17 @@ def test_sample_ddp_two_processes_exact_counts(trained, tmp_path):
     assert npz["arr_0"].shape == (7, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert "Timing: 7 images" in result.stdout
+
+
+def test_npz_of_grayscale_samples_is_rgb(tmp_path):
+    from sample import write_npz
+
+    rng = np.random.default_rng(0)
+    gray = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(2)]
+    plan = []
+    for label, pixels in enumerate(gray):
+        Image.fromarray(pixels).save(tmp_path / f"{label}.png")
+        plan.append((label, tmp_path / f"{label}.png"))
+    assert write_npz(plan, tmp_path / "s.npz") == (2, 8, 8, 3)
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert all((arr[i] == gray[i][..., None]).all() for i in range(2))

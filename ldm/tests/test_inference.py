@@ -128,3 +128,17 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
     assert "1 to generate" in result.stdout
     assert kept.stat().st_mtime_ns == kept_time
     np.testing.assert_array_equal(np.asarray(Image.open(redo)), redo_pixels)
+
+
+def test_npz_of_grayscale_samples_is_rgb(tmp_path):
+    from inference_per_class import write_npz
+
+    rng = np.random.default_rng(0)
+    gray = {name: rng.integers(0, 256, (8, 8), dtype=np.uint8) for name in ("a", "b")}
+    for name, pixels in gray.items():
+        (tmp_path / name).mkdir()
+        Image.fromarray(pixels).save(tmp_path / name / "000000.png")
+    write_npz(tmp_path, ["a", "b"], [1, 1], overwrite=False)
+    npz = np.load(tmp_path / "samples_2x8x8x3.npz")
+    assert npz["arr_1"].tolist() == [0, 1]
+    assert (npz["arr_0"][0] == gray["a"][..., None]).all() and (npz["arr_0"][1] == gray["b"][..., None]).all()
