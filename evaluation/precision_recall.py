@@ -525,7 +525,7 @@ def minimum_counts(metric, args):
         "kid": (
             args.kid_subset_size,
             args.kid_subset_size,
-            f"KID needs --kid-subset-size={args.kid_subset_size}",
+            f"KID needs --kid-subset-size={args.kid_subset_size} images per side (pass a smaller one)",
         ),
         "isc": (0, args.isc_splits, f"IS needs --isc-splits={args.isc_splits} generated images"),
     }[metric]
