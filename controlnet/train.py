@@ -122,6 +122,7 @@ def parse_args(argv=None):
         help="mixed precision on CUDA; CPU falls back to fp32 with a warning (default: no)",
     )
     p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and the UNet")
     p.add_argument(
         "--cfg_dropout",
         type=float,
@@ -274,6 +275,9 @@ class Trainer:
         if args.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
             self.ldm.unet.enable_gradient_checkpointing()
+        if args.compile:  # in place, so state_dict keys stay those of the plain modules
+            controlnet.compile()
+            self.ldm.unet.compile()
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
