@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,14 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line on stderr, exit code 2."""
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """Warnings as one 'warning: ...' line, without Python's source-location line."""
+    return f"warning: {message}\n"
+
+
 def run_cli(main):
     """Run main(), turning a UserError into one clear stderr line and exit code 2."""
+    warnings.formatwarning = one_line_warning
     try:
         main()
     except UserError as err:

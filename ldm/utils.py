@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,8 +22,14 @@ class TrainingHalted(UserError):
     exit_code = 1
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """Warnings as one 'warning: ...' line, without Python's source-location line."""
+    return f"warning: {message}\n"
+
+
 def run_main(main):
     """Run `main`, turning user errors into one clean stderr line and their exit code."""
+    warnings.formatwarning = one_line_warning
     try:
         main()
     except UserError as error:
