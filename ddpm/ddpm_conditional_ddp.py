@@ -222,11 +222,10 @@ def write_extras(plan, args):
     labels = np.array([-1 if label is None else label for label, _ in plan], dtype=np.int64)
     if args.npz:
         npz_path = Path(args.output_dir).with_suffix(".npz")
-        # The ADM evaluator's Inception takes 3 channels: grayscale is repeated.
-        np.savez(
-            npz_path, arr_0=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, arr_1=labels
-        )
-        print(f"wrote {npz_path} ({images.shape})")
+        # The ADM evaluator's Inception takes 3 channels: grayscale (1) is repeated, RGB (3) kept.
+        rgb = np.repeat(images, 3 // images.shape[-1], axis=-1)
+        np.savez(npz_path, arr_0=rgb, arr_1=labels)
+        print(f"wrote {npz_path} ({rgb.shape})")
     if args.grid_path:
         columns = len({label for label, _ in plan}) if plan[0][0] is not None else 8
         shown = torch.from_numpy(images[: columns * GRID_MAX_ROWS]).permute(0, 3, 1, 2)
