@@ -7,11 +7,13 @@ REQ_FILES := requirements.txt requirements-dev.txt $(wildcard */requirements.txt
 REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 # Each folder's tests run in their own pytest process, so same-named modules never collide.
-TEST_DIRS := $(foreach d,ddpm evaluation ldm controlnet dit demo,$(if $(wildcard $(d)/tests),$(d)))
+TEST_DIRS := $(foreach d,core ddpm evaluation ldm controlnet dit demo,$(if $(wildcard $(d)/tests),$(d)))
 BENCH_DIRS := $(foreach d,ddpm evaluation ldm dit,$(if $(wildcard $(d)/bench.py),$(d)))
+# The shared core: core/ is the canonical copy, each of these folders holds an identical one.
+CORE_DIRS := ddpm ldm controlnet dit evaluation
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean vendor check-vendor
 
 setup: $(STAMP)
 
@@ -24,7 +26,16 @@ $(STAMP): $(REQ_FILES)
 demo: $(STAMP)
 	$(PY) demo/run_demo.py $(DEMO_ARGS)
 
-test: $(STAMP)
+vendor:
+	@for d in $(CORE_DIRS); do rm -rf $$d/core && mkdir -p $$d/core && cp core/*.py $$d/core/; done
+	@echo "core/ copied into $(CORE_DIRS)"
+
+check-vendor:
+	@for d in $(CORE_DIRS); do \
+		diff -rq -x __pycache__ -x tests core $$d/core || { echo "error: $$d/core differs from core/: edit core/ and run make vendor"; exit 1; }; \
+	done
+
+test: $(STAMP) check-vendor
 	@failed=""; for d in $(TEST_DIRS); do \
 		echo "== tests: $$d"; \
 		(cd $$d && ../$(PY) -m pytest tests) || failed="$$failed $$d"; \
