@@ -1,18 +1,17 @@
-"""Image/mask pairs: pairing by stem or prefix, mask scaling, joint resize and flip."""
+"""Image/mask pairs: pairing by stem or prefix, the decoding rule, mask labels, joint resize and flip."""
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UserError, check_headers, list_images, open_image
-
-HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+from core import images
+from core.images import WIDE_MODES
+from utils import UserError, list_images, open_image
 
 
 def pair_key(path, prefix):
@@ -49,52 +48,65 @@ def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=T
         if not Path(folder).is_dir():
             raise UserError(f"folder {folder} does not exist; see --help for the expected data layout")
     image_files, mask_files = list_images(images_dir), list_images(masks_dir)
-    images = index_by_key(image_files, image_prefix, images_dir)
-    masks = index_by_key(mask_files, mask_prefix, masks_dir)
-    keys = sorted(images.keys() & masks.keys())
+    image_by_key = index_by_key(image_files, image_prefix, images_dir)
+    mask_by_key = index_by_key(mask_files, mask_prefix, masks_dir)
+    keys = sorted(image_by_key.keys() & mask_by_key.keys())
     if not keys:
         raise UserError(
             f"no image in {images_dir} ({len(image_files)} files) pairs with a mask in {masks_dir} "
             f"({len(mask_files)} files); masks need the image's stem, or set --image_prefix/--mask_prefix "
             f"(now '{image_prefix}'/'{mask_prefix}')"
         )
-    paired = {images[k] for k in keys} | {masks[k] for k in keys}
-    check_headers([images[k] for k in keys] + [masks[k] for k in keys])
+    paired = {image_by_key[k] for k in keys} | {mask_by_key[k] for k in keys}
     if verbose:
         print(f"Paired {len(keys)} images with masks in {images_dir}")
         for kind, files in (("images", image_files), ("masks", mask_files)):
             unpaired = [p for p in files if p not in paired]
             if unpaired:
                 print(describe_unpaired(kind, unpaired))
-    return [(images[k], masks[k]) for k in keys]
+    return [(image_by_key[k], mask_by_key[k]) for k in keys]
 
 
-def image_array(img, channels):
-    """PIL image of any mode -> float32 (H, W, channels) in [0, 1], read the way the LDM reads its data."""
-    if img.mode in HIGH_BIT_MODES:
-        gray = np.asarray(img, dtype=np.float32)
-        gray = gray / (65535.0 if gray.max() > 255 else 255.0)  # 16-bit range, or 8-bit values stored wide
-        return np.repeat(gray[..., None], channels, axis=2).clip(0, 1)
-    if img.mode == "P" or "A" in img.mode:  # alpha composited on black, as in ldm/
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    array = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
-    return array[..., None] if channels == 1 else array
+def mask_alpha(img):
+    """The alpha channel (H, W) of a mask with transparency, else None."""
+    if img.mode in ("LA", "RGBA"):
+        return np.asarray(img.getchannel("A"))
+    if img.mode == "P" and "transparency" in img.info:
+        return np.asarray(img.convert("RGBA").getchannel("A"))
+    return None
 
 
 def mask_array(img, channels):
-    """PIL mask -> integer label array (H, W, channels); palette masks keep their indices as labels."""
-    if img.mode in HIGH_BIT_MODES or (img.mode == "P" and channels == 1):
-        labels = np.asarray(img).astype(np.int64)
-        return np.repeat(labels[..., None], channels, axis=2)
-    labels = np.asarray(img.convert("RGB" if channels == 3 else "L")).astype(np.int64)
-    return labels[..., None] if channels == 1 else labels
+    """PIL mask -> integer label array (H, W, channels).
+
+    Palette masks keep their indices as labels and float masks are rounded to labels. Alpha is not a
+    label: it only says where the mask is, so mostly transparent pixels (alpha < 128) are background.
+    """
+    if img.mode in WIDE_MODES or img.mode == "F" or (img.mode == "P" and channels == 1):
+        labels = np.rint(np.asarray(img, dtype=np.float64)).astype(np.int64)
+        labels = np.repeat(labels[..., None], channels, axis=2)
+    else:
+        labels = np.asarray(img.convert("RGB" if channels == 3 else "L")).astype(np.int64)
+        labels = labels[..., None] if channels == 1 else labels
+    alpha = mask_alpha(img)
+    if alpha is not None:
+        labels[alpha < 128] = 0
+    return labels
 
 
-def scan_mask_max(mask_paths, channels, verbose=True):
-    """Largest label value over all masks (the divisor K that gives label maps full contrast)."""
-    maxima = [int(mask_array(open_image(p), channels).max()) for p in mask_paths]
-    top = max(max(maxima), 1)
+def label_tensor(img, channels):
+    """PIL mask -> float labels (channels, H, W)."""
+    return torch.from_numpy(mask_array(img, channels)).permute(2, 0, 1).float()
+
+
+def scan_mask_max(mask_paths, channels, max_value=None, verbose=True):
+    """Decode every mask once (so a broken one stops the run before training) and return the mask scale K.
+
+    K is max_value when given, else the largest label over all masks: the divisor that gives label
+    maps full contrast.
+    """
+    maxima = [int(mask_array(open_image(p), channels).max(initial=0)) for p in mask_paths]
+    top = max_value or max([*maxima, 1])
     if verbose:
         warn_faint([p for p, m in zip(mask_paths, maxima, strict=True) if 0 < m * 10 < top], top)
     return top
@@ -115,13 +127,13 @@ def scale_mask(labels, max_value):
     return (labels.float() / max_value).clamp(0, 1)
 
 
-def load_pair(image_path, mask_path, image_channels, mask_channels):
-    """(C, H, W) image in [0, 1] and (Cm, H, W) float labels, the mask resized to the image (nearest)."""
-    image = tv_tensors.Image(
-        torch.from_numpy(image_array(open_image(image_path), image_channels)).permute(2, 0, 1)
-    )
-    labels = torch.from_numpy(mask_array(open_image(mask_path), mask_channels)).permute(2, 0, 1).float()
-    mask = tv_tensors.Mask(labels)
+def load_pair(image_path, mask_path, image_channels, mask_channels, intensity):
+    """(C, H, W) image in [0, 1] under the data set's rule and (Cm, H, W) float labels at the image's size.
+
+    A mask of another size is resized to the image (nearest), before the pair is resized and cropped together.
+    """
+    image = tv_tensors.Image(images.load(image_path, intensity, image_channels))
+    mask = tv_tensors.Mask(label_tensor(open_image(mask_path), mask_channels))
     if mask.shape[-2:] != image.shape[-2:]:
         mask = TF.resize(mask, list(image.shape[-2:]))
     return image, mask
@@ -132,21 +144,33 @@ def resize_crop(size):
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
+def conditioning(mask, channels, max_value, size):
+    """What the model is given for a mask (PIL): (Cm, size, size) labels / K after resize_crop.
+
+    Inference conditions on it and the mask metrics score against it, so a generation that follows
+    the mask exactly scores Dice 1 whatever the mask's shape.
+    """
+    labels = resize_crop(size)(tv_tensors.Mask(label_tensor(mask, channels)))
+    return scale_mask(labels, max_value).as_subclass(torch.Tensor)
+
+
 def load_mask(path, channels, max_value, size):
     """A conditioning mask for inference: (Cm, size, size) in [0, 1]."""
-    labels = torch.from_numpy(mask_array(open_image(path), channels)).permute(2, 0, 1).float()
-    if 0 < labels.max() * 10 < max_value:
+    cond = conditioning(open_image(path), channels, max_value, size)
+    if 0 < cond.max() < 0.1:
         warn_faint([path], max_value)
-    return scale_mask(resize_crop(size)(tv_tensors.Mask(labels)), max_value).as_subclass(torch.Tensor)
+    return cond
 
 
 class MaskPairDataset(Dataset):
     """Image/mask pairs, optionally with class labels; flips are a function of (seed, epoch, index)."""
 
-    def __init__(self, samples, image_size, image_channels, mask_channels, mask_max_value, flip, seed):
+    def __init__(
+        self, samples, image_size, image_channels, mask_channels, mask_max_value, flip, seed, intensity
+    ):
         self.samples = samples  # list of (image_path, mask_path, label)
         self.transform = resize_crop(image_size)
-        self.image_channels, self.mask_channels = image_channels, mask_channels
+        self.image_channels, self.mask_channels, self.intensity = image_channels, mask_channels, intensity
         self.mask_max_value, self.flip, self.seed = mask_max_value, flip, seed
         self.epoch = 0
 
@@ -164,7 +188,7 @@ class MaskPairDataset(Dataset):
     def __getitem__(self, index):
         image_path, mask_path, label = self.samples[index]
         image, mask = self.transform(
-            *load_pair(image_path, mask_path, self.image_channels, self.mask_channels)
+            *load_pair(image_path, mask_path, self.image_channels, self.mask_channels, self.intensity)
         )
         if self.should_flip(index):
             image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)

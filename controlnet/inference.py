@@ -10,46 +10,46 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from core import cli, files, images  # noqa: E402
 from dataset import load_mask  # noqa: E402
 from mask_metrics import score, summary  # noqa: E402
 from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler  # noqa: E402
 from models import sample_latents as run_sampler  # noqa: E402
-from utils import (  # noqa: E402
-    Parser,
-    UserError,
-    list_images,
-    load_checkpoint,
-    open_image,
-    run_cli,
-    save_png,
-    to_uint8,
-)
+from utils import Parser, UserError, list_images, load_checkpoint, open_image, run_cli  # noqa: E402
 
 LAYOUT = """outputs:
-  <output_dir>/<mask_stem>_<k:03d>.png            k = 0 .. num_images-1 (null-class token)
+  <output_dir>/<mask_stem>_<k:03d>.png               k = 0 .. num_images-1 (null-class token)
   <output_dir>/<class_name>/<mask_stem>_<k:03d>.png  with --class_name / --class_label
-  <output_dir>/comparison/[<class_name>/]<mask_stem>.png  with --save_comparison: mask | image 0 | ...
-Existing outputs are skipped (resume) unless --overwrite. Masks are scaled like in training
-(labels / the checkpoint's mask_max_value) and resized nearest-neighbour to the model's image size."""
+  written at the training data's depth (recorded in the checkpoint): 8-bit PNG, 16-bit PNG for
+  grayscale data deeper than 8 bits, .tif for float data.
+  <comparison_dir>/[<class_name>/]<mask_stem>.png    with --save_comparison: mask | image 0 | ...
+  (8-bit PNG; default <output_dir>_comparison beside output_dir, so output_dir holds only samples)
+Existing readable outputs are skipped (resume) unless --overwrite; truncated ones are made again.
+Masks are scaled like in training (labels / the checkpoint's mask_max_value), their shorter side is
+resized nearest-neighbour to the model's image size and the centre is cropped."""
 
 
 def parse_args(argv=None):
-    """Command line; every multi-word flag also accepts dashes."""
+    """Command line; every multi-word flag also accepts dashes; values are checked here."""
     p = Parser(description=__doc__, epilog=LAYOUT)
     p.add_argument("--checkpoint", required=True, help="ControlNet checkpoint (controlnet/train.py)")
     p.add_argument("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
     p.add_argument("--mask", help="one mask image (or use --mask_folder)")
     p.add_argument("--mask_folder", help="folder of mask images (png jpg jpeg bmp tif tiff webp)")
     p.add_argument("--output_dir", default="./generated", help="where images go (default: ./generated)")
-    p.add_argument("--num_images", type=int, default=1, help="images per mask (default: 1)")
-    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument(
+        "--comparison_dir",
+        help="where --save_comparison rows go (default: <output_dir>_comparison, outside the samples)",
+    )
+    p.add_argument("--num_images", type=cli.positive_int, default=1, help="images per mask (default: 1)")
+    p.add_argument(
+        "--batch_size", type=cli.positive_int, default=16, help="images per forward pass (default: 16)"
+    )
     p.add_argument(
         "--controlnet_scale",
-        type=float,
+        type=cli.nonnegative_float,
         default=1.0,
         help="mask influence: 0 ignores the mask, 1 normal, 1.5+ strict (default: 1.0)",
     )
@@ -59,18 +59,23 @@ def parse_args(argv=None):
         choices=sorted(SCHEDULERS),
         help="sampler: unipc or dpm++ (good at 20-30 steps) or ddim (default: unipc)",
     )
-    p.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument(
+        "--num_inference_steps", type=cli.positive_int, default=25, help="sampling steps (default: 25)"
+    )
     p.add_argument("--class_name", help="generate this LDM class (default: the null-class token)")
     p.add_argument("--class_label", type=int, help="generate this class index instead of a name")
     p.add_argument(
         "--cfg_scale",
         "--guidance_scale",
-        type=float,
+        type=cli.finite_float,
         default=3.0,
         help="classifier-free guidance with a class; 1 disables it (default: 3.0)",
     )
     p.add_argument(
-        "--seed", type=int, default=42, help="seed; image k of a mask is reproducible (default: 42)"
+        "--seed",
+        type=cli.nonnegative_int,
+        default=42,
+        help="seed; image k of a mask is reproducible (default: 42)",
     )
     p.add_argument("--save_comparison", action="store_true", help="also write mask | generated rows per mask")
     p.add_argument(
@@ -86,7 +91,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--mask_max_value",
-        type=int,
+        type=cli.positive_int,
         help="label value shown at full intensity (default: the training masks' K)",
     )
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
@@ -101,8 +106,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.mask is None) == (args.mask_folder is None):
         p.error("give exactly one of --mask and --mask_folder")
-    if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        raise UserError("--num_images, --batch_size and --num_inference_steps must be at least 1")
     return args
 
 
@@ -114,10 +117,10 @@ def mask_files(args):
         return [Path(args.mask)]
     if not Path(args.mask_folder).is_dir():
         raise UserError(f"--mask_folder {args.mask_folder} does not exist")
-    files = list_images(args.mask_folder)
-    if not files:
+    found = list_images(args.mask_folder)
+    if not found:
         raise UserError(f"--mask_folder {args.mask_folder} holds no images (png jpg jpeg bmp tif tiff webp)")
-    return files
+    return found
 
 
 def class_choice(args, class_names):
@@ -158,6 +161,7 @@ class Generator:
         self.vae = load_vae(args.vae_pretrained or self.cfg["vae_pretrained"]).to(self.device)
         self.label, self.class_folder = class_choice(args, self.ldm.class_names)
         self.dtype = self.autocast_dtype()
+        self.intensity = written_rule(ckpt.get("intensity", images.EIGHT_BIT), self.cfg["image_channels"])
 
     def autocast_dtype(self):
         """Autocast dtype on CUDA; None (fp32) otherwise."""
@@ -185,7 +189,7 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, conditioning, seeds):
-        """Images (N, C, H, W) in [-1, 1] following conditioning (N, Cm, H, W)."""
+        """Images (N, C, H, W) in [0, 1] following conditioning (N, Cm, H, W)."""
         tokens, null = self.tokens(len(seeds))
         scheduler = make_scheduler(self.args.scheduler, self.ldm.scheduler_config)
         with torch.autocast(
@@ -202,29 +206,55 @@ class Generator:
                 self.args.controlnet_scale,
                 self.args.num_inference_steps,
             )
-            return decode(self.vae, latents, self.cfg)
+            return (decode(self.vae, latents, self.cfg).float() + 1) / 2
 
 
-def output_path(args, class_folder, stem, k):
+def written_rule(intensity, channels):
+    """The rule samples are written under: the data's, except colour, which PIL writes as 8-bit RGB.
+
+    core.images.save would tag such a file with the data's depth although it holds 8-bit values.
+    """
+    return intensity if channels == 1 else images.EIGHT_BIT
+
+
+def output_folder(args, class_folder):
+    """The folder samples go to: output_dir, or its class sub-folder."""
+    return Path(args.output_dir) / class_folder if class_folder else Path(args.output_dir)
+
+
+def comparison_folder(args):
+    """Where comparisons go: --comparison_dir, else <output_dir>_comparison beside the samples."""
+    if args.comparison_dir:
+        return Path(args.comparison_dir)
+    out = Path(args.output_dir).absolute()
+    if not out.name:
+        raise UserError(f"--output_dir {out} has no parent folder for comparisons: pass --comparison_dir")
+    return out.with_name(f"{out.name}_comparison")
+
+
+def output_path(args, class_folder, stem, k, intensity):
     """Where image k of a mask goes."""
-    folder = Path(args.output_dir) / class_folder if class_folder else Path(args.output_dir)
-    return folder / f"{stem}_{k:03d}.png"
+    return output_folder(args, class_folder) / f"{stem}_{k:03d}{images.suffix(intensity)}"
 
 
-def plan_jobs(args, masks, class_folder):
-    """(mask path, k) for every image still to make; existing files are kept unless --overwrite."""
+def plan_jobs(args, masks, class_folder, intensity):
+    """(mask path, k) for every image still to make; readable existing files are kept unless --overwrite."""
     jobs = [(m, k) for m in masks for k in range(args.num_images)]
     if args.overwrite:
         return jobs
-    return [(m, k) for m, k in jobs if not output_path(args, class_folder, m.stem, k).exists()]
+    return [
+        (m, k)
+        for m, k in jobs
+        if not images.is_readable_image(output_path(args, class_folder, m.stem, k, intensity))
+    ]
 
 
-def comparison_row(mask, images):
-    """mask | image 0 | image 1 ... as one uint8 array; channels unified to RGB when they differ."""
-    tiles = [(mask.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), *images]
-    if len({t.shape[-1] for t in tiles}) > 1:
-        tiles = [np.repeat(t, 3, axis=2) if t.shape[-1] == 1 else t for t in tiles]
-    return np.concatenate(tiles, axis=1)
+def comparison_row(mask, generated):
+    """mask | image 0 | image 1 ... as one (C, H, W) tensor in [0, 1]; gray tiles become RGB beside colour."""
+    tiles = [mask, *generated]
+    if len({t.shape[0] for t in tiles}) > 1:
+        tiles = [t.expand(3, -1, -1) if t.shape[0] == 1 else t for t in tiles]
+    return torch.cat(tiles, dim=2)
 
 
 def print_timing(count, steps, batches, seconds):
@@ -237,58 +267,68 @@ def print_timing(count, steps, batches, seconds):
     )
 
 
+def check_outputs(args):
+    """Prove every output folder writable before any model is loaded."""
+    cli.ensure_writable_dir(args.output_dir, "--output_dir")
+    if args.save_comparison:
+        cli.ensure_writable_dir(comparison_folder(args), "--comparison_dir")
+
+
 def run(args):
     """Generate every planned image in batches, then comparisons and mask scores."""
     masks = mask_files(args)
+    check_outputs(args)
     gen = Generator(args)
     size, channels = gen.cfg["image_size"], gen.cfg["mask_channels"]
     max_value = args.mask_max_value or gen.cfg["mask_max_value"]
     conditioning = {m: load_mask(m, channels, max_value, size) for m in masks}  # (Cm, H, W) each
-    jobs = plan_jobs(args, masks, gen.class_folder)
+    folder = output_folder(args, gen.class_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files.clean_temporaries(folder)  # left by a run killed while writing
+    jobs = plan_jobs(args, masks, gen.class_folder, gen.intensity)
     print(f"{len(masks)} masks x {args.num_images} images: {len(jobs)} to generate in {args.output_dir}")
-    output_path(args, gen.class_folder, "x", 0).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i in range(0, len(jobs), args.batch_size):
         batch = jobs[i : i + args.batch_size]
-        images = gen.generate(
+        samples = gen.generate(
             torch.stack([conditioning[m] for m, _ in batch]),
             [job_seed(args.seed, m.stem, k) for m, k in batch],
         )
-        for (m, k), array in zip(batch, to_uint8(images), strict=True):
-            save_png(array, output_path(args, gen.class_folder, m.stem, k))
+        for (m, k), sample in zip(batch, samples.cpu(), strict=True):
+            images.save(sample, output_path(args, gen.class_folder, m.stem, k, gen.intensity), gen.intensity)
     if gen.device.type == "cuda":
         torch.cuda.synchronize()
     batches = math.ceil(len(jobs) / args.batch_size)
     print_timing(len(jobs), args.num_inference_steps, batches, time.perf_counter() - start)
     if args.save_comparison:
-        save_comparisons(args, masks, conditioning, gen.class_folder)
+        save_comparisons(args, gen, masks, conditioning)
     if args.eval_masks:
-        evaluate(args, masks, gen.class_folder)
+        evaluate(args, gen, masks)
 
 
-def saved_images(args, mask, class_folder):
-    """The num_images generated files of one mask as PIL images."""
-    return [Image.open(output_path(args, class_folder, mask.stem, k)) for k in range(args.num_images)]
+def saved_paths(args, gen, mask):
+    """The num_images generated files of one mask."""
+    return [output_path(args, gen.class_folder, mask.stem, k, gen.intensity) for k in range(args.num_images)]
 
 
-def save_comparisons(args, masks, conditioning, class_folder):
-    """comparison/<mask_stem>.png: the mask as the model sees it, then its generated images."""
-    folder = Path(args.output_dir) / "comparison" / (class_folder or "")
+def save_comparisons(args, gen, masks, conditioning):
+    """<comparison_dir>/[<class>/]<mask_stem>.png: the mask as the model sees it, then its images."""
+    folder = comparison_folder(args) / (gen.class_folder or "")
     folder.mkdir(parents=True, exist_ok=True)
+    files.clean_temporaries(folder)
     for m in masks:
-        images = [
-            np.asarray(img).reshape(img.height, img.width, -1) for img in saved_images(args, m, class_folder)
-        ]
-        save_png(comparison_row(conditioning[m], images), folder / f"{m.stem}.png")
+        channels = gen.cfg["image_channels"]
+        generated = [images.load(p, gen.intensity, channels) for p in saved_paths(args, gen, m)]
+        images.save(comparison_row(conditioning[m], generated), folder / f"{m.stem}.png", images.EIGHT_BIT)
     print(f"comparisons in {folder}")
 
 
-def evaluate(args, masks, class_folder):
-    """Print Dice/IoU between each mask and its Otsu-segmented generated images."""
+def evaluate(args, gen, masks):
+    """Print Dice/IoU between each mask, as the model was given it, and its Otsu-segmented images."""
     scores = [
-        score(open_image(m), img, args.foreground)
+        score(open_image(m), open_image(p), args.foreground, gen.intensity, gen.cfg["mask_channels"])
         for m in masks
-        for img in saved_images(args, m, class_folder)
+        for p in saved_paths(args, gen, m)
     ]
     print(f"{summary([s for s in scores if s is not None])} (controlnet_scale {args.controlnet_scale})")
 

@@ -1,23 +1,30 @@
 """Mask faithfulness: Dice and IoU between input masks and Otsu-segmented generated images.
 
-Rule: the mask's foreground is every pixel with a non-zero label (resized nearest-neighbour to the
-generated image). The generated image is converted to grayscale and split by Otsu's threshold; pixels
-above it are foreground (below it with --foreground dark). Masks without foreground are skipped.
+Rule: the mask's foreground is every pixel with a non-zero label in the mask exactly as the model is
+given it (dataset.conditioning: shorter side resized nearest-neighbour to the image size, then
+centre-cropped; mostly transparent pixels are background). The generated image is decoded under the
+data set's rule, converted to grayscale and split by Otsu's threshold; pixels above it are foreground
+(below it with --foreground dark). Masks without foreground are skipped.
 
     python mask_metrics.py --mask_folder masks/ --generated_folder generated/
-pairs generated/<mask_stem>_<k>.png (and generated/<class>/<mask_stem>_<k>.png) with masks/<mask_stem>.*
+pairs generated/<mask_stem>_<k>.png (and generated/<class>/<mask_stem>_<k>.png; .tif for float data)
+with masks/<mask_stem>.*
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from core import images  # noqa: E402
+from dataset import conditioning  # noqa: E402
 from utils import Parser, UserError, list_images, open_image, run_cli  # noqa: E402
+
+GENERATED_NAME = re.compile(r"(.+)_(\d+)")  # <mask_stem>_<k>
 
 
 def otsu_threshold(gray):
@@ -32,17 +39,16 @@ def otsu_threshold(gray):
     return int(np.argmax(between))
 
 
-def segment(image, foreground="bright"):
-    """Boolean foreground of a generated image (PIL) by Otsu's threshold on its grayscale."""
-    gray = np.asarray(image.convert("L"))
-    above = gray > otsu_threshold(gray)
+def segment(gray, foreground="bright"):
+    """Boolean foreground of a grayscale image (H, W) in [0, 1] by Otsu's threshold on 256 levels."""
+    levels = np.rint(np.clip(gray, 0, 1) * 255).astype(np.uint8)
+    above = levels > otsu_threshold(levels)
     return above if foreground == "bright" else ~above
 
 
-def mask_foreground(mask, size):
-    """Boolean foreground (non-zero labels) of a mask image, resized nearest-neighbour to (W, H)."""
-    labels = np.asarray(mask.resize(size, Image.NEAREST) if mask.size != size else mask)
-    return labels.reshape(labels.shape[0], labels.shape[1], -1).any(axis=2)
+def mask_foreground(mask, size, channels=1):
+    """Boolean (size, size) foreground of a mask (PIL): non-zero labels of what the model is given."""
+    return (conditioning(mask, channels, 1, size).amax(dim=0) > 0).numpy()
 
 
 def dice_iou(truth, pred):
@@ -52,12 +58,15 @@ def dice_iou(truth, pred):
     return 2 * overlap / (truth.sum() + pred.sum()), overlap / union
 
 
-def score(mask, image, foreground="bright"):
-    """(Dice, IoU) of one generated image against its mask, or None for a mask without foreground."""
-    truth = mask_foreground(mask, image.size)
+def score(mask, image, foreground="bright", intensity=images.EIGHT_BIT, mask_channels=1):
+    """(Dice, IoU) of a generated image (PIL) against its mask (PIL); None for a mask without foreground."""
+    gray = images.decode(image, intensity, 1)[..., 0]  # (H, W) in [0, 1]
+    if gray.shape[0] != gray.shape[1]:
+        raise UserError(f"generated images are square, this one is {image.width}x{image.height}")
+    truth = mask_foreground(mask, gray.shape[0], mask_channels)
     if not truth.any():
         return None
-    return dice_iou(truth, segment(image, foreground))
+    return dice_iou(truth, segment(gray, foreground))
 
 
 def summary(scores):
@@ -72,24 +81,29 @@ def summary(scores):
 
 
 def mask_stem(generated):
-    """The mask stem of a generated file named <mask_stem>_<k>.png."""
-    return generated.stem.rsplit("_", 1)[0]
+    """The mask stem of a generated file named <mask_stem>_<k>.<ext>, or None for any other name."""
+    match = GENERATED_NAME.fullmatch(generated.stem)
+    return match.group(1) if match else None
 
 
-def evaluate_folders(mask_folder, generated_folder, foreground="bright"):
+def evaluate_folders(mask_folder, generated_folder, foreground="bright", mask_channels=1):
     """Scores for every generated image (searched recursively) whose mask is in mask_folder."""
     if not Path(mask_folder).is_dir() or not Path(generated_folder).is_dir():
         raise UserError(
             f"--mask_folder {mask_folder} and --generated_folder {generated_folder} must be folders"
         )
     masks = {p.stem: p for p in list_images(mask_folder)}
-    found = Path(generated_folder).rglob("*.png")
-    generated = sorted(p for p in found if mask_stem(p) in masks and "comparison" not in p.parent.name)
+    found = Path(generated_folder).rglob("*")
+    generated = sorted(p for p in found if images.is_image_file(p) and mask_stem(p) in masks)
     if not generated:
         raise UserError(
             f"no image in {generated_folder} is named <mask_stem>_<k>.png after a mask in {mask_folder}"
         )
-    scores = (score(open_image(masks[mask_stem(p)]), open_image(p), foreground) for p in generated)
+    rule = images.scan(generated)["intensity"]  # the generated set's depth (inference.py records it)
+    scores = [
+        score(open_image(masks[mask_stem(p)]), open_image(p), foreground, rule, mask_channels)
+        for p in generated
+    ]
     return [s for s in scores if s is not None]
 
 
@@ -103,8 +117,16 @@ def main():
         choices=("bright", "dark"),
         help="which side of the Otsu threshold is the masked structure (default: bright)",
     )
+    p.add_argument(
+        "--mask_channels",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="mask channels the ControlNet was trained with (default: 1)",
+    )
     args = p.parse_args()
-    print(summary(evaluate_folders(args.mask_folder, args.generated_folder, args.foreground)))
+    scores = evaluate_folders(args.mask_folder, args.generated_folder, args.foreground, args.mask_channels)
+    print(summary(scores))
 
 
 if __name__ == "__main__":

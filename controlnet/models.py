@@ -15,6 +15,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from core.images import EIGHT_BIT
 from utils import UserError, load_checkpoint
 
 LDM_KEYS = ("unet_config", "unet", "class_embedder", "class_names", "scheduler_config", "config")
@@ -48,6 +49,7 @@ class Ldm:
     scheduler_config: dict
     config: dict
     unet_config: dict
+    intensity: dict  # the decoding rule of the LDM's training images
 
     @property
     def null_label(self):
@@ -82,6 +84,7 @@ def load_ldm(path):
         dict(ckpt["scheduler_config"]),
         dict(ckpt["config"]),
         dict(ckpt["unet_config"]),
+        dict(ckpt.get("intensity") or EIGHT_BIT),  # LDM checkpoints older than the rule held 8-bit data
     )
 
 

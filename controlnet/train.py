@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from core import cli, files, images  # noqa: E402
 from dataset import MaskPairDataset, collect_samples, scan_mask_max, split_indices  # noqa: E402
 from models import (  # noqa: E402
     ControlledUNet,
@@ -42,14 +43,27 @@ from models import (  # noqa: E402
     parameter_table,
     sample_latents,
 )
-from utils import Parser, UserError, atomic_torch_save, load_checkpoint, run_cli  # noqa: E402
+from utils import (  # noqa: E402
+    Parser,
+    UserError,
+    add_intensity_flags,
+    check_intensity_flags,
+    load_checkpoint,
+    run_cli,
+    warn,
+)
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 LAYOUT = """data layout:
   data_root/images/001.png  data_root/masks/001.png      pairs by stem (any of png jpg jpeg bmp tif tiff webp)
   data_root/images/Img_001.png  data_root/masks/seg_001.png   with --image_prefix Img_ --mask_prefix seg_
   data_root/<class>/images/*  data_root/<class>/masks/*     with --use_class_labels (class = LDM class name)
+images: 8-bit, 12/16-bit grayscale (values scaled by the data set's bit depth, found by one scan of
+every image before training, or --bit_depth) or float TIFF (scaled from --intensity_range).
 masks: binary or integer label maps 0..K; the ControlNet sees labels / K, K = largest value in the
-training masks (or --mask_max_value), so 0/1/2 label maps keep full contrast.
+training masks (or --mask_max_value), so 0/1/2 label maps keep full contrast; transparent pixels of
+masks with alpha are background.
 outputs in --output_dir: checkpoint_latest.pt, checkpoint_best.pt (lowest validation loss),
 checkpoint_epoch_<E>.pt, checkpoint_final.pt, logs/ (TensorBoard),
 samples/epoch_<E>.png (rows of mask | generated | ground truth)."""
@@ -87,21 +101,47 @@ def parse_args(argv=None):
     p.add_argument(
         "--resume", help="checkpoint to continue from, or 'latest' for output_dir/checkpoint_latest.pt"
     )
-    p.add_argument("--image_size", type=int, help="training resolution (default: the LDM's image_size)")
+    p.add_argument(
+        "--image_size", type=cli.positive_int, help="training resolution (default: the LDM's image_size)"
+    )
     p.add_argument("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels (default: 1)")
     p.add_argument(
         "--mask_max_value",
-        type=int,
+        type=cli.positive_int,
         help="label value shown at full intensity (default: largest value in the training masks)",
     )
-    p.add_argument("--batch_size", type=int, default=8, help="batch size per process (default: 8)")
-    p.add_argument("--num_epochs", type=int, default=100, help="training epochs (default: 100)")
-    p.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
-    p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: 0.01)")
-    p.add_argument("--lr_scheduler", default="constant", help="diffusers schedule name (default: constant)")
-    p.add_argument("--lr_warmup_steps", type=int, default=0, help="learning-rate warm-up steps (default: 0)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per step (default: 1)")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (default: 1.0)")
+    add_intensity_flags(p)
+    p.add_argument(
+        "--batch_size", type=cli.positive_int, default=8, help="batch size per process (default: 8)"
+    )
+    p.add_argument("--num_epochs", type=cli.positive_int, default=100, help="training epochs (default: 100)")
+    p.add_argument(
+        "--learning_rate", type=cli.positive_float, default=1e-5, help="AdamW learning rate (default: 1e-5)"
+    )
+    p.add_argument(
+        "--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay (default: 0.01)"
+    )
+    p.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=LR_SCHEDULES,
+        help="diffusers learning-rate schedule (default: constant)",
+    )
+    p.add_argument(
+        "--lr_warmup_steps",
+        type=cli.nonnegative_int,
+        default=0,
+        help="learning-rate warm-up steps (default: 0)",
+    )
+    p.add_argument(
+        "--gradient_accumulation_steps",
+        type=cli.positive_int,
+        default=1,
+        help="batches per step (default: 1)",
+    )
+    p.add_argument(
+        "--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm (default: 1.0)"
+    )
     p.add_argument(
         "--freeze_unet",
         dest="freeze_unet",
@@ -125,14 +165,20 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and the UNet")
     p.add_argument(
         "--cfg_dropout",
-        type=float,
+        type=cli.fraction,
         help="with --use_class_labels, probability of the null class (default: the LDM's cfg_dropout)",
     )
     p.add_argument(
-        "--ema_decay", type=float, default=0.9999, help="EMA decay of the ControlNet (default: 0.9999)"
+        "--ema_decay",
+        type=cli.fraction,
+        default=0.9999,
+        help="EMA decay of the ControlNet, in [0, 1) (default: 0.9999)",
     )
     p.add_argument(
-        "--val_fraction", type=float, default=0.1, help="held-out share for validation (default: 0.1)"
+        "--val_fraction",
+        type=cli.fraction,
+        default=0.1,
+        help="held-out share for validation (default: 0.1)",
     )
     p.add_argument(
         "--random_flip",
@@ -143,15 +189,33 @@ def parse_args(argv=None):
     )
     p.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="no flip augmentation")
     p.add_argument(
-        "--save_every", type=int, default=10, help="epochs between checkpoint_epoch_<E>.pt (default: 10)"
+        "--save_every",
+        type=cli.positive_int,
+        default=10,
+        help="epochs between checkpoint_epoch_<E>.pt (default: 10)",
     )
-    p.add_argument("--checkpoints_total_limit", type=int, help="keep only the newest N epoch checkpoints")
-    p.add_argument("--sample_every", type=int, default=5, help="epochs between sample grids (default: 5)")
-    p.add_argument("--num_sample_masks", type=int, default=4, help="rows of the sample grid (default: 4)")
-    p.add_argument("--sample_steps", type=int, default=25, help="UniPC steps for sample grids (default: 25)")
-    p.add_argument("--num_workers", type=int, default=4, help="data-loading workers per process (default: 4)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--checkpoints_total_limit", type=cli.positive_int, help="keep only the newest N epoch checkpoints"
+    )
+    p.add_argument(
+        "--sample_every", type=cli.positive_int, default=5, help="epochs between sample grids (default: 5)"
+    )
+    p.add_argument(
+        "--num_sample_masks", type=cli.positive_int, default=4, help="rows of the sample grid (default: 4)"
+    )
+    p.add_argument(
+        "--sample_steps", type=cli.positive_int, default=25, help="UniPC steps for sample grids (default: 25)"
+    )
+    p.add_argument(
+        "--num_workers",
+        type=cli.nonnegative_int,
+        default=4,
+        help="data-loading workers per process (default: 4)",
+    )
+    p.add_argument("--seed", type=cli.nonnegative_int, default=42, help="random seed (default: 42)")
+    args = p.parse_args(argv)
+    check_intensity_flags(p, args)
+    return args
 
 
 def make_accelerator(args):
@@ -204,7 +268,7 @@ def run_config(args, ldm, mask_max_value):
 
 
 def check_output_dir(args):
-    """Refuse to overwrite a previous run's checkpoints unless resuming or told to."""
+    """Refuse to overwrite a previous run unless resuming or told to; prove output_dir writable."""
     out = Path(args.output_dir)
     if (out / "checkpoint_latest.pt").exists() and not args.resume and not args.overwrite:
         raise UserError(
@@ -212,23 +276,41 @@ def check_output_dir(args):
         )
     if args.resume == "latest":
         args.resume = str(out / "checkpoint_latest.pt")
+    if args.resume and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume} does not exist; pass a checkpoint of controlnet/train.py")
+    cli.ensure_writable_dir(out, "--output_dir")
+
+
+def scan_images(args, samples, ldm, verbose):
+    """The data set's decoding rule, from one scan fully decoding every image (training and validation)."""
+    rule = images.scan([img for img, _, _ in samples], args.bit_depth, args.intensity_range)["intensity"]
+    if verbose:
+        print(f"images: {images.describe(rule)}")
+        if rule != ldm.intensity:
+            warn(
+                f"the LDM was trained on {images.describe(ldm.intensity)}, these images are "
+                f"{images.describe(rule)}: its UNet sees other intensities than it learned "
+                f"(--bit_depth / --intensity_range set the rule)"
+            )
+    return rule
 
 
 def build_datasets(args, ldm, verbose):
-    """Train and validation datasets, the deterministic split and the mask scaling value."""
+    """Train and validation pairs, the images' decoding rule and the mask scale, every file checked."""
     samples = collect_samples(args, ldm.class_names, verbose)
+    intensity = scan_images(args, samples, ldm, verbose)
     masks = [m for _, m, _ in samples]
-    mask_max = args.mask_max_value or scan_mask_max(masks, args.mask_channels, verbose)
+    mask_max = scan_mask_max(masks, args.mask_channels, args.mask_max_value, verbose)
     train_idx, val_idx = split_indices(len(samples), args.val_fraction, args.seed)
     if not val_idx:
         message = "no held-out pairs (--val_fraction 0 or one pair): validating on training pairs"
         warnings.warn(message, stacklevel=2)
         val_idx = train_idx
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx], mask_max
+    return [samples[i] for i in train_idx], [samples[i] for i in val_idx], intensity, mask_max
 
 
-def make_dataset(samples, cfg, flip):
-    """MaskPairDataset with the run's sizes and mask scaling."""
+def make_dataset(samples, cfg, intensity, flip):
+    """MaskPairDataset with the run's sizes, decoding rule and mask scaling."""
     return MaskPairDataset(
         samples,
         cfg["image_size"],
@@ -237,6 +319,7 @@ def make_dataset(samples, cfg, flip):
         cfg["mask_max_value"],
         flip,
         cfg["seed"],
+        intensity,
     )
 
 
@@ -254,11 +337,11 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         set_seed(args.seed, device_specific=True)
         self.ldm = load_ldm(args.ldm_checkpoint)
-        train_samples, val_samples, mask_max = build_datasets(args, self.ldm, self.is_main)
+        train_samples, val_samples, self.intensity, mask_max = build_datasets(args, self.ldm, self.is_main)
         self.cfg = run_config(args, self.ldm, mask_max)
         self.vae = load_vae(self.cfg["vae_pretrained"])
-        self.train_set = make_dataset(train_samples, self.cfg, args.random_flip)
-        self.val_set = make_dataset(val_samples, self.cfg, False)
+        self.train_set = make_dataset(train_samples, self.cfg, self.intensity, args.random_flip)
+        self.val_set = make_dataset(val_samples, self.cfg, self.intensity, False)
         self.noise_scheduler = DDPMScheduler.from_config(self.ldm.scheduler_config)
         self.build_model()
         self.epoch, self.global_step, self.batch_in_epoch, self.best_val_loss = 0, 0, 0, float("inf")
@@ -367,6 +450,7 @@ class Trainer:
             "scheduler_config": plain(self.ldm.scheduler_config),
             "ldm_config": plain(self.ldm.config),
             "config": self.cfg,
+            "intensity": self.intensity,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -385,7 +469,7 @@ class Trainer:
             out = Path(self.args.output_dir)
             ckpt = self.checkpoint(rng_states)
             for name in names:
-                atomic_torch_save(ckpt, out / name)
+                files.atomic_save(ckpt, out / name)
         self.accelerator.wait_for_everyone()
 
     def prune_epoch_checkpoints(self):
@@ -405,6 +489,12 @@ class Trainer:
         ckpt = load_checkpoint(path, "controlnet", "--resume")
         if ckpt["unet_config"] != self.ldm.unet_config:
             raise UserError(f"--resume {path} was trained on another LDM than --ldm_checkpoint")
+        trained_on = ckpt.get("intensity", images.EIGHT_BIT)
+        if trained_on != self.intensity:
+            raise UserError(
+                f"--resume {path} was trained on {images.describe(trained_on)}, these images are "
+                f"{images.describe(self.intensity)}: set --bit_depth / --intensity_range as in that run"
+            )
         load_weights(self.model.controlnet, ckpt["controlnet"], f"--resume {path}")
         if ckpt["unet"] is not None:
             load_weights(self.ldm.unet, ckpt["unet"], f"--resume {path}")
@@ -584,20 +674,22 @@ class Trainer:
         """Validation, best/periodic checkpoints and sample grid after a finished epoch."""
         done = self.epoch  # epochs completed so far
         val_loss = self.with_ema(self.validation_loss)
-        names = ["checkpoint_latest.pt"]
+        names = []
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             names.append("checkpoint_best.pt")
         if done % self.args.save_every == 0 or done == self.args.num_epochs:
             names.append(f"checkpoint_epoch_{done}.pt")
-        self.save(*names)
+        # latest last: killed in between, a resume from the previous latest redoes this epoch and its saves
+        self.save(*names, "checkpoint_latest.pt")
         self.prune_epoch_checkpoints()
         if self.is_main:
             print(f"epoch {done}: validation loss {val_loss:.5f} (best {self.best_val_loss:.5f})")
             writer.add_scalar("val/loss", val_loss, self.global_step)
             if done % self.args.sample_every == 0 or done == self.args.num_epochs:
                 grid = self.with_ema(self.sample_grid).cpu()
-                save_image(grid, Path(self.args.output_dir) / "samples" / f"epoch_{done:04d}.png")
+                path = Path(self.args.output_dir) / "samples" / f"epoch_{done:04d}.png"
+                files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
                 writer.add_image("samples/mask_generated_truth", grid, self.global_step)
         self.accelerator.wait_for_everyone()
 
@@ -650,6 +742,9 @@ def train(args):
         )
     check_output_dir(args)
     trainer = Trainer(args)
+    if trainer.is_main:  # partial files of a run killed while saving
+        for folder in (Path(args.output_dir), Path(args.output_dir) / "samples"):
+            files.clean_temporaries(folder)
     trainer.install_signal_handlers()
     trainer.print_parameters()
     if args.resume:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Generate images that follow masks with a trained ControlNet; writes mask | image comparisons
 # and prints timing and mask faithfulness (Dice/IoU of the Otsu-segmented images).
+# Comparisons go beside the samples, to ${OUTPUT_DIR}_comparison (or --comparison_dir DIR).
 # Every variable can be overridden from the environment: MASK_FOLDER=/masks bash scripts/inference.sh
 # Extra arguments are passed on to inference.py: bash scripts/inference.sh --class_name tumour
 set -euo pipefail

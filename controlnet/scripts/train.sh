@@ -4,6 +4,8 @@
 # (IMAGE_PREFIX=Img_ MASK_PREFIX=seg_ pairs Img_001.png with seg_001.png).
 # Every variable can be overridden from the environment: DATA_ROOT=/data bash scripts/train.sh
 # Extra arguments are passed on to train.py: bash scripts/train.sh --resume latest
+# The images' bit depth is found by scanning them; override it with e.g. --bit_depth 12, or give float
+# TIFFs their value range with --intensity_range -1000 1000.
 set -euo pipefail
 
 DATA_ROOT="${DATA_ROOT:-/path/to/data}"

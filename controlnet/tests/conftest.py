@@ -111,15 +111,33 @@ def shape_mask(rng, size, labels=(1,)):
     return mask
 
 
-def write_pairs(root, count, seed=0, image_prefix="", mask_prefix="", mask_size=IMAGE_SIZE, labels=None):
-    """count grayscale images with masks (0/255, or raw label maps with `labels`); bright where masked."""
+FLOAT_RANGE = (-1000.0, 1000.0)  # float images of the tests hold values like CT Hounsfield units
+
+
+def save_at_depth(image, path, depth):
+    """A uint8 image saved at bit depth 8, 12 or 16 (PNG) or as float TIFF over FLOAT_RANGE; its path."""
+    if depth == "float":
+        low, high = FLOAT_RANGE
+        path = path.with_suffix(".tif")
+        Image.fromarray((low + image / 255.0 * (high - low)).astype(np.float32), "F").save(path)
+    elif depth == 8:
+        Image.fromarray(image).save(path)
+    else:
+        Image.fromarray((image.astype(np.uint32) * (2**depth - 1) // 255).astype(np.uint16)).save(path)
+    return path
+
+
+def write_pairs(
+    root, count, seed=0, image_prefix="", mask_prefix="", mask_size=IMAGE_SIZE, labels=None, depth=8
+):
+    """count gray images at `depth` with masks (0/255, or label maps with `labels`); bright where masked."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     for i in range(count):
         mask = shape_mask(rng, IMAGE_SIZE, labels or (1,))
         image = ((mask > 0) * 180 + rng.integers(0, 60, mask.shape)).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{image_prefix}{i:03d}.png")
+        save_at_depth(image, root / "images" / f"{image_prefix}{i:03d}.png", depth)
         mask_img = Image.fromarray(mask if labels else mask * 255)
         mask_img.resize((mask_size, mask_size), Image.NEAREST).save(
             root / "masks" / f"{mask_prefix}{i:03d}.png"
@@ -216,7 +234,21 @@ def run_many(commands, workers=3, cwd=HERE):
 
 
 @pytest.fixture(scope="session")
-def training_runs(tmp_path_factory, pair_data, class_data, ldm_checkpoint, contract_ldm):
+def deep_data(tmp_path_factory):
+    """Image/mask pairs whose images are 12-bit data in 16-bit PNGs, as CT and MR scans often are."""
+    return write_pairs(tmp_path_factory.mktemp("deep"), 4, depth=12)
+
+
+@pytest.fixture(scope="session")
+def float_data(tmp_path_factory):
+    """Image/mask pairs whose images are float TIFFs over FLOAT_RANGE."""
+    return write_pairs(tmp_path_factory.mktemp("float"), 4, depth="float")
+
+
+@pytest.fixture(scope="session")
+def training_runs(
+    tmp_path_factory, pair_data, class_data, deep_data, float_data, ldm_checkpoint, contract_ldm
+):
     """Independent training runs started together: {name: (output_dir, CompletedProcess)}."""
     base = tmp_path_factory.mktemp("runs")
     nan_ldm = base / "nan_ldm.pt"
@@ -236,6 +268,10 @@ def training_runs(tmp_path_factory, pair_data, class_data, ldm_checkpoint, contr
             *"--num_epochs 1 --mixed_precision fp16".split(),
         ),
         "nan": train_args(pair_data, nan_ldm, base / "nan"),
+        "deep": train_args(deep_data, ldm_checkpoint, base / "deep", "--num_epochs", 1),
+        "float": train_args(
+            float_data, ldm_checkpoint, base / "float", "--num_epochs", 1, "--intensity-range", *FLOAT_RANGE
+        ),
     }
     results = run_many({name: ("train.py", *args) for name, args in commands.items()})
     return {name: (base / name, results[name]) for name in commands}

@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGE_SIZE, write_pairs
+from conftest import FLOAT_RANGE, IMAGE_SIZE, save_at_depth, write_pairs
+from core import images
 from dataset import MaskPairDataset, find_pairs, load_mask, mask_array, scan_mask_max, split_indices
+from mask_metrics import score
 from utils import UserError
 
 
@@ -80,9 +82,11 @@ def test_palette_masks_keep_label_indices_and_rgb_masks_give_three_channels(tmp_
 
 
 def make_dataset(root, flip=True, image_channels=1, mask_channels=1):
+    """The data set as train.py builds it: decoded under the rule of one scan of its images."""
     pairs = find_pairs(root / "images", root / "masks", verbose=False)
     samples = [(i, m, 0) for i, m in pairs]
-    return MaskPairDataset(samples, IMAGE_SIZE, image_channels, mask_channels, 255, flip, seed=0)
+    rule = images.scan([i for i, _ in pairs])["intensity"]
+    return MaskPairDataset(samples, IMAGE_SIZE, image_channels, mask_channels, 255, flip, 0, rule)
 
 
 def test_masks_of_another_size_are_resized_nearest(tmp_path):
@@ -139,3 +143,51 @@ def test_split_is_deterministic_and_disjoint():
     assert (train, val) == split_indices(10, 0.2, seed=1)
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
     assert split_indices(2, 0.01, 0)[1] != [] and split_indices(1, 0.5, 0) == ([0], [])
+
+
+@pytest.mark.parametrize(
+    ("depth", "rule"),
+    [
+        (8, {"kind": "integer", "bit_depth": 8}),
+        (12, {"kind": "integer", "bit_depth": 12}),
+        (16, {"kind": "integer", "bit_depth": 16}),
+        ("float", {"kind": "float", "range": list(FLOAT_RANGE)}),
+    ],
+)
+def test_every_depth_is_decoded_by_one_rule_per_data_set(tmp_path, depth, rule):
+    root = write_pairs(tmp_path, 3, depth=depth)
+    dark = np.full(
+        (IMAGE_SIZE, IMAGE_SIZE), 20, np.uint8
+    )  # a per-image rule would stretch it, or leave 12-bit dim
+    save_at_depth(dark, root / "images" / "001.png", depth)
+    pairs = find_pairs(root / "images", root / "masks", verbose=False)
+    intensity_range = FLOAT_RANGE if depth == "float" else None
+    found = images.scan([i for i, _ in pairs], intensity_range=intensity_range)["intensity"]
+    assert found == rule
+    dataset = MaskPairDataset([(i, m, 0) for i, m in pairs], IMAGE_SIZE, 1, 1, 255, False, 0, found)
+    step = 2 / (2 ** rule.get("bit_depth", 16) - 1)  # one grey level of the data, in [-1, 1]
+    torch.testing.assert_close(
+        dataset[1]["pixel_values"],
+        torch.full_like(dataset[1]["pixel_values"], 20 / 255 * 2 - 1),
+        atol=step,
+        rtol=0,
+    )
+    bright = dataset[0]["pixel_values"]
+    assert bright.max() > 0.6 and bright.min() >= -1  # the bright image of the set stays bright
+
+
+def test_alpha_of_rgba_masks_is_not_foreground(tmp_path):
+    shape = label_map((0, 1)) > 0  # the right half
+    full = np.full(shape.shape, 255, np.uint8)
+    masks = {
+        "opaque": np.dstack([shape * 255] * 3 + [full]),  # the usual RGBA export: alpha 255 everywhere
+        "cutout": np.dstack([full] * 3 + [shape * 255]),  # white everywhere, transparent background
+    }
+    perfect = Image.fromarray((shape * 200 + 20).astype(np.uint8))
+    for name, array in masks.items():
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(array.astype(np.uint8), "RGBA").save(path)
+        for channels in (1, 3):
+            cond = load_mask(path, channels, 255, IMAGE_SIZE)
+            assert torch.equal(cond.amax(0) > 0, torch.from_numpy(shape)), (name, channels)
+        assert score(Image.open(path), perfect) == (1.0, 1.0), name

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import IMAGE_SIZE
+from core import images
 from mask_metrics import dice_iou, otsu_threshold, score
 from models import (
     SCHEDULERS,
@@ -124,3 +125,15 @@ def test_otsu_dice_iou():
     half[4:12, 2:6] = True
     dice, iou = dice_iou(mask.astype(bool), half)
     assert dice == pytest.approx(2 * 32 / (64 + 32)) and iou == pytest.approx(0.5)
+
+
+def test_perfect_generation_of_a_non_square_mask_scores_one():
+    mask = np.zeros((IMAGE_SIZE, 2 * IMAGE_SIZE), np.uint8)  # wider than high: the centre crop cuts the sides
+    mask[4:12, IMAGE_SIZE - 2 : 2 * IMAGE_SIZE - 2] = 255
+    seen = mask[:, IMAGE_SIZE // 2 : IMAGE_SIZE // 2 + IMAGE_SIZE] > 0  # what the ControlNet is given
+    perfect = Image.fromarray((seen * 200 + 20).astype(np.uint8))
+    assert score(Image.fromarray(mask), perfect) == (1.0, 1.0)
+    deep = {"kind": "integer", "bit_depth": 12}  # the same generation written as 12-bit data
+    assert score(
+        Image.fromarray(mask), images.encode(torch.from_numpy(seen * 0.8 + 0.1)[None], deep), intensity=deep
+    ) == (1.0, 1.0)

@@ -1,5 +1,6 @@
 """train.py end to end as subprocesses: outputs, frozen/trained UNet, resume, signals, 2 processes."""
 
+import argparse
 import signal
 import subprocess
 import time
@@ -8,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import ENV, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
+import train
+from conftest import ENV, FLOAT_RANGE, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
+from core import images
 from models import load_controlled_unet, load_ldm
 
 WEIGHT_KEYS = ("controlnet", "ema_controlnet")
@@ -73,7 +76,12 @@ def test_sigterm_saves_latest_and_resume_matches_uninterrupted(
     assert "stopped by signal" in stdout
     interrupted = load(out / "checkpoint_latest.pt")
     assert interrupted["global_step"] < 6 and not (out / "checkpoint_final.pt").exists()
+    stale = [out / ".checkpoint_best.pt.tmp-999999", out / "samples" / ".epoch_0001.png.tmp-999999"]
+    for path in stale:  # what a kill -9 in the middle of a save leaves
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
     check(run_script("train.py", *args, "--resume", "latest"))
+    assert not any(path.exists() for path in stale)
     assert_same_weights(load(out / "checkpoint_final.pt"), load(trained_run[0] / "checkpoint_final.pt"))
 
 
@@ -121,7 +129,7 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
         )
     )
     assert sorted(p.name for p in (gen / "malignant").iterdir()) == ["001_000.png", "001_001.png"]
-    comparison = Image.open(gen / "comparison" / "malignant" / "001.png")
+    comparison = Image.open(tmp_path / "gen_comparison" / "malignant" / "001.png")
     assert comparison.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
     assert set(np.unique(np.asarray(comparison)[:, :IMAGE_SIZE])) == {0, 128, 255}  # the mask, full contrast
     assert "timing: 2 images, 3 steps" in result.stdout
@@ -131,3 +139,86 @@ def test_non_finite_loss_stops_without_checkpoint(training_runs):
     out, result = training_runs["nan"]
     assert result.returncode == 1 and "loss became nan" in result.stderr
     assert not (out / "checkpoint_latest.pt").exists()
+
+
+class RecordingTrainer:
+    """Just enough of a Trainer for end_of_epoch: records the order of the saved checkpoint names."""
+
+    def __init__(self, tmp_path, epoch):
+        self.args = argparse.Namespace(save_every=1, num_epochs=3, sample_every=5, output_dir=tmp_path)
+        self.epoch, self.best_val_loss, self.is_main, self.saved = epoch, float("inf"), False, []
+        self.accelerator = argparse.Namespace(wait_for_everyone=lambda: None)
+
+    def validation_loss(self):
+        return 0.5
+
+    def with_ema(self, fn):
+        return fn()
+
+    def save(self, *names):
+        self.saved += names
+
+    def prune_epoch_checkpoints(self):
+        pass
+
+
+def test_latest_is_saved_after_best_and_periodic(tmp_path):
+    trainer = RecordingTrainer(tmp_path, epoch=1)
+    train.Trainer.end_of_epoch(trainer, writer=None)
+    assert trainer.saved == ["checkpoint_best.pt", "checkpoint_epoch_1.pt", "checkpoint_latest.pt"]
+
+
+def test_deep_gray_data_trains_and_samples_at_its_depth(tmp_path, training_runs, deep_data):
+    out, result = training_runs["deep"]
+    check(result)
+    twelve_bit = {"kind": "integer", "bit_depth": 12}
+    assert load(out / "checkpoint_final.pt")["intensity"] == twelve_bit
+    assert "images: 12-bit integer images, values / 4095" in result.stdout
+    # the tiny LDM learned 8-bit images: one line says so
+    assert result.stderr.count("warning: the LDM was trained on 8-bit integer images") == 1
+    gen = tmp_path / "gen"
+    flags = "--num_images 1 --num_inference_steps 2 --eval_masks".split()
+    mask = deep_data / "masks" / "001.png"
+    result = check(
+        run_script(
+            "inference.py",
+            "--checkpoint",
+            out / "checkpoint_final.pt",
+            "--mask",
+            mask,
+            *flags,
+            "--output_dir",
+            gen,
+        )
+    )
+    written = gen / "001_000.png"
+    assert Image.open(written).mode == "I;16" and images.scan([written])["intensity"] == twelve_bit
+    assert "mask faithfulness over 1 images" in result.stdout
+
+
+def test_float_data_trains_and_samples_as_float(tmp_path, training_runs, float_data):
+    out, result = training_runs["float"]
+    check(result)
+    assert load(out / "checkpoint_final.pt")["intensity"] == {"kind": "float", "range": list(FLOAT_RANGE)}
+    gen = tmp_path / "gen"
+    mask = float_data / "masks" / "002.png"
+    flags = "--num_images 2 --num_inference_steps 2".split()
+    check(
+        run_script(
+            "inference.py",
+            "--checkpoint",
+            out / "checkpoint_final.pt",
+            "--mask",
+            mask,
+            *flags,
+            "--output_dir",
+            gen,
+        )
+    )
+    written = sorted(gen.iterdir())
+    assert [p.name for p in written] == ["002_000.tif", "002_001.tif"]
+    values = np.asarray(Image.open(written[0]))
+    assert (
+        Image.open(written[0]).mode == "F"
+        and FLOAT_RANGE[0] <= values.min() <= values.max() <= FLOAT_RANGE[1]
+    )

@@ -117,3 +117,9 @@ def test_uint8_rgb_for_npz():
     batch = torch.ones(2, 1, 4, 4)
     out = images.to_uint8_rgb(batch)
     assert out.shape == (2, 4, 4, 3) and out.dtype == np.uint8 and out.max() == 255
+
+
+def test_colour_samples_of_deep_data_are_tagged_as_written(tmp_path):
+    rule = {"kind": "integer", "bit_depth": 16}
+    images.save(torch.full((3, 4, 4), 0.5), tmp_path / "c.png", rule)
+    assert images.scan([tmp_path / "c.png"])["intensity"]["bit_depth"] == 8
