@@ -4,7 +4,6 @@ Prints training images/s, sampling images/s with DDPM-1000 and DDIM-50 and their
 attention through scaled_dot_product_attention against a plain softmax(QK^T)V.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -14,9 +13,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from core import cli  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
 from ddpm_conditional import Diffusion  # noqa: E402
 from modules import SelfAttention, UNet_conditional  # noqa: E402
-from utils import pick_device  # noqa: E402
+from utils import add_flag, pick_device  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -80,26 +81,27 @@ def bench_attention(device, channels, side, batch, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--image-size", "--image_size", dest="image_size", type=int, default=16, help="pixels"
-    )
-    parser.add_argument(
-        "--base-channels", "--base_channels", dest="base_channels", type=int, default=16, help="UNet width"
-    )
-    parser.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, default=32, help="training batch"
-    )
-    parser.add_argument(
-        "--num-samples", "--num_samples", dest="num_samples", type=int, default=4, help="sampling batch"
-    )
+    parser = cli.Parser(description=__doc__)
+    for name, default, help_text in (
+        ("image_size", 16, "pixels (multiple of 8, >= 16)"),
+        ("base_channels", 16, "UNet width (even)"),
+        ("batch_size", 32, "training batch"),
+        ("num_samples", 4, "sampling batch"),
+    ):
+        add_flag(parser, name, type=cli.positive_int, default=default, help=help_text)
     args = parser.parse_args()
     device = pick_device()
     torch.manual_seed(0)
     size = args.image_size
-    model = UNet_conditional(
-        c_in=1, c_out=1, num_classes=10, img_size=size, base_channels=args.base_channels
-    ).to(device)
+    if args.base_channels % 2:
+        raise UserError(f"--base-channels must be even, got {args.base_channels}")
+    try:
+        model = UNet_conditional(
+            c_in=1, c_out=1, num_classes=10, img_size=size, base_channels=args.base_channels
+        )
+    except ValueError as err:
+        raise UserError(f"{err} (--image-size)") from None
+    model = model.to(device)
     diffusion = Diffusion(img_size=size, device=device)
     print(
         f"DDPM benchmark on {device} ({torch.get_num_threads()} threads): UNet_conditional {size}x{size}x1, "
@@ -119,4 +121,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

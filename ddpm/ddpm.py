@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
 
-from ddpm_conditional import Diffusion, build_parser, train  # noqa: E402
+from ddpm_conditional import Diffusion, build_parser, parse_flags, train  # noqa: E402
 from modules import UNet  # noqa: E402
 from utils import explicit_flags, run_cli  # noqa: E402
 
@@ -29,7 +29,7 @@ def launch(argv=None):
         lr=3e-4,
     )
     argv = sys.argv[1:] if argv is None else argv
-    train(parser.parse_args(argv), explicit_flags(parser, argv))
+    train(parse_flags(parser, argv), explicit_flags(parser, argv))
 
 
 if __name__ == "__main__":

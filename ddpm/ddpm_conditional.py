@@ -7,7 +7,6 @@ ddpm.py (unconditional) and ddpm_conditional_ddp.py (multi-GPU, sampling) reuse 
 import argparse
 import copy
 import math
-import shutil
 import signal
 import sys
 import time
@@ -20,6 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
 
+from core import cli, images  # noqa: E402
+from core.files import atomic_save, clean_temporaries  # noqa: E402
 from modules import build_model, check_architecture  # noqa: E402
 from utils import (  # noqa: E402
     CHECKPOINT_FORMAT,
@@ -27,25 +28,23 @@ from utils import (  # noqa: E402
     ImageDataset,
     UserError,
     add_flag,
-    atomic_save,
     autocast_dtype,
     cpu_state,
     data_layout,
-    detect_channels,
     enable_tf32,
     explicit_flags,
     load_checkpoint,
-    make_uint8_grid,
     pick_device,
     print_parameter_table,
     print_timing,
     prune_checkpoints,
     rng_states,
     run_cli,
-    save_image,
+    save_grid,
     scan_dataset,
     set_rng_states,
     to_uint8,
+    to_unit,
 )
 
 # Settings that fix the network and the noise schedule: a resumed run takes them from its checkpoint.
@@ -63,6 +62,7 @@ ARCH_KEYS = (
 )
 # Settings of one invocation that a resumed run does not inherit.
 RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minutes")
+OUTPUT_KINDS = ("models", "results", "runs")  # the folders of a run under --workdir
 PREVIEW_CFG = 3.0  # guidance of the EMA sample grids written during training
 PREVIEW_ETA = 1.0  # stochastic DDIM: deterministic DDIM shows blotches on a model early in training
 
@@ -133,8 +133,12 @@ class Diffusion:
         steps=None,
         eta=0.0,
         generator=None,
+        output_type="uint8",
     ):
-        """Generate n images as uint8 (n, C, H, W); labels=None samples unconditionally."""
+        """Generate n images (n, C, H, W); labels=None samples unconditionally.
+
+        output_type "uint8" gives 0..255; "float" gives float32 in [0, 1], for writing more than 8 bits.
+        """
         from diffusers.utils.torch_utils import randn_tensor
 
         if labels is not None and (model.num_classes is None or len(labels) != n):
@@ -152,29 +156,29 @@ class Diffusion:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 eps = self.guided_noise(model, x, t.to(device).expand(n), labels, cfg_scale).float()
             x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
-        images = to_uint8(x).cpu()
+        samples = (to_unit(x) if output_type == "float" else to_uint8(x)).cpu()
         model.train(was_training)
         if log_time:
             print_timing(n, len(scheduler.timesteps), time.perf_counter() - start, 1)
-        return images
+        return samples
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def add_train_args(parser, conditional=True):
-    """Training flags; both spellings of every multi-word flag are accepted."""
+    """Training flags, checked as they are parsed; both spellings of every multi-word flag are accepted."""
     add_flag(
         parser, "run_name", default="DDPM_conditional", help="name of models/, results/ and runs/ subfolders"
     )
     add_flag(parser, "dataset_path", default=None, help="training images (layout in the text below)")
     add_flag(parser, "workdir", default=".", help="folder that holds models/, results/ and runs/")
-    add_flag(parser, "epochs", type=int, default=300, help="number of passes over the training images")
-    add_flag(parser, "batch_size", type=int, default=14, help="images per step on each process")
+    add_flag(parser, "epochs", type=cli.positive_int, default=300, help="passes over the training images")
+    add_flag(parser, "batch_size", type=cli.positive_int, default=14, help="images per step on each process")
     add_flag(
         parser,
         "image_size",
-        type=int,
+        type=cli.positive_int,
         default=64,
         help="side of the square training images (multiple of 8, >= 16)",
     )
@@ -186,10 +190,39 @@ def add_train_args(parser, conditional=True):
         default=None,
         help="image channels of the model (default: 1 if every image is grayscale, else 3)",
     )
-    add_flag(parser, "lr", type=float, default=3e-4, help="AdamW learning rate")
-    add_flag(parser, "lr_warmup_steps", type=int, default=500, help="linear learning-rate warm-up steps")
-    add_flag(parser, "weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    add_flag(parser, "grad_clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
+    add_flag(
+        parser,
+        "bit_depth",
+        type=cli.bit_depth,
+        default=None,
+        metavar="N",
+        help="integer images: scale pixel values by 2^N - 1; unset: N found by scanning the whole data set",
+    )
+    add_flag(
+        parser,
+        "intensity_range",
+        type=cli.finite_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="float ('F') images: the values that map to black and white; unset: 0 1",
+    )
+    add_flag(parser, "lr", type=cli.positive_float, default=3e-4, help="AdamW learning rate")
+    add_flag(
+        parser,
+        "lr_warmup_steps",
+        type=cli.nonnegative_int,
+        default=500,
+        help="linear learning-rate warm-up steps",
+    )
+    add_flag(parser, "weight_decay", type=cli.nonnegative_float, default=0.0, help="AdamW weight decay")
+    add_flag(
+        parser,
+        "grad_clip",
+        type=cli.nonnegative_float,
+        default=1.0,
+        help="max gradient norm (0 disables clipping)",
+    )
     add_flag(parser, "device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N")
     add_flag(
         parser,
@@ -199,25 +232,31 @@ def add_train_args(parser, conditional=True):
         help="autocast dtype on CUDA (auto: bf16 if supported, else fp16 with a grad scaler); CPU runs fp32",
     )
     add_flag(parser, "seed", type=int, default=42, help="random seed")
-    add_flag(parser, "num_workers", type=int, default=4, help="data-loading worker processes per process")
+    add_flag(
+        parser,
+        "num_workers",
+        type=cli.nonnegative_int,
+        default=4,
+        help="data-loading worker processes per process (0: load in the main process)",
+    )
     add_flag(
         parser,
         "save_interval",
-        type=int,
+        type=cli.positive_int,
         default=10,
         help="every this many epochs: save checkpoints, evaluate held-out loss, write a sample grid",
     )
     add_flag(
         parser,
         "checkpoints_total_limit",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="keep only the newest N periodic checkpoints",
     )
     add_flag(
         parser,
         "val_split",
-        type=float,
+        type=cli.fraction,
         default=0.05,
         help="fraction of images held out to choose ckpt_best.pt (0 disables)",
     )
@@ -236,34 +275,60 @@ def add_train_args(parser, conditional=True):
         help="training: start a new run over an existing run folder; sampling: redo existing images",
     )
     add_flag(
-        parser, "max_steps", type=int, default=None, help="stop after this many optimizer steps in total"
+        parser,
+        "max_steps",
+        type=cli.positive_int,
+        default=None,
+        help="stop after this many optimizer steps in total",
     )
-    add_flag(parser, "max_minutes", type=float, default=None, help="stop training after this many minutes")
-    add_flag(parser, "noise_steps", type=int, default=1000, help="diffusion timesteps T")
-    add_flag(parser, "beta_start", type=float, default=1e-4, help="first beta of the linear schedule")
-    add_flag(parser, "beta_end", type=float, default=0.02, help="last beta of the linear schedule")
-    add_flag(parser, "base_channels", type=int, default=64, help="UNet width (channels of the first level)")
-    add_flag(parser, "time_dim", type=int, default=256, help="size of the time (and class) embedding")
+    add_flag(
+        parser,
+        "max_minutes",
+        type=cli.positive_float,
+        default=None,
+        help="stop training after this many minutes",
+    )
+    add_flag(parser, "noise_steps", type=cli.positive_int, default=1000, help="diffusion timesteps T")
+    add_flag(
+        parser,
+        "beta_start",
+        type=cli.positive_float,
+        default=1e-4,
+        help="first beta of the linear schedule (0 < beta-start < beta-end < 1)",
+    )
+    add_flag(
+        parser, "beta_end", type=cli.positive_float, default=0.02, help="last beta of the linear schedule"
+    )
+    add_flag(
+        parser,
+        "base_channels",
+        type=cli.positive_int,
+        default=64,
+        help="UNet width (channels of the first level, even)",
+    )
+    add_flag(
+        parser, "time_dim", type=cli.positive_int, default=256, help="size of the time (and class) embedding"
+    )
     add_flag(
         parser,
         "attn_resolutions",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=None,
         help="feature-map sides that get self-attention (default: levels below full size, up to 32)",
     )
-    add_flag(parser, "ema_decay", type=float, default=0.995, help="EMA decay")
+    add_flag(parser, "ema_decay", type=cli.fraction, default=0.995, help="EMA decay, in [0, 1)")
     add_flag(
         parser,
         "ema_warmup_steps",
-        type=int,
+        type=cli.nonnegative_int,
         default=2000,
         help="steps during which the EMA copies the weights",
     )
     add_flag(
         parser,
         "preview_steps",
-        type=int,
+        type=cli.nonnegative_int,
         default=50,
         help="DDIM steps of the EMA sample grids written at each save (0: no grids)",
     )
@@ -281,14 +346,14 @@ def add_train_args(parser, conditional=True):
         add_flag(
             parser,
             "num_classes",
-            type=int,
+            type=cli.positive_int,
             default=None,
             help="number of classes (None: count the class folders)",
         )
         add_flag(
             parser,
             "cfg_dropout",
-            type=float,
+            type=cli.fraction,
             default=0.1,
             help="probability of replacing a label by the null class, for classifier-free guidance",
         )
@@ -298,7 +363,7 @@ def add_train_args(parser, conditional=True):
 def build_parser(conditional=True, description=__doc__):
     """Argument parser of the training scripts."""
     layout = data_layout() if conditional else "any folder of images (sub-folders are searched)"
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         description=description,
         epilog=f"Data layout: {layout}",
         allow_abbrev=False,
@@ -306,6 +371,22 @@ def build_parser(conditional=True, description=__doc__):
     )
     add_train_args(parser, conditional)
     return parser
+
+
+def parse_flags(parser, argv):
+    """Parse argv, also checking the values that only make sense together (one 'error:' line, exit 2)."""
+    args = parser.parse_args(argv)
+    if not 0 < args.beta_start < args.beta_end < 1:
+        parser.error(
+            "the noise schedule needs 0 < --beta-start < --beta-end < 1, "
+            f"got {args.beta_start} and {args.beta_end}"
+        )
+    if args.base_channels % 2:
+        parser.error(f"--base-channels must be even (it sizes the time embedding), got {args.base_channels}")
+    if args.intensity_range is not None and not args.intensity_range[0] < args.intensity_range[1]:
+        low, high = args.intensity_range
+        parser.error(f"--intensity-range needs LOW < HIGH, got {low:g} {high:g}")
+    return args
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -323,7 +404,7 @@ def resolve_config(args, explicit):
         raise UserError(
             f"--resume found no checkpoint at {path}: pass --resume <path> or the right --run-name"
         )
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "--resume")
     if "optimizer" not in ckpt or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{path} cannot be resumed: it is not a training checkpoint (use models/<run>/ckpt.pt)"
@@ -344,12 +425,7 @@ def run_dir(config, kind):
 
 
 def validate(config, fresh):
-    """Fail early, before touching any file, on settings that cannot work."""
-    for key in ("epochs", "batch_size", "save_interval"):
-        if config[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
-    if not 0.0 <= config["val_split"] < 1.0:
-        raise UserError(f"--val-split must be in [0, 1), got {config['val_split']}")
+    """Fail early, before touching any file, on settings that cannot work (single values: at parsing)."""
     pick_device(config["device"])  # an unavailable device fails now, before any data is read
     if config["dataset_path"] is None:
         raise UserError(f"pass --dataset-path (layout: {data_layout()})")
@@ -374,7 +450,7 @@ def model_config(config):
 
 
 def load_data(config, ckpt):
-    """Scan and check the images; fill in channels, num_classes and class names."""
+    """List and check the images; fill in num_classes and class names."""
     try:
         check_architecture(config["image_size"], config["attn_resolutions"] or [])
     except ValueError as err:
@@ -392,9 +468,29 @@ def load_data(config, ckpt):
                 f"the class folders of {config['dataset_path']} differ from the checkpoint's "
                 f"{ckpt['class_names']}: resume with the data set it was trained on"
             )
-    channels = detect_channels(files)
-    config["channels"] = config["channels"] or channels
     return files, labels, class_names
+
+
+def prepare_outputs(config):
+    """Prove the run folders writable before any work starts, and remove a killed run's temporaries."""
+    cli.ensure_writable_dir(config["workdir"], "--workdir")
+    for kind in OUTPUT_KINDS:
+        clean_temporaries(cli.ensure_writable_dir(run_dir(config, kind), f"run folder ({kind})"))
+
+
+def scan_images(config, files, ckpt):
+    """Decode every image once (a broken one fails now): fill in channels and the intensity rule."""
+    found = images.scan(files, config["bit_depth"], config["intensity_range"])
+    config["channels"] = config["channels"] or found["channels"]
+    config["intensity"] = found["intensity"]
+    # Checkpoints from before the rule was stored resume with the scanned one, as nothing else is known.
+    trained = (ckpt or {}).get("intensity", found["intensity"])
+    if trained != found["intensity"]:
+        raise UserError(
+            f"{config['dataset_path']} scans as {images.describe(found['intensity'])}, but the checkpoint "
+            f"was trained on {images.describe(trained)}: resume with the data it was trained on, "
+            "or state the rule with --bit-depth / --intensity-range"
+        )
 
 
 def split_heldout(files, labels, fraction, seed):
@@ -450,8 +546,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.diffusion = Diffusion.from_config(config, self.device)
         self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1000 + ctx.rank)
-        self.train_set = ImageDataset(*train_data, config["image_size"], config["channels"])
-        self.val_set = ImageDataset(*val_data, config["image_size"], config["channels"])
+        image_format = (config["image_size"], config["channels"], config["intensity"])
+        self.train_set = ImageDataset(*train_data, *image_format)
+        self.val_set = ImageDataset(*val_data, *image_format)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_metric, self.improved, self.stop_signal = math.inf, False, None
         if ckpt is not None:
@@ -493,6 +590,7 @@ class Trainer:
             "generators": generators,
             "best_metric": self.best_metric,
             "class_names": list(self.class_names),
+            "intensity": dict(self.config["intensity"]),
             "config": dict(self.config),
             "model_config": dict(self.model.config),
         }
@@ -517,22 +615,23 @@ class Trainer:
             self.generator.manual_seed(self.config["seed"] * 1000 + self.ctx.rank + self.global_step)
 
     def save(self, final=False, periodic=False):
-        """Write ckpt.pt (latest) and ema_ckpt.pt, plus the periodic / best / final copies."""
+        """Write the periodic / best / final copies and ema_ckpt.pt, then ckpt.pt (latest) last.
+
+        A kill between two writes leaves the previous ckpt.pt, and resuming from it redoes this save.
+        """
         state = self.state_dict()
         if not self.ctx.is_main:
             return
         folder = run_dir(self.config, "models")
-        atomic_save(state, folder / "ckpt.pt")
-        ema_only = {
-            k: state[k] for k in ("format", "class_names", "config", "model_config", "epoch", "global_step")
-        }
-        atomic_save({**ema_only, "weights": "ema", "model": state["ema"]}, folder / "ema_ckpt.pt")
         copies = [f"ckpt_epoch_{self.epoch:04d}.pt"] if periodic else []
         copies += ["ckpt_best.pt"] if self.improved else []
         copies += ["ckpt_final.pt"] if final else []
         for name in copies:
-            shutil.copyfile(folder / "ckpt.pt", folder / f".{name}.tmp")
-            (folder / f".{name}.tmp").replace(folder / name)
+            atomic_save(state, folder / name)
+        keys = ("format", "class_names", "intensity", "config", "model_config", "epoch", "global_step")
+        ema_only = {k: state[k] for k in keys}
+        atomic_save({**ema_only, "weights": "ema", "model": state["ema"]}, folder / "ema_ckpt.pt")
+        atomic_save(state, folder / "ckpt.pt")
         prune_checkpoints(folder, "ckpt_epoch_*.pt", self.config["checkpoints_total_limit"])
 
     # --------------------------------------------------------------- loop
@@ -707,12 +806,12 @@ class Trainer:
             total += F.mse_loss(pred.float(), noise, reduction="sum").item()
         return total / (len(self.val_set) * self.val_set[0][0].numel())
 
-    def preview_grid(self):
-        """EMA samples from fixed noise, 4 per class (up to 16 classes), as one uint8 grid."""
+    def preview_samples(self):
+        """EMA samples from fixed noise, 4 per class (up to 16 classes), in [0, 1], and the grid's columns."""
         classes = min(self.config["num_classes"] or 0, 16)
         labels = torch.arange(classes, device=self.device).repeat(4) if classes else None
         gen = torch.Generator().manual_seed(self.config["seed"])
-        images = self.diffusion.sample(
+        samples = self.diffusion.sample(
             self.ema_model,
             len(labels) if classes else 16,
             labels,
@@ -722,8 +821,9 @@ class Trainer:
             steps=self.config["preview_steps"],
             eta=PREVIEW_ETA,
             generator=gen,
+            output_type="float",
         )
-        return make_uint8_grid(images, nrow=classes or 4)
+        return samples, classes or 4
 
     def log_save(self, name, val_loss):
         """Report a save: held-out loss and the EMA sample grid to TensorBoard, the grid to results/."""
@@ -732,9 +832,9 @@ class Trainer:
             self.writer.add_scalar("val/heldout_loss", val_loss, self.global_step)
             message += f", held-out loss {val_loss:.5f} (best {self.best_metric:.5f})"
         if self.config["preview_steps"] > 0:
-            grid, path = self.preview_grid(), run_dir(self.config, "results") / f"{name}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, path)
+            intensity = self.config["intensity"]
+            path = run_dir(self.config, "results") / f"{name}{images.suffix(intensity)}"
+            grid = save_grid(*self.preview_samples(), path, intensity)  # at the data's depth
             self.writer.add_image("ema_samples", grid, self.global_step)
             message += f", grid {path}"
         self.writer.flush()
@@ -746,6 +846,8 @@ def train(args, explicit=frozenset(), distributed=False):
     config, ckpt = resolve_config(args, explicit)
     validate(config, fresh=ckpt is None)
     files, labels, class_names = load_data(config, ckpt)
+    prepare_outputs(config)
+    scan_images(config, files, ckpt)
     ctx = DistContext(distributed, config["device"])
     if ctx.device.type == "cuda":
         enable_tf32()
@@ -756,7 +858,7 @@ def train(args, explicit=frozenset(), distributed=False):
         print(
             f"training on {ctx.world_size} process(es), device {ctx.device}: {len(trainer.train_set)} images "
             f"({len(trainer.val_set)} held out), {len(class_names)} classes, "
-            f"{config['channels']} channel(s), "
+            f"{config['channels']} channel(s) of {images.describe(config['intensity'])}, "
             f"{trainer.steps_per_epoch()} steps/epoch, starting at epoch {trainer.epoch + 1} "
             f"step {trainer.global_step}",
             flush=True,
@@ -790,7 +892,7 @@ def launch(argv=None):
         lr=3e-4,
     )
     argv = sys.argv[1:] if argv is None else argv
-    train(parser.parse_args(argv), explicit_flags(parser, argv))
+    train(parse_flags(parser, argv), explicit_flags(parser, argv))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Modes: `train` and `sample` run as one process (`python ddpm_conditional_ddp.py --mode ...`); `train_ddp` and
 `sample_ddp` run one process per GPU under torchrun (NCCL on GPUs, gloo on CPUs), on one node or several.
-Sampling reads the architecture, schedule and class names from the checkpoint; a bare state_dict needs the
-architecture flags it was trained with.
+Sampling reads the architecture, schedule, class names and intensity rule from the checkpoint and uses its EMA
+weights; a bare state_dict needs the architecture flags it was trained with. Samples are written at the
+training data's depth: 8-bit PNG, 16-bit PNG for deeper integer data, TIFF for float data.
 """
 
 import argparse
@@ -17,21 +18,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
 
-from ddpm_conditional import ARCH_KEYS, Diffusion, add_train_args, model_config, train  # noqa: E402
+from core import cli, images  # noqa: E402
+from core.files import clean_temporaries  # noqa: E402
+from ddpm_conditional import (  # noqa: E402
+    ARCH_KEYS,
+    Diffusion,
+    add_train_args,
+    model_config,
+    parse_flags,
+    train,
+)
 from modules import build_model  # noqa: E402
 from utils import (  # noqa: E402
     DistContext,
     UserError,
     add_flag,
+    boolean,
     data_layout,
     explicit_flags,
+    intensity_of,
     is_full_checkpoint,
     load_checkpoint,
-    make_uint8_grid,
-    open_image,
     print_timing,
     run_cli,
-    save_image,
+    save_grid,
 )
 
 MODES = ("train", "train_ddp", "sample", "sample_ddp")
@@ -39,12 +49,35 @@ GRID_MAX_ROWS = 10
 
 
 def add_sample_args(parser):
-    """Sampling flags (modes sample and sample_ddp)."""
+    """Sampling flags (modes sample and sample_ddp), checked as they are parsed."""
     add_flag(
         parser, "ckpt", default=None, help="checkpoint to sample from: ckpt.pt, ema_ckpt.pt or a state_dict"
     )
-    add_flag(parser, "use_ema", action="store_true", help="sample with the EMA weights of a full checkpoint")
-    add_flag(parser, "num_samples", type=int, default=8, help="total images to write, balanced over classes")
+    add_flag(
+        parser,
+        "use_ema",
+        nargs="?",
+        const=True,
+        type=boolean,
+        default=None,
+        metavar="BOOL",
+        help="EMA weights (unset: EMA for a training checkpoint); --use-ema false: the raw weights",
+    )
+    parser.add_argument(
+        "--no-ema",
+        "--no_ema",
+        dest="use_ema",
+        action="store_const",
+        const=False,
+        help="sample with the raw (not averaged) weights of a training checkpoint",
+    )
+    add_flag(
+        parser,
+        "num_samples",
+        type=cli.positive_int,
+        default=8,
+        help="total images to write, balanced over classes",
+    )
     add_flag(
         parser,
         "class_labels",
@@ -53,29 +86,43 @@ def add_sample_args(parser):
         help="classes to generate, as indices or folder names (default: all classes)",
     )
     add_flag(
-        parser, "cfg_scale", type=float, default=3.0, help="guidance: 0 unconditional, 1 conditional, >1 CFG"
+        parser,
+        "cfg_scale",
+        type=cli.nonnegative_float,
+        default=3.0,
+        help="guidance: 0 unconditional, 1 conditional, >1 CFG",
     )
     add_flag(
-        parser, "output_dir", default="samples", help="images go to <output-dir>/<class_name>/<index>.png"
+        parser,
+        "output_dir",
+        default="samples",
+        help="images go to <output-dir>/<class_name>/<index>.png (.tif for float data)",
     )
     add_flag(parser, "sampler", default="ddpm", choices=("ddpm", "ddim"), help="ancestral DDPM or DDIM")
     add_flag(
-        parser, "steps", type=int, default=None, help="denoising steps (default: 1000 for ddpm, 50 for ddim)"
+        parser,
+        "steps",
+        type=cli.positive_int,
+        default=None,
+        help="denoising steps (default: 1000 for ddpm, 50 for ddim)",
     )
-    add_flag(parser, "eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    add_flag(parser, "eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise (0: deterministic)")
     add_flag(
         parser,
         "npz",
         action="store_true",
-        help="also write <output-dir>.npz (arr_0 uint8 N x H x W x 3, arr_1 labels)",
+        help="also write <output-dir>.npz (arr_0 uint8 N x H x W x 3, arr_1 labels, class_names)",
     )
     add_flag(
-        parser, "grid_path", default=None, help="also write a PNG grid of the images, one column per class"
+        parser,
+        "grid_path",
+        default=None,
+        help="also write an image grid of the samples, one column per class (outside --output-dir)",
     )
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         description=__doc__,
         epilog=f"Data layout: {data_layout()}",
         allow_abbrev=False,
@@ -94,7 +141,7 @@ def build_parser():
 
 
 def load_sampling_model(args, explicit):
-    """The UNet to sample from, its class names and its training config."""
+    """The UNet to sample from, with its class names, training config, intensity rule and which weights."""
     if args.ckpt is None:
         raise UserError("pass --ckpt with a checkpoint, e.g. ./models/DDPM_conditional/ema_ckpt.pt")
     ckpt = load_checkpoint(args.ckpt)
@@ -103,16 +150,39 @@ def load_sampling_model(args, explicit):
     return model_from_state_dict(ckpt, args)
 
 
+def flag_intensity(args):
+    """The intensity rule stated by --bit-depth / --intensity-range, or None."""
+    if args.bit_depth is not None:
+        return {"kind": "integer", "bit_depth": args.bit_depth}
+    return images.float_rule(args.intensity_range) if args.intensity_range is not None else None
+
+
+def pick_weights(ckpt, args):
+    """EMA weights unless raw ones are asked for: (state_dict, description)."""
+    if "ema" in ckpt:  # ckpt.pt and its periodic / best / final copies hold both
+        return (ckpt["model"], "raw weights") if args.use_ema is False else (ckpt["ema"], "EMA weights")
+    if args.use_ema is False:  # ema_ckpt.pt
+        raise UserError(f"{args.ckpt} holds only EMA weights: sample ckpt.pt for the raw ones")
+    return ckpt["model"], "EMA weights"
+
+
 def model_from_full_checkpoint(ckpt, args, explicit):
     """Rebuild the UNet from the config a training run stored."""
     config = ckpt["config"]
     for key in ARCH_KEYS:
         if key in explicit and getattr(args, key) != config.get(key):
             raise UserError(f"{args.ckpt} was trained with {key}={config.get(key)}, not {getattr(args, key)}")
+    intensity = intensity_of(ckpt)
+    stated = flag_intensity(args)
+    if stated is not None and stated != intensity:
+        raise UserError(
+            f"{args.ckpt} was trained on {images.describe(intensity)}: drop --bit-depth / --intensity-range"
+        )
     model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["ema"] if args.use_ema and "ema" in ckpt else ckpt["model"])
-    num_classes = model.num_classes or 0
-    return model, ckpt["class_names"] or [str(i) for i in range(num_classes)], config
+    weights, which = pick_weights(ckpt, args)
+    model.load_state_dict(weights)
+    class_names = ckpt["class_names"] or [str(i) for i in range(model.num_classes or 0)]
+    return model, class_names, config, intensity, which
 
 
 def model_from_state_dict(state_dict, args):
@@ -133,7 +203,8 @@ def model_from_state_dict(state_dict, args):
             f"{args.ckpt} does not fit a UNet built from the flags ({first_line}): pass the --image-size, "
             "--num-classes, --channels, --base-channels, --time-dim and --attn-resolutions used in training"
         ) from None
-    return model, [str(i) for i in range(args.num_classes or 0)], config
+    class_names = [str(i) for i in range(args.num_classes or 0)]
+    return model, class_names, config, flag_intensity(args) or images.EIGHT_BIT, "the bare state_dict"
 
 
 def parse_class_labels(tokens, class_names):
@@ -159,36 +230,60 @@ def parse_class_labels(tokens, class_names):
 # ----------------------------------------------------------------------------- sampling
 
 
-def plan_outputs(args, class_names, conditional):
+def plan_outputs(args, class_names, conditional, suffix):
     """(label, path) of every requested image, in a fixed order so reruns find the same files."""
     out = Path(args.output_dir)
     if not conditional:
         if args.class_labels:
             raise UserError(f"{args.ckpt} is an unconditional model: drop --class-labels")
-        return [(None, out / f"{i:06d}.png") for i in range(args.num_samples)]
+        return [(None, out / f"{i:06d}{suffix}") for i in range(args.num_samples)]
     labels = parse_class_labels(args.class_labels, class_names)
     k = len(labels)
     return [
-        (labels[i % k], out / class_names[labels[i % k]] / f"{i // k:06d}.png")
+        (labels[i % k], out / class_names[labels[i % k]] / f"{i // k:06d}{suffix}")
         for i in range(args.num_samples)
     ]
 
 
+def npz_path(args):
+    """<output-dir>.npz, beside the sample folder."""
+    out = Path(args.output_dir).resolve()
+    return out.with_name(out.name + ".npz")
+
+
 def check_sample_args(args, noise_steps):
-    for key in ("num_samples", "batch_size"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.steps is not None and not 1 <= args.steps <= noise_steps:
+    """Checks that need the checkpoint (single values are checked at parsing)."""
+    if args.steps is not None and args.steps > noise_steps:
         raise UserError(f"--steps must be between 1 and {noise_steps}, got {args.steps}")
-    if args.cfg_scale < 0 or args.eta < 0:
-        raise UserError("--cfg-scale and --eta must not be negative")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise UserError(f"--output-dir {args.output_dir} is a file: choose a folder")
 
 
-def generate(plan, model, diffusion, args, ctx):
+def prepare_outputs(args, plan):
+    """Prove every output location writable before sampling, and remove a killed run's temporaries."""
+    cli.ensure_writable_dir(args.output_dir, "--output-dir")
+    for folder in sorted({path.parent for _, path in plan}):
+        clean_temporaries(cli.ensure_writable_dir(folder, "--output-dir"))
+    if args.npz:
+        cli.ensure_writable_file(npz_path(args), "--npz file")
+    if args.grid_path:
+        grid = Path(args.grid_path).resolve()
+        if Path(args.output_dir).resolve() in grid.parents:
+            raise UserError(
+                f"--grid-path {args.grid_path} is inside --output-dir, where evaluation would count it as a "
+                "sample: write it elsewhere"
+            )
+        if grid.suffix.lower() not in images.IMAGE_EXTENSIONS:
+            raise UserError(f"--grid-path {args.grid_path} needs an image suffix, e.g. .png")
+        cli.ensure_writable_file(grid, "--grid-path")
+
+
+def generate(plan, model, diffusion, args, ctx, intensity):
     """Sample this rank's share of the missing images; returns (written, batches run, skipped)."""
-    todo = [(i, label, path) for i, (label, path) in enumerate(plan) if args.overwrite or not path.exists()]
+    # A file that does not decode (a run killed mid-write by an older version) is redone.
+    todo = [
+        (i, label, path)
+        for i, (label, path) in enumerate(plan)
+        if args.overwrite or not images.is_readable_image(path)
+    ]
     ctx.barrier()  # every rank must see the same missing files before any rank writes new ones
     mine = todo[ctx.rank :: ctx.world_size]
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
@@ -196,7 +291,7 @@ def generate(plan, model, diffusion, args, ctx):
         # Noise depends on the images' indices, not on the rank that draws them.
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + batch[0][0])
         labels = None if batch[0][1] is None else torch.tensor([b[1] for b in batch], device=ctx.device)
-        images = diffusion.sample(
+        samples = diffusion.sample(
             model,
             len(batch),
             labels,
@@ -206,60 +301,60 @@ def generate(plan, model, diffusion, args, ctx):
             steps=args.steps,
             eta=args.eta,
             generator=gen,
+            output_type="float",
         )
-        for (_, _, path), image in zip(batch, images, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(image, path)
+        for (_, _, path), sample_01 in zip(batch, samples, strict=True):
+            images.save(sample_01, path, intensity)
     return len(mine), len(batches), len(plan) - len(todo)
 
 
-def write_extras(plan, args):
-    """The optional .npz of all requested images and the PNG grid (rank 0, after every rank finished)."""
+def write_extras(plan, args, class_names, intensity, channels):
+    """The optional .npz of all requested images and the grid (rank 0, after every rank finished)."""
     if not (args.npz or args.grid_path):
         return
-    images = np.stack([np.asarray(open_image(path)) for _, path in plan])
-    images = images[..., None] if images.ndim == 3 else images  # (N, H, W, C)
+    samples = torch.stack([images.load(path, intensity, channels) for _, path in plan])  # (N, C, H, W)
     labels = np.array([-1 if label is None else label for label, _ in plan], dtype=np.int64)
     if args.npz:
-        npz_path = Path(args.output_dir).with_suffix(".npz")
-        # The ADM evaluator's Inception takes 3 channels: grayscale (1) is repeated, RGB (3) kept.
-        rgb = np.repeat(images, 3 // images.shape[-1], axis=-1)
-        np.savez(npz_path, arr_0=rgb, arr_1=labels)
-        print(f"wrote {npz_path} ({rgb.shape})")
+        # The ADM evaluator's Inception takes 3 channels of uint8; evaluation maps labels by class_names.
+        rgb = images.to_uint8_rgb(samples)
+        np.savez(npz_path(args), arr_0=rgb, arr_1=labels, class_names=np.array(class_names, dtype=str))
+        print(f"wrote {npz_path(args)} ({rgb.shape})")
     if args.grid_path:
         columns = len({label for label, _ in plan}) if plan[0][0] is not None else 8
-        shown = torch.from_numpy(images[: columns * GRID_MAX_ROWS]).permute(0, 3, 1, 2)
-        Path(args.grid_path).parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_uint8_grid(shown, nrow=columns), args.grid_path)
+        save_grid(samples[: columns * GRID_MAX_ROWS], columns, args.grid_path, intensity)
         print(f"wrote grid {args.grid_path}")
 
 
 def sample(args, explicit, distributed):
-    """Write --num-samples images as PNG, skipping those already there, split over the processes."""
-    model, class_names, config = load_sampling_model(args, explicit)
+    """Write --num-samples images, skipping those already there, split over the processes."""
+    model, class_names, config, intensity, weights = load_sampling_model(args, explicit)
     check_sample_args(args, config["noise_steps"])
-    plan = plan_outputs(args, class_names, model.num_classes is not None)
+    plan = plan_outputs(args, class_names, model.num_classes is not None, images.suffix(intensity))
+    prepare_outputs(args, plan)
     ctx = DistContext(distributed, args.device)
     model = model.to(ctx.device).eval()
     diffusion = Diffusion.from_config(config, ctx.device)
     steps = len(diffusion.make_sampler(args.sampler, args.steps).timesteps)
     start = time.perf_counter()
-    written, batches, skipped = generate(plan, model, diffusion, args, ctx)
+    written, batches, skipped = generate(plan, model, diffusion, args, ctx, intensity)
     total = int(ctx.all_reduce_sum(torch.tensor([written], device=ctx.device)).item())
     ctx.barrier()
     seconds = time.perf_counter() - start
     if ctx.is_main:
-        print(f"{args.sampler} with cfg_scale {args.cfg_scale} on {ctx.world_size} process(es), {ctx.device}")
+        print(
+            f"{args.sampler} with cfg_scale {args.cfg_scale} and the {weights} of {args.ckpt} on "
+            f"{ctx.world_size} process(es), {ctx.device}; writing {images.describe(intensity)}"
+        )
         print_timing(total, steps, seconds, batches)
         print(f"{len(plan)} images in {args.output_dir} ({total} new, {skipped} already there)")
-        write_extras(plan, args)
+        write_extras(plan, args, class_names, intensity, model.c_in)
     ctx.close()
 
 
 def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     explicit = explicit_flags(parser, argv)
     if not args.mode.endswith("_ddp") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--mode {args.mode} runs one process: use --mode {args.mode}_ddp under torchrun")

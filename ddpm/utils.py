@@ -1,34 +1,29 @@
 """Shared helpers of the DDPM scripts: command line, data, images, checkpoints, devices, errors."""
 
+import argparse
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import Dataset
 
+from core import images
+from core.errors import UserError, run_cli, warn  # noqa: F401 (run_cli: the scripts import it from here)
+from core.files import load_weights_only
 from modules import count_parameters
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 CHECKPOINT_FORMAT = "ddpm-checkpoint-v1"
-
-
-class UserError(Exception):
-    """A problem with the user's input or files, reported as one line with exit code 2."""
-
-
-def run_cli(main):
-    """Run main(); a UserError becomes one line on stderr and exit code 2 instead of a traceback."""
-    try:
-        return main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+# Checkpoints of the other folders: what they are, the script that resumes them and the one that samples.
+OTHER_MODELS = {
+    "ldm": ("an LDM checkpoint", "ldm/train.py --resume", "ldm/inference.py"),
+    "controlnet": ("a ControlNet checkpoint", "controlnet/train.py --resume", "controlnet/inference.py"),
+    "vae": ("a VAE checkpoint of ldm/train_vae.py", "ldm/train_vae.py --resume", "ldm/train_vae.py --resume"),
+    "dit": ("a DiT checkpoint", "dit/train.py --resume", "dit/sample.py"),
+}
+DIT_KEY = "x_embedder.proj.weight"  # in official DiT files and in the "model" of dit/train.py checkpoints
 
 
 # ----------------------------------------------------------------------------- command line
@@ -47,57 +42,35 @@ def explicit_flags(parser, argv):
     return {a.dest for a in parser._actions if given.intersection(a.option_strings)}
 
 
+def boolean(text):
+    """An argparse type for yes/no values: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # ----------------------------------------------------------------------------- data
 
 
 def list_images(folder):
     """Sorted image files directly inside folder (any case of the known extensions)."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-
-
-def open_image(path):
-    """Fully decode an image, turning any failure into a UserError naming the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path} ({err}): fix or remove the file") from None
-
-
-def to_mode(img, channels):
-    """Convert any PIL image (16-bit, palette, alpha, ...) to 8-bit L (1 channel) or RGB (3 channels)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if img.mode != "F" or arr.max() > 1.0 else 1.0  # 16-bit -> 8-bit, floats in [0, 1]
-        img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    return img.convert("L" if channels == 1 else "RGB")
-
-
-def image_channels(img):
-    """1 for grayscale images, 3 for colour ones."""
-    if img.mode == "P":
-        palette = np.asarray(img.convert("RGB"))
-        return (
-            1
-            if (palette[..., 0] == palette[..., 1]).all() and (palette[..., 1] == palette[..., 2]).all()
-            else 3
-        )
-    return 1 if img.mode in GRAY_MODES else 3
+    return sorted(p for p in Path(folder).iterdir() if images.is_image_file(p))
 
 
 def scan_dataset(root, conditional):
     """Files, labels and class names of root/<class_name>/* (conditional) or all images under root."""
     root = Path(root)
+    extensions = " ".join(images.IMAGE_EXTENSIONS)
     if not root.is_dir():
         layout = data_layout() if conditional else "any folder of images, sub-folders included"
         raise UserError(f"dataset folder {root} does not exist: pass --dataset-path (layout: {layout})")
     if not conditional:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        files = sorted(p for p in root.rglob("*") if images.is_image_file(p))
         if not files:
-            raise UserError(f"no images ({' '.join(IMG_EXTENSIONS)}) found under {root}")
+            raise UserError(f"no images ({extensions}) found under {root}")
         return files, [0] * len(files), []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -106,13 +79,11 @@ def scan_dataset(root, conditional):
         )
     files, labels = [], []
     for label, folder in enumerate(class_dirs):
-        images = list_images(folder)
-        if not images:
-            raise UserError(
-                f"class folder {folder} has no images ({' '.join(IMG_EXTENSIONS)}): add some or remove it"
-            )
-        files += images
-        labels += [label] * len(images)
+        found = list_images(folder)
+        if not found:
+            raise UserError(f"class folder {folder} has no images ({extensions}): add some or remove it")
+        files += found
+        labels += [label] * len(found)
     return files, labels, [p.name for p in class_dirs]
 
 
@@ -123,35 +94,24 @@ def data_layout():
     )
 
 
-def detect_channels(files):
-    """Decode every file once (so a broken image fails now, not mid-training) and return 1 or 3 channels."""
-    return max(image_channels(open_image(f)) for f in files)
-
-
 class ImageDataset(Dataset):
-    """Images resized and centre-cropped to a square, scaled to [-1, 1], with their class index."""
+    """Images decoded by the data set's intensity rule, resized and centre-cropped to [-1, 1], with labels."""
 
-    def __init__(self, files, labels, image_size, channels):
-        from torchvision import transforms  # imported on first use: start-up and input errors stay fast
-
-        self.files, self.labels, self.channels = list(files), list(labels), channels
-        self.transform = transforms.Compose(
-            [
-                transforms.Resize(
-                    image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True
-                ),
-                transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5] * channels, [0.5] * channels),
-            ]
-        )
+    def __init__(self, files, labels, image_size, channels, intensity):
+        self.files, self.labels = list(files), list(labels)
+        self.image_size, self.channels, self.intensity = image_size, channels, intensity
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        img = to_mode(open_image(self.files[index]), self.channels)
-        return self.transform(img), self.labels[index]
+        from torchvision.transforms import functional as TF  # on first use: input errors stay fast
+
+        x = images.load(self.files[index], self.intensity, self.channels)  # (C, H, W) in [0, 1]
+        # Resizing the float tensor keeps every grey level of 12- and 16-bit data (PIL would need 8 bits).
+        x = TF.resize(x, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        x = TF.center_crop(x, self.image_size)
+        return x.clamp(0, 1) * 2 - 1, self.labels[index]
 
 
 # ----------------------------------------------------------------------------- images
@@ -162,38 +122,33 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def to_pil(image):
-    """A uint8 (C, H, W) tensor as a PIL image in L or RGB mode."""
-    arr = image.permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+def to_unit(x):
+    """Model-space images in [-1, 1] to float32 in [0, 1]: (N, C, H, W)."""
+    return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
-def save_image(image, path):
-    """Save a uint8 (C, H, W) tensor as PNG via a temporary file, so no half-written image is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    to_pil(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def make_uint8_grid(images, nrow):
-    """Tile uint8 (N, C, H, W) images into one (C, H', W') uint8 grid, keeping 1-channel images gray."""
+def make_image_grid(batch, nrow):
+    """Tile (N, C, H, W) images in [0, 1] into one (C, H', W') grid, keeping 1-channel images gray."""
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.float(), nrow=nrow, padding=2, pad_value=0)
-    return grid[: images.shape[1]].to(torch.uint8)
+    return make_grid(batch.float(), nrow=nrow, padding=2, pad_value=0)[: batch.shape[1]]
+
+
+def save_grid(batch, nrow, path, intensity):
+    """Write a grid of images in [0, 1]; returns the grid.
+
+    It is written at the data set's depth when path has that rule's suffix (a .png grid of float data,
+    which PNG cannot hold, is written as 8 bits).
+    """
+    grid = make_image_grid(batch, nrow)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    at_depth = path.suffix.lower() == images.suffix(intensity)
+    images.save(grid, path, intensity if at_depth else images.EIGHT_BIT)
+    return grid
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def cpu_state(state_dict):
@@ -201,25 +156,43 @@ def cpu_state(state_dict):
     return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
 
 
-def load_checkpoint(path):
-    """Load a .pt file with weights_only=True; a missing or foreign file is a UserError."""
+def load_checkpoint(path, flag="--ckpt"):
+    """Load a .pt file safely (weights_only); a missing, unsafe or foreign file is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: pass --ckpt with a file written by training")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means the file is not one of ours
-        raise UserError(
-            f"cannot load checkpoint {path} ({type(err).__name__}): it is not a PyTorch checkpoint"
-        ) from None
+        if flag == "--resume":
+            raise UserError(
+                f"resume file {path} does not exist: pass --resume <path to a ckpt.pt written by training>, "
+                "or --resume alone for <workdir>/models/<run-name>/ckpt.pt"
+            )
+        raise UserError(f"checkpoint {path} does not exist: pass {flag} with a file written by training")
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or not ckpt:
         raise UserError(f"checkpoint {path} holds no state_dict or DDPM checkpoint")
+    other = other_model(ckpt)
+    if other is not None:
+        what, resume_with, sample_with = OTHER_MODELS[other]
+        script = resume_with if flag == "--resume" else sample_with
+        raise UserError(f"{path} is {what}, not a DDPM one: use it with {script}")
     return ckpt
+
+
+def other_model(ckpt):
+    """The OTHER_MODELS key of a loaded file written by another folder, else None."""
+    if ckpt.get("model_type") in OTHER_MODELS:
+        return ckpt["model_type"]
+    weights = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    return "dit" if DIT_KEY in weights else None
 
 
 def is_full_checkpoint(ckpt):
     """Whether a loaded dict is a checkpoint of this project (rather than a bare state_dict)."""
     return ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def intensity_of(ckpt):
+    """The intensity rule a checkpoint was trained with; 8-bit for files written before it was stored."""
+    return ckpt.get("intensity") or images.EIGHT_BIT
 
 
 def rng_states():
@@ -244,8 +217,8 @@ def set_rng_states(states):
 
 
 def prune_checkpoints(folder, pattern, keep):
-    """Delete all but the newest `keep` periodic checkpoints matching pattern."""
-    if keep is None or keep <= 0:
+    """Delete all but the newest `keep` periodic checkpoints matching pattern (None keeps all)."""
+    if keep is None:
         return
     for old in sorted(Path(folder).glob(pattern))[:-keep]:
         old.unlink()
@@ -309,7 +282,7 @@ def autocast_dtype(device, precision):
     """The autocast dtype for --precision on this device; None means plain fp32."""
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
-            print(f"warning: --precision {precision} needs CUDA; running in fp32 on the CPU", file=sys.stderr)
+            warn(f"--precision {precision} needs CUDA; running in fp32 on the CPU")
         return None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -324,11 +297,11 @@ def print_parameter_table(components):
         print(f"{name:<16}{c['total']:>14,}{c['trainable']:>14,}{c['frozen']:>14,}")
 
 
-def print_timing(images, steps, seconds, batches):
+def print_timing(count, steps, seconds, batches):
     """Print images, steps, total s, s/image, ms/step (one denoising step of one batch) and images/s."""
     ms_step = 1000.0 * seconds / max(1, steps * batches)
-    per_image = seconds / max(1, images)
+    per_image = seconds / max(1, count)
     print(
-        f"sampling: {images} images, {steps} steps, {seconds:.2f} s total, {per_image:.4f} s/image, "
-        f"{ms_step:.2f} ms/step, {images / max(seconds, 1e-9):.2f} images/s"
+        f"sampling: {count} images, {steps} steps, {seconds:.2f} s total, {per_image:.4f} s/image, "
+        f"{ms_step:.2f} ms/step, {count / max(seconds, 1e-9):.2f} images/s"
     )

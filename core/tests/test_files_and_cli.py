@@ -22,10 +22,17 @@ class Evil:
 
 def test_load_weights_only_refuses_pickled_code(tmp_path):
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps(Evil()))
+    torch.save({"model": Evil()}, evil)  # a real torch file whose pickle would call os.system
     os.chdir(tmp_path)
-    with pytest.raises(UserError, match="cannot load weights"):
+    with pytest.raises(UserError, match="cannot load weights .* safely: it holds a pickled posix.system"):
         files.load_weights_only(evil, "weights")
+    for name, content in [
+        ("garbage.pt", b"not a checkpoint"),
+        ("evil4.pt", pickle.dumps(Evil(), protocol=4)),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match="it is not a PyTorch file"):
+            files.load_weights_only(tmp_path / name, "weights")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -33,7 +40,8 @@ def test_atomic_save_and_stale_temporaries(tmp_path):
     files.atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert files.load_weights_only(tmp_path / "x.pt")["a"].sum() == 2
     (tmp_path / ".x.pt.tmp-123").write_bytes(b"partial")
-    assert files.clean_temporaries(tmp_path) == 1
+    (tmp_path / ".x.pt.tmp456").write_bytes(b"partial, older spelling")
+    assert files.clean_temporaries(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
 
 
@@ -44,6 +52,11 @@ def test_writable_checks(tmp_path):
     with pytest.raises(UserError, match="not writable"):
         cli.ensure_writable_dir(tmp_path / "file" / "sub", "--output_dir")
     assert cli.ensure_writable_dir(tmp_path / "new" / "deep", "--output_dir").is_dir()
+    with pytest.raises(UserError, match="--json .*out.json cannot be written: .*file is a file"):
+        cli.ensure_writable_file(tmp_path / "file" / "out.json", "--json")
+    with pytest.raises(UserError, match="is a folder"):
+        cli.ensure_writable_file(tmp_path / "new", "--json")
+    assert cli.ensure_writable_file(tmp_path / "a" / "b.json", "--json").parent.is_dir()
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TINY, make_class_folders, run_script
 from modules import UNet_conditional
@@ -40,7 +42,7 @@ def bad_inputs(tmp_path_factory, trained_run):
     model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
     torch.save(model.state_dict(), root / "bare.pt")
     ckpt, train = trained_run / "models/tiny/ckpt.pt", ("ddpm_conditional.py", *TINY)
-    return {
+    cases = {
         "default_path_conditional": (
             ("ddpm_conditional.py",),
             "dataset folder /path/to/dataset does not exist",
@@ -92,7 +94,7 @@ def bad_inputs(tmp_path_factory, trained_run):
         ),
         "sample_without_ckpt": (SAMPLE, "pass --ckpt"),
         "missing_ckpt": ((*SAMPLE, "--ckpt", root / "nope.pt"), "nope.pt does not exist"),
-        "garbage_ckpt": ((*SAMPLE, "--ckpt", root / "garbage.pt"), "is not a PyTorch checkpoint"),
+        "garbage_ckpt": ((*SAMPLE, "--ckpt", root / "garbage.pt"), "cannot load checkpoint"),
         "unknown_class_name": (
             (*SAMPLE, "--ckpt", ckpt, "--class-labels", "cat"),
             "'cat' is not in the checkpoint",
@@ -103,7 +105,7 @@ def bad_inputs(tmp_path_factory, trained_run):
         ),
         "num_samples_zero": (
             (*SAMPLE, "--ckpt", ckpt, "--num-samples", "0"),
-            "--num-samples must be at least 1",
+            "--num-samples/--num_samples: must be an integer >= 1",
         ),
         "conflicting_architecture_flag": ((*SAMPLE, "--ckpt", ckpt, "--num-classes", "8"), "num_classes=3"),
         "bare_state_dict_without_flags": ((*SAMPLE, "--ckpt", root / "bare.pt"), "pass --num-classes"),
@@ -116,10 +118,137 @@ def bad_inputs(tmp_path_factory, trained_run):
             "drop --use-ema",
         ),
     }
+    return {**cases, **more_cases(root, trained_run, data)}
+
+
+def other_folders_checkpoints(root):
+    """Files with the keys that ldm/, controlnet/ and dit/train.py write, and an official DiT file."""
+    weights = {"conv_in.weight": torch.zeros(2)}
+    dit = {"x_embedder.proj.weight": torch.zeros(2), "t_embedder.mlp.0.weight": torch.zeros(2)}
+    files = {
+        "ldm.pt": {"model_type": "ldm", "unet": weights, "ema_unet": weights, "class_names": ["a"]},
+        "controlnet.pt": {"model_type": "controlnet", "controlnet": weights, "class_names": ["a"]},
+        "dit_official.pt": dit,
+        "dit_trained.pt": {"model": dit, "ema": dit, "opt": {}, "args": {"model": "DiT-S/8"}},
+    }
+    for name, content in files.items():
+        torch.save(content, root / name)
+
+
+def more_cases(root, trained_run, data):
+    """Values that are meaningless, outputs that cannot be written, and files of other folders."""
+    other_folders_checkpoints(root)
+    (root / "a_file").write_text("not a folder")
+    (root / "out_class_file" / "class_0").parent.mkdir()
+    (root / "out_class_file" / "class_0").write_text("not a folder")
+    (root / "samples.npz").mkdir()
+    floats = root / "floats" / "class_0"
+    floats.mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), "F").save(floats / "a.tif")
+    ckpt, ema_ckpt = trained_run / "models/tiny/ckpt.pt", trained_run / "models/tiny/ema_ckpt.pt"
+    train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
+    sample = (*SAMPLE, "--ckpt", ckpt)
+    return {
+        "lr_negative": ((*train, "--lr", "-1"), "argument --lr: must be a number > 0, got -1"),
+        "lr_negative_unconditional": (("ddpm.py", "--lr", "-1"), "argument --lr: must be a number > 0"),
+        "lr_negative_ddp_script": (
+            ("ddpm_conditional_ddp.py", "--mode", "train", "--lr", "-1"),
+            "argument --lr: must be a number > 0",
+        ),
+        "lr_nan": ((*train, "--lr", "nan"), "expected a finite number, got 'nan'"),
+        "lr_not_a_number": ((*train, "--lr", "fast"), "expected a number, got 'fast'"),
+        "ema_decay_2": ((*train, "--ema-decay", "2"), "--ema_decay: must be a fraction in [0, 1), got 2"),
+        "betas_reversed": (
+            (*train, "--beta-start", "0.9", "--beta-end", "0.1"),
+            "needs 0 < --beta-start < --beta-end < 1",
+        ),
+        "beta_end_one": ((*train, "--beta-end", "1"), "needs 0 < --beta-start < --beta-end < 1"),
+        "num_workers_negative": ((*train, "--num-workers", "-1"), "--num_workers: must be an integer >= 0"),
+        "epochs_zero": ((*train, "--epochs", "0"), "--epochs: must be an integer >= 1, got 0"),
+        "epochs_negative": ((*train, "--epochs", "-3"), "--epochs: must be an integer >= 1, got -3"),
+        "batch_size_zero": ((*train, "--batch-size", "0"), "--batch_size: must be an integer >= 1, got 0"),
+        "max_steps_negative": ((*train, "--max-steps", "-3"), "--max_steps: must be an integer >= 1"),
+        "val_split_one": ((*train, "--val-split", "1"), "--val_split: must be a fraction in [0, 1)"),
+        "base_channels_odd": ((*train, "--base-channels", "7"), "--base-channels must be even"),
+        "bit_depth_zero": ((*train, "--bit-depth", "0"), "must be a bit depth from 1 to 32, got 0"),
+        "intensity_range_reversed": ((*train, "--intensity-range", "1", "0"), "needs LOW < HIGH, got 1 0"),
+        "intensity_range_nan": ((*train, "--intensity_range", "0", "nan"), "expected a finite number"),
+        "bit_depth_for_float_images": (
+            (*train[:-4], "--dataset-path", root / "floats", "--num-classes", "1", "--bit-depth", "16"),
+            "--bit_depth applies to integer images",
+        ),
+        "resume_missing_file": (
+            (*train, "--resume", root / "missing.pt"),
+            f"resume file {root / 'missing.pt'} does not exist",
+        ),
+        "resume_with_other_bit_depth": (
+            (*train, "--resume", ckpt, "--bit-depth", "16"),
+            "checkpoint was trained on 8-bit integer images",
+        ),
+        "resume_ldm_checkpoint": (
+            (*train, "--resume", root / "ldm.pt"),
+            "is an LDM checkpoint, not a DDPM one: use it with ldm/train.py --resume",
+        ),
+        "workdir_is_a_file": ((*train, "--workdir", root / "a_file"), "is a file, not a folder"),
+        "workdir_under_a_file": ((*train, "--workdir", root / "a_file" / "work"), "is not writable"),
+        "cfg_scale_nan": ((*sample, "--cfg-scale", "nan"), "expected a finite number, got 'nan'"),
+        "cfg_scale_inf": ((*sample, "--cfg-scale", "inf"), "expected a finite number, got 'inf'"),
+        "cfg_scale_negative": ((*sample, "--cfg-scale", "-1"), "--cfg_scale: must be a number >= 0"),
+        "eta_nan": ((*sample, "--eta", "nan"), "expected a finite number"),
+        "steps_zero": ((*sample, "--steps", "0"), "--steps: must be an integer >= 1, got 0"),
+        "steps_above_noise_steps": ((*sample, "--steps", "5000"), "--steps must be between 1 and 1000"),
+        "sample_batch_size_zero": ((*sample, "--batch-size", "0"), "must be an integer >= 1, got 0"),
+        "use_ema_bad_value": ((*sample, "--use-ema", "maybe"), "expected true or false, got 'maybe'"),
+        "no_ema_with_ema_ckpt": ((*SAMPLE, "--ckpt", ema_ckpt, "--no-ema"), "holds only EMA weights"),
+        "sample_with_other_bit_depth": (
+            (*sample, "--bit-depth", "16"),
+            "was trained on 8-bit integer images, values / 255: drop --bit-depth",
+        ),
+        "output_dir_is_a_file": ((*sample, "--output-dir", root / "a_file"), "is a file, not a folder"),
+        "output_dir_under_a_file": ((*sample, "--output-dir", root / "a_file" / "s"), "is not writable"),
+        "class_folder_is_a_file": (
+            (*sample, "--output-dir", root / "out_class_file", "--class-labels", "0"),
+            "out_class_file/class_0 is a file, not a folder",
+        ),
+        "npz_path_is_a_folder": (
+            (*sample, "--output-dir", root / "samples", "--npz"),
+            "samples.npz is a folder: pass a file path",
+        ),
+        "grid_path_inside_output_dir": (
+            (*sample, "--output-dir", root / "s2", "--grid-path", root / "s2" / "grid.png"),
+            "is inside --output-dir",
+        ),
+        "grid_path_under_a_file": (
+            (*sample, "--grid-path", root / "a_file" / "g.png"),
+            "--grid-path " + str(root / "a_file") + " is a file, not a folder",
+        ),
+        "ldm_checkpoint_to_sampler": (
+            (*SAMPLE, "--ckpt", root / "ldm.pt"),
+            "is an LDM checkpoint, not a DDPM one: use it with ldm/inference.py",
+        ),
+        "controlnet_checkpoint_to_sampler": (
+            (*SAMPLE, "--ckpt", root / "controlnet.pt"),
+            "is a ControlNet checkpoint, not a DDPM one: use it with controlnet/inference.py",
+        ),
+        "official_dit_checkpoint_to_sampler": (
+            (*SAMPLE, "--ckpt", root / "dit_official.pt"),
+            "is a DiT checkpoint, not a DDPM one: use it with dit/sample.py",
+        ),
+        "dit_training_checkpoint_to_sampler": (
+            (*SAMPLE, "--ckpt", root / "dit_trained.pt"),
+            "is a DiT checkpoint, not a DDPM one: use it with dit/sample.py",
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
-def outcomes(bad_inputs, tmp_path_factory):
+def checkpoint_before(trained_run):
+    """The bytes of the trained run's latest checkpoint before any bad input is tried."""
+    return (trained_run / "models/tiny/ckpt.pt").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def outcomes(bad_inputs, checkpoint_before, tmp_path_factory):
     """Run all cases, a few at a time (each is a separate Python process)."""
     work = tmp_path_factory.mktemp("bad_runs")
 
@@ -159,6 +288,50 @@ CASES = [
     "bare_state_dict_without_flags",
     "bare_state_dict_wrong_flags",
     "bare_state_dict_with_ema",
+    "lr_negative",
+    "lr_negative_unconditional",
+    "lr_negative_ddp_script",
+    "lr_nan",
+    "lr_not_a_number",
+    "ema_decay_2",
+    "betas_reversed",
+    "beta_end_one",
+    "num_workers_negative",
+    "epochs_zero",
+    "epochs_negative",
+    "batch_size_zero",
+    "max_steps_negative",
+    "val_split_one",
+    "base_channels_odd",
+    "bit_depth_zero",
+    "intensity_range_reversed",
+    "intensity_range_nan",
+    "bit_depth_for_float_images",
+    "resume_missing_file",
+    "resume_with_other_bit_depth",
+    "resume_ldm_checkpoint",
+    "workdir_is_a_file",
+    "workdir_under_a_file",
+    "cfg_scale_nan",
+    "cfg_scale_inf",
+    "cfg_scale_negative",
+    "eta_nan",
+    "steps_zero",
+    "steps_above_noise_steps",
+    "sample_batch_size_zero",
+    "use_ema_bad_value",
+    "no_ema_with_ema_ckpt",
+    "sample_with_other_bit_depth",
+    "output_dir_is_a_file",
+    "output_dir_under_a_file",
+    "class_folder_is_a_file",
+    "npz_path_is_a_folder",
+    "grid_path_inside_output_dir",
+    "grid_path_under_a_file",
+    "ldm_checkpoint_to_sampler",
+    "controlnet_checkpoint_to_sampler",
+    "official_dit_checkpoint_to_sampler",
+    "dit_training_checkpoint_to_sampler",
 ]
 
 
@@ -176,10 +349,9 @@ def test_every_case_is_checked(bad_inputs):
     assert sorted(CASES) == sorted(bad_inputs)
 
 
-def test_failed_run_leaves_the_existing_checkpoint_untouched(trained_run, outcomes):
-    before = (trained_run / "models/tiny/ckpt_final.pt").read_bytes()
+def test_failed_run_leaves_the_existing_checkpoint_untouched(trained_run, outcomes, checkpoint_before):
     assert outcomes["run_exists_without_resume"].returncode == 2
-    assert (trained_run / "models/tiny/ckpt.pt").read_bytes() == before
+    assert (trained_run / "models/tiny/ckpt.pt").read_bytes() == checkpoint_before
 
 
 def test_bare_state_dict_samples_with_the_right_flags(tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end runs of the training and sampling scripts as a user types them."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from conftest import DDPM_DIR, TINY, make_class_folders, run_script, torchrun
+from core import images
 
 EXPECTED_KEYS = {
     "model",
@@ -275,6 +277,7 @@ def test_sample_writes_balanced_class_folders_npz_and_grid(tmp_path, trained_run
     assert npz["arr_0"].shape == (5, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert (npz["arr_0"] == npz["arr_0"][..., :1]).all()
     assert npz["arr_1"].tolist() == [0, 2, 0, 2, 0]
+    assert npz["class_names"].tolist() == ["class_0", "class_1", "class_2"]  # label i is class_names[i]
     assert (tmp_path / "grid.png").is_file()
 
 
@@ -357,3 +360,71 @@ def test_example_scripts_train_and_sample(tmp_path, gray_data):
     )
     assert sampled.returncode == 0, sampled.stderr
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3 and (tmp_path / "out.npz").is_file()
+
+
+def test_sampling_uses_the_ema_weights_unless_raw_ones_are_asked_for(tmp_path, trained_run):
+    from ddpm_conditional_ddp import build_parser, load_sampling_model, parse_flags
+
+    ckpt = load(trained_run / "models/tiny/ckpt.pt")
+    ckpt["ema"] = {k: v + 1 for k, v in ckpt["ema"].items()}  # so that the two sets of weights differ
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    parser = build_parser()
+    for flags, expected in (
+        ([], "ema"),
+        (["--use-ema"], "ema"),
+        (["--use-ema", "true"], "ema"),
+        (["--no-ema"], "model"),
+        (["--use-ema", "false"], "model"),
+    ):
+        argv = ["--mode", "sample", "--ckpt", str(tmp_path / "ckpt.pt"), *flags]
+        model, *_, which = load_sampling_model(parse_flags(parser, argv), set())
+        assert which == ("EMA weights" if expected == "ema" else "raw weights"), flags
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, ckpt[expected][key]), (flags, key)
+
+
+def test_checkpoints_are_saved_latest_last_and_stale_temporaries_removed(tmp_path, trained_run, gray_data):
+    models = tmp_path / "models/tiny"
+    shutil.copytree(trained_run / "models/tiny", models)
+    stale = [models / ".ckpt.pt.tmp-99999", tmp_path / "results/tiny/.final.png.tmp-99999"]
+    stale[1].parent.mkdir(parents=True)
+    for path in stale:
+        path.write_bytes(b"half a file from a killed run")
+    resumed = run_script(
+        "ddpm_conditional.py",
+        "--resume",
+        "--run-name",
+        "tiny",
+        "--dataset-path",
+        gray_data,
+        "--epochs",
+        "3",
+        "--max-steps",
+        "7",
+        "--num-workers",
+        "0",
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert not any(path.exists() for path in stale)
+    assert load(models / "ckpt_final.pt")["global_step"] == load(models / "ckpt.pt")["global_step"] == 7
+    # ckpt.pt, the resume file, is written last: a kill before it leaves the old one, and resuming redoes all.
+    latest = (models / "ckpt.pt").stat().st_mtime_ns
+    assert all(latest >= (models / name).stat().st_mtime_ns for name in ("ckpt_final.pt", "ema_ckpt.pt"))
+
+
+def test_sampling_redoes_a_truncated_image_and_removes_stale_temporaries(tmp_path, trained_run):
+    out = tmp_path / "s"
+    args = ["--mode", "sample", "--ckpt", trained_run / "models/tiny/ckpt.pt", "--num-samples", "2"]
+    args += ["--class-labels", "0", "--sampler", "ddim", "--steps", "2", "--output-dir", out]
+    first = run_script("ddpm_conditional_ddp.py", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    truncated, kept = out / "class_0/000000.png", out / "class_0/000001.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    stale = out / "class_0/.000002.png.tmp-99999"
+    stale.write_bytes(b"half a file")
+    before = kept.read_bytes()
+    second = run_script("ddpm_conditional_ddp.py", *args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "(1 new, 1 already there)" in second.stdout
+    assert images.is_readable_image(truncated) and kept.read_bytes() == before and not stale.exists()
