@@ -17,10 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from core.cli import Parser, positive_int  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
 from train import latent_batch, train_step, update_ema  # noqa: E402
-from utils import add_flag, load_vae  # noqa: E402
+from utils import add_flag, load_vae, run_cli  # noqa: E402
 
 SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
     block_out_channels=(128, 256, 512, 512),
@@ -33,16 +34,18 @@ SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(
-        parser, "--batch-size", type=int, default=None, help="images per step (default: 1 on CPU, 32 on CUDA)"
+        parser,
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per step (default: 1 on CPU, 32 on CUDA)",
     )
     add_flag(
         parser,
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="timed steps per setting (default: 2 on CPU, 20 on CUDA)",
     )
@@ -112,4 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,16 +1,12 @@
-"""Class-conditional image folders: root/<class_name>/*.png, classes are the sorted folder names."""
+"""Class-conditional image folders: root/<class_name>/<images>, classes are the sorted folder names."""
 
 import os
 
-import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from core import images
 from utils import UserError
-
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def find_images(root):
@@ -23,61 +19,44 @@ def find_images(root):
     samples = []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS))
+        files = sorted(f for f in os.listdir(folder) if images.is_image_file(os.path.join(folder, f)))
         if not files:
-            raise UserError(f"class folder {folder} has no images ({' '.join(EXTENSIONS)})")
+            raise UserError(f"class folder {folder} has no images ({' '.join(images.IMAGE_EXTENSIONS)})")
         samples += [(os.path.join(folder, f), label) for f in files]
     return samples, class_names
 
 
-def image_mode(paths):
-    """'L' when every image is grayscale, else 'RGB'; also checks that every file opens as an image."""
-    grayscale = True
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                grayscale &= image.mode in GRAYSCALE_MODES
-        except (OSError, ValueError):
-            raise UserError(f"cannot read image {path}: remove or replace the file") from None
-    return "L" if grayscale else "RGB"
-
-
-def load_rgb(path):
-    """Any image (grayscale, 16-bit, palette, RGBA) as 8-bit RGB; alpha is dropped."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode.startswith("I") or image.mode == "F":
-                array = np.asarray(image, dtype=np.float64)
-                # 16-bit data spans 0..65535; scale it into 8 bits instead of clipping it to white.
-                image = Image.fromarray(
-                    np.clip(array / 257 if array.max() > 255 else array, 0, 255).astype(np.uint8)
-                )
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError):
-        raise UserError(
-            f"cannot read image {path} (truncated or corrupt): remove or replace the file"
-        ) from None
-
-
 class ImageFolderDataset(Dataset):
-    """Center-cropped images scaled to [-1, 1]; flips are applied by the training loop."""
+    """Center-cropped images in [-1, 1] with 3 channels for the RGB VAE; flips are left to the training loop.
+
+    Pixel values follow the data set's one decoding rule (core.images): set `intensity` to the rule that
+    scan() found, or to the rule of the checkpoint being resumed. Gray images are repeated to R = G = B.
+    """
 
     def __init__(self, root, image_size):
         self.samples, self.class_names = find_images(root)
-        self.mode = image_mode(path for path, _ in self.samples)
+        self.intensity = None
         self.transform = transforms.Compose(
             [
-                transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.Resize(
+                    image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True
+                ),
                 transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize([0.5] * 3, [0.5] * 3),
             ]
         )
+
+    def scan(self, bit_depth=None, intensity_range=None, rank=0, world=1):
+        """Decode every file once (a truncated one stops the run here) and return the data set's rule.
+
+        With world > 1 only every world-th file from `rank` on: each process checks its share.
+        """
+        return images.scan([path for path, _ in self.samples[rank::world]], bit_depth, intensity_range)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        image = images.load(path, self.intensity, 3)  # (3, H, W) in [0, 1]
+        # Bicubic resizing overshoots a little; clamp so the VAE sees the range it was trained on.
+        return self.transform(image).clamp(0, 1) * 2 - 1, label

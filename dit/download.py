@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from core.cli import Parser, ensure_writable_dir  # noqa: E402
 from utils import UserError, add_flag, run_cli  # noqa: E402
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
@@ -37,7 +38,7 @@ def fetch(url, path):
     by_hand = f"download {url} on a machine with internet and put it at {os.path.abspath(path)}"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"offline (HF_HUB_OFFLINE=1), cannot fetch {url}: {by_hand}")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ensure_writable_dir(os.path.dirname(path) or ".", "download folder")
     socket.setdefaulttimeout(TIMEOUT_S)
     try:
         torch.hub.download_url_to_file(url, path, progress=True)
@@ -46,9 +47,7 @@ def fetch(url, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(
         parser,
         "--image-size",

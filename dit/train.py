@@ -5,13 +5,16 @@ Data layout: DATA/<class_name>/<images>; classes are the sorted folder names.
 """
 
 import argparse
+import contextlib
 import glob
+import hashlib
+import io
 import itertools
+import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -22,13 +25,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from core import images  # noqa: E402
+from core.cli import (  # noqa: E402
+    Parser,
+    bit_depth,
+    finite_float,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from core.errors import warn  # noqa: E402
+from core.files import atomic_save, clean_temporaries  # noqa: E402
 from dataset import ImageFolderDataset  # noqa: E402
 from diffusion import classifier_free_guidance, create_diffusion  # noqa: E402
 from utils import (  # noqa: E402
@@ -38,14 +52,15 @@ from utils import (  # noqa: E402
     architecture,
     autocast,
     build_dit,
+    check_output_folder,
     check_precision,
     images_from_latents,
     latent_size,
     load_checkpoint,
     load_vae,
+    other_model,
     print_parameter_table,
     run_cli,
-    save_atomic,
     setup_distributed,
     vae_downsample,
 )
@@ -55,11 +70,13 @@ GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
 
 def parse_args(argv=None):
     """Flags (with --resume, unset ones default to the resumed run's) and the checkpoint to resume."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Data layout: DATA/<class_name>/*.{png,jpg,jpeg,bmp,tif,tiff,webp}; grayscale data is "
-        "trained through the RGB VAE and sampled back as grayscale.",
+        "trained through the RGB VAE and sampled back as grayscale. Integer images are scaled by the data "
+        "set's bit depth (one scan: the largest value rounded up to 2^k - 1), float images by "
+        "--intensity-range; the rule is stored in the checkpoint and samples are written at that depth.",
     )
     add_architecture_flags(parser, "DiT-B/2")
     add_flag(
@@ -71,34 +88,46 @@ def parse_args(argv=None):
     add_flag(
         parser,
         "--image-size",
-        type=int,
+        type=positive_int,
         default=256,
         help="image side in pixels, a multiple of 8 x patch size (default: 256)",
     )
     add_flag(
         parser,
         "--num-classes",
-        type=int,
+        type=positive_int,
         default=None,
         help="label-table size (default: the number of class folders)",
     )
     add_flag(
         parser,
         "--global-batch-size",
-        type=int,
+        type=positive_int,
         default=256,
         help="batch size over all processes (default: 256)",
     )
-    add_flag(parser, "--epochs", type=int, default=1400, help="training epochs (default: 1400)")
+    add_flag(parser, "--epochs", type=positive_int, default=1400, help="training epochs (default: 1400)")
     add_flag(
-        parser, "--max-steps", type=int, default=None, help="stop after this many steps (default: no limit)"
+        parser,
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        help="stop after this many steps (default: no limit)",
     )
-    add_flag(parser, "--lr", type=float, default=1e-4, help="constant AdamW learning rate (default: 1e-4)")
-    add_flag(parser, "--ema-decay", type=float, default=0.9999, help="EMA decay per step (default: 0.9999)")
+    add_flag(
+        parser, "--lr", type=positive_float, default=1e-4, help="constant AdamW learning rate (default: 1e-4)"
+    )
+    add_flag(
+        parser,
+        "--ema-decay",
+        type=fraction,
+        default=0.9999,
+        help="EMA decay per step, in [0, 1) (default: 0.9999)",
+    )
     add_flag(
         parser,
         "--class-dropout-prob",
-        type=float,
+        type=fraction,
         default=0.1,
         help="probability of training on the null class, for guidance (default: 0.1)",
     )
@@ -108,29 +137,56 @@ def parse_args(argv=None):
         default="ema",
         help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder",
     )
+    add_flag(
+        parser,
+        "--bit-depth",
+        type=bit_depth,
+        default=None,
+        help="bits per pixel of integer images, e.g. 12 for CT stored in 16-bit files (default: found by "
+        "scanning the data set)",
+    )
+    add_flag(
+        parser,
+        "--intensity-range",
+        type=finite_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="value range of float ('F') images, mapped onto [0, 1] (default: 0 1)",
+    )
     add_flag(parser, "--global-seed", type=int, default=0, help="random seed (default: 0)")
     add_flag(
-        parser, "--num-workers", type=int, default=4, help="data loader workers per process (default: 4)"
+        parser,
+        "--num-workers",
+        type=nonnegative_int,
+        default=4,
+        help="data loader workers per process (default: 4)",
     )
-    add_flag(parser, "--log-every", type=int, default=100, help="log the loss every N steps (default: 100)")
+    add_flag(
+        parser,
+        "--log-every",
+        type=positive_int,
+        default=100,
+        help="log the loss every N steps (default: 100)",
+    )
     add_flag(
         parser,
         "--ckpt-every",
-        type=int,
+        type=positive_int,
         default=50000,
         help="save a checkpoint every N steps (default: 50000)",
     )
     add_flag(
         parser,
         "--checkpoints-total-limit",
-        type=int,
+        type=positive_int,
         default=None,
         help="keep only the newest N checkpoints (default: keep all)",
     )
     add_flag(
         parser,
         "--sample-every",
-        type=int,
+        type=nonnegative_int,
         default=10000,
         help="write an EMA sample grid every N steps, 0 = never (default: 10000)",
     )
@@ -152,7 +208,7 @@ def parse_args(argv=None):
     add_flag(
         parser,
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=0.0,
         help="hold out this fraction of the images; their EMA loss at each checkpoint picks "
         "checkpoints/best.pt (default: 0, train on everything as published)",
@@ -166,15 +222,29 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     resume = None
     if args.resume:
-        resume = load_checkpoint(resolve_resume(args.resume))
-        if "config" not in resume:
+        path = resolve_resume(args.resume)
+        resume = load_checkpoint(path)
+        what = other_model(resume)
+        if what:
             raise UserError(
-                f"{args.resume} is not a checkpoint of this train.py (no config); it cannot be resumed"
+                f"--resume {path} is {what}, not a DiT checkpoint: resume that run with its own trainer, "
+                "or pass a dit/train.py run folder or checkpoint"
+            )
+        if not isinstance(resume, dict) or not {"config", "args", "model", "ema"} <= resume.keys():
+            raise UserError(
+                f"--resume {path} is not a checkpoint of dit/train.py (no config): it cannot be resumed; "
+                "pass a file from RESULTS/NNN-<model>/checkpoints"
             )
         parser.set_defaults(**{k: v for k, v in resume["args"].items() if k != "resume"})
         args = parser.parse_args(argv)
+    if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
+        parser.error(f"--intensity-range needs LOW < HIGH, got {' '.join(map(str, args.intensity_range))}")
     if args.data_path is None:
         raise UserError("--data-path is required: a folder with one sub-folder of images per class")
+    if resume:
+        check_output_folder(run_folder_of(args.resume), "--resume")
+    else:
+        check_output_folder(args.results_dir, "--results-dir")
     return args, resume
 
 
@@ -188,6 +258,11 @@ def create_run_folder(results_dir, model_name):
     run_dir = os.path.join(results_dir, f"{max(indices, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     return run_dir
+
+
+def run_folder_of(resume):
+    """The run folder RESULTS/NNN-<model> of a --resume path."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(resume))))
 
 
 def resolve_resume(path):
@@ -236,30 +311,58 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-def encode(vae, images, scale):
+def encode(vae, pixels, scale):
     """Scaled mean and std of the VAE posterior for images in [-1, 1]."""
     with torch.no_grad():
-        posterior = vae.encode(images.to(vae.dtype)).latent_dist
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
     return posterior.mean.float() * scale, posterior.std.float() * scale
 
 
-def cache_latents(dataset, vae, scale, run_dir, rank, world, device, logger):
+def file_stats(paths):
+    """(absolute path, size, mtime) of each file: what changes when a file is edited or replaced."""
+    stats = [(os.path.abspath(p), os.stat(p)) for p in paths]
+    return [(p, stat.st_size, stat.st_mtime_ns) for p, stat in stats]
+
+
+def latent_cache_path(dataset, vae, config, run_dir):
+    """run_dir/latents-<N>-<key>.pt, keyed on everything the latents depend on.
+
+    The files (names, sizes, mtimes), the image size, the decoding rule and the VAE (its name, config
+    and, for a local folder, its files), so an edited image or another VAE never reuses stale latents.
+    """
+    vae_folder = config["vae"] if os.path.isdir(config["vae"]) else None
+    vae_files = sorted(glob.glob(os.path.join(vae_folder, "**"), recursive=True)) if vae_folder else []
+    key = {
+        "files": file_stats(path for path, _ in dataset.samples),
+        "image_size": config["image_size"],
+        "intensity": dataset.intensity,
+        "vae": [config["vae"], dict(vae.config), file_stats(f for f in vae_files if os.path.isfile(f))],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(run_dir, f"latents-{len(dataset)}-{digest}.pt")
+
+
+def cache_latents(dataset, vae, config, run_dir, rank, world, device, logger):
     """Latent mean and std of every image and its mirror image, shared by all ranks through run_dir."""
-    path = os.path.join(run_dir, f"latents-{len(dataset)}.pt")
+    path = latent_cache_path(dataset, vae, config, run_dir)
+    scale = config["latent_scale"]
     if not os.path.exists(path):
         logger.info(f"Caching latents of {len(dataset)} images (both flips) to {path}")
+        if rank == 0:  # caches of other files, sizes or VAEs are stale: they would only fill the disk
+            for stale in glob.glob(os.path.join(run_dir, "latents-*.pt")):
+                os.remove(stale)
         shard = list(range(rank, len(dataset), world))
         parts = [
             encode_images(dataset, indices, vae, scale, device)
             for indices in np.array_split(shard, max(1, len(shard) // 32))
         ]
-        save_atomic(
+        atomic_save(
             {"index": torch.tensor(shard), **{k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")}},
             f"{path}.rank{rank}",
         )
         barrier(world)
         if rank == 0:
-            save_atomic(merge_shards(path, world, dataset), path)
+            atomic_save(merge_shards(path, world, dataset), path)
         barrier(world)
     cache = torch.load(path, weights_only=True)
     return TensorDataset(cache["mean"], cache["std"], cache["label"])
@@ -267,8 +370,8 @@ def cache_latents(dataset, vae, scale, run_dir, rank, world, device, logger):
 
 def encode_images(dataset, indices, vae, scale, device):
     """Posterior mean and std of images (stacked as [plain, mirrored]) for the given indices."""
-    images = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (B, 3, H, W)
-    mean, std = encode(vae, torch.cat([images, images.flip(-1)]), scale)
+    pixels = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (B, 3, H, W)
+    mean, std = encode(vae, torch.cat([pixels, pixels.flip(-1)]), scale)
     return {
         "mean": torch.stack(mean.chunk(2), 1).cpu(),
         "std": torch.stack(std.chunk(2), 1).cpu(),
@@ -300,9 +403,9 @@ def latent_batch(batch, vae, scale, cached, generator, device):
         rows = torch.arange(len(y), device=device)
         mean, std = mean[rows, flip.long()], std[rows, flip.long()]  # (N, C, h, w)
     else:
-        images, y = batch[0].to(device), batch[1].to(device)
+        pixels, y = batch[0].to(device), batch[1].to(device)
         flip = torch.rand(len(y), generator=generator, device=device) < 0.5
-        mean, std = encode(vae, torch.where(flip[:, None, None, None], images.flip(-1), images), scale)
+        mean, std = encode(vae, torch.where(flip[:, None, None, None], pixels.flip(-1), pixels), scale)
     return mean + std * torch.randn(mean.shape, generator=generator, device=device), y
 
 
@@ -362,14 +465,15 @@ def gather(value, world):
     return values
 
 
-def save_checkpoint(path, modules, meta, generator, world):
-    """State dicts, plain-type metadata and every rank's random state; written atomically by rank 0."""
+def save_checkpoint(paths, modules, meta, generator, world):
+    """State dicts, plain-type metadata and every rank's random state, written atomically by rank 0 to
+    each of paths in turn."""
     rng = gather(rng_state(generator), world)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    save_atomic(
-        {**{k: m.state_dict() for k, m in modules.items()}, **meta, "rng": rng, "world_size": world}, path
-    )
+    state = {**{k: m.state_dict() for k, m in modules.items()}, **meta, "rng": rng, "world_size": world}
+    for path in paths:
+        atomic_save(state, path)
 
 
 def prune_checkpoints(folder, limit):
@@ -423,15 +527,13 @@ class HeldOut:
 
 
 @torch.no_grad()
-def sample_grid(ema, vae, config, noise, labels):
-    """EMA samples from fixed noise, as a (3, H, W) grid in [0, 1]."""
+def sample_grid(ema, vae, config, noise, labels, channels):
+    """EMA samples from fixed noise, as a (3, H, W) grid in [0, 1] (gray data shown gray)."""
     diffusion = create_diffusion(GRID_STEPS)
     model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
     latents = diffusion.sample_loop(model_fn, noise, labels)
-    images = torch.from_numpy(images_from_latents(vae, latents, config["latent_scale"])).permute(0, 3, 1, 2)
-    if config["image_mode"] == "L":
-        images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
-    return make_grid(images, nrow=int(math.sqrt(len(images)))).float() / 255
+    samples = images_from_latents(vae, latents, config["latent_scale"], channels)
+    return make_grid(samples, nrow=int(math.sqrt(len(samples))))
 
 
 class StopSignal:
@@ -457,7 +559,7 @@ def check_stop(loss, stop, world, device):
 
 
 def model_config(args, dataset, vae, resume_config):
-    """Architecture, data and VAE facts saved with every checkpoint (taken from the checkpoint on resume)."""
+    """Architecture, class and VAE facts saved with every checkpoint (taken from the checkpoint on resume)."""
     if resume_config is not None:
         if resume_config["class_names"] != dataset.class_names:
             raise UserError(
@@ -487,29 +589,27 @@ def model_config(args, dataset, vae, resume_config):
         vae_downsample=downsample,
         latent_scale=float(vae.config.scaling_factor),
         class_names=dataset.class_names,
-        image_mode=dataset.mode,
         num_timesteps=1000,
     )
 
 
 class GridWriter:
-    """EMA sample grids from fixed noise, to TensorBoard and run_dir/samples/NNNNNNN.png."""
+    """EMA sample grids from fixed noise, to TensorBoard and run_dir/samples/NNNNNNN.png (8-bit previews)."""
 
-    def __init__(self, run_dir, config, seed, device):
+    def __init__(self, run_dir, config, channels, seed, device):
         n = min(GRID_IMAGES, max(4, config["num_classes"]))
         size = config["input_size"]
         generator = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(n, config["in_channels"], size, size, generator=generator).to(device)
         self.labels = (torch.arange(n) % config["num_classes"]).to(device)
         self.folder = os.path.join(run_dir, "samples")
-        self.config = config
+        self.config, self.channels = config, channels
 
     def write(self, ema, vae, writer, step):
-        grid = sample_grid(ema, vae, self.config, self.noise, self.labels)
+        grid = sample_grid(ema, vae, self.config, self.noise, self.labels, self.channels)
         writer.add_image("samples/ema", grid, step)
         os.makedirs(self.folder, exist_ok=True)
-        array = (grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        Image.fromarray(array).save(os.path.join(self.folder, f"{step:07d}.png"))
+        images.save(grid, os.path.join(self.folder, f"{step:07d}.png"), images.EIGHT_BIT)
 
 
 class LossMeter:
@@ -545,22 +645,75 @@ class LossMeter:
         self.reset()
 
 
+def data_rule(dataset, args, resume, rank, world):
+    """{"channels", "intensity"} of the data set, found before any training by decoding every file once.
+
+    Each rank scans its share of the files (fast, and no rank waits on a collective for a long scan);
+    rank 0 alone prints the scan's warnings, since its share, every world-th file, shows what the set
+    mixes. A resumed run keeps the rule its checkpoint was trained with (one written before rules were
+    stored takes the scan's rule).
+    """
+    mine = None
+    if dataset.samples[rank::world]:
+        quiet = contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext()
+        try:
+            with quiet:
+                mine = dataset.scan(args.bit_depth, args.intensity_range, rank, world)
+        except UserError as error:  # every rank must stop with it, not wait for the others forever
+            mine = {"error": str(error)}
+    found = merge_scans(gather(mine, world))
+    if resume and "intensity" in resume:
+        kept = {"channels": resume["channels"], "intensity": resume["intensity"]}
+        if kept != found and rank == 0:
+            warn(
+                f"the data now scans as {found['channels']}-channel {images.describe(found['intensity'])}, "
+                f"the checkpoint was trained on {kept['channels']}-channel "
+                f"{images.describe(kept['intensity'])}: keeping the checkpoint's rule"
+            )
+        return kept
+    return found
+
+
+def merge_scans(scans):
+    """One rule from the scans of every rank's share of the files (a rank without files sends None)."""
+    scans = [scan for scan in scans if scan is not None]
+    for scan in scans:
+        if "error" in scan:
+            raise UserError(scan["error"])
+    if len({scan["intensity"]["kind"] for scan in scans}) > 1:
+        raise UserError("the data set mixes float ('F') and integer images: convert them to one kind")
+    return {
+        "channels": max(scan["channels"] for scan in scans),  # colour anywhere makes the set colour
+        "intensity": max((scan["intensity"] for scan in scans), key=lambda rule: rule.get("bit_depth", 0)),
+    }
+
+
 def prepare_run(args, resume, rank, world, device):
-    """Data set, VAE, model config, run folder and logger (the run folder of the checkpoint on resume)."""
+    """Data set, VAE, model config, data rule, run folder and logger (the checkpoint's run folder on resume).
+
+    The cheap checks (classes, VAE, sizes) come before the scan that decodes every image.
+    """
     dataset = ImageFolderDataset(
         args.data_path, resume["config"]["image_size"] if resume else args.image_size
     )
     vae = load_vae(resume["config"]["vae"] if resume else args.vae, device)
     config = model_config(args, dataset, vae, resume["config"] if resume else None)
+    rule = data_rule(dataset, args, resume, rank, world)
+    dataset.intensity = rule["intensity"]
     run_dir = None
-    if rank == 0 and resume:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(args.resume))))
-    elif rank == 0:
-        run_dir = create_run_folder(args.results_dir, config["model"])
+    if rank == 0:
+        run_dir = (
+            run_folder_of(args.resume) if resume else create_run_folder(args.results_dir, config["model"])
+        )
+        for folder in (run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")):
+            clean_temporaries(folder)  # left by a run killed while writing
     run_dir = broadcast(run_dir, world)
     logger = make_logger(run_dir, rank)
     logger.info(f"Run folder {run_dir}; {world} process(es) on {device}; config {config}")
-    return dataset, vae, config, run_dir, logger
+    logger.info(
+        f"Data: {len(dataset)} images, {rule['channels']} channel(s), {images.describe(rule['intensity'])}"
+    )
+    return dataset, vae, config, rule, run_dir, logger
 
 
 def build_training(args, config, resume, rank, world, device, logger):
@@ -608,7 +761,7 @@ def main():
         raise UserError(
             f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
         )
-    dataset, vae, config, run_dir, logger = prepare_run(args, resume, rank, world, device)
+    dataset, vae, config, rule, run_dir, logger = prepare_run(args, resume, rank, world, device)
     if rank == 0:
         check_precision(args.precision, device)
     model, ema, optimizer, generator = build_training(args, config, resume, rank, world, device, logger)
@@ -620,7 +773,7 @@ def main():
     diffusion = create_diffusion()
     scale = config["latent_scale"]
     data = (
-        cache_latents(dataset, vae, scale, run_dir, rank, world, device, logger)
+        cache_latents(dataset, vae, config, run_dir, rank, world, device, logger)
         if args.cache_latents
         else dataset
     )
@@ -635,7 +788,7 @@ def main():
     max_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if rank == 0 else None
     grids, meter, stop = (
-        GridWriter(run_dir, config, args.global_seed, device),
+        GridWriter(run_dir, config, rule["channels"], args.global_seed, device),
         LossMeter(args, world, device, logger, writer),
         StopSignal(),
     )
@@ -643,15 +796,16 @@ def main():
     def save(step):
         folder = os.path.join(run_dir, "checkpoints")
         improved = holdout is not None and rank == 0 and holdout.update(ema, diffusion, step, logger, writer)
-        meta = {"args": vars(args), "config": config, "train_steps": step, "epoch": step // steps_per_epoch,
+        meta = {"model_type": "dit", "args": vars(args), "config": config, **rule, "train_steps": step,
+                "epoch": step // steps_per_epoch,
                 "best_val_loss": holdout.best if holdout else None}  # fmt: skip
         path = os.path.join(folder, f"{step:07d}.pt")
-        save_checkpoint(path, {"model": model, "ema": ema, "opt": optimizer}, meta, generator, world)
+        # The numbered file is what --resume picks, so it goes last: a run killed before it resumes from
+        # the previous one and writes best.pt again.
+        paths = ([os.path.join(folder, "best.pt")] if improved else []) + [path]
+        save_checkpoint(paths, {"model": model, "ema": ema, "opt": optimizer}, meta, generator, world)
         if rank == 0:
             logger.info(f"Saved checkpoint to {path}")
-            if improved:
-                shutil.copyfile(path, os.path.join(folder, "best.pt.tmp"))
-                os.replace(os.path.join(folder, "best.pt.tmp"), os.path.join(folder, "best.pt"))
             if args.checkpoints_total_limit:
                 prune_checkpoints(folder, args.checkpoints_total_limit)
 

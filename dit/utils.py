@@ -3,30 +3,18 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 
+from core import images
+from core.cli import ensure_writable_dir, positive_int
+from core.errors import UserError, run_cli  # noqa: F401  (the project's one error class and runner)
 from models import VARIANTS, DiT, variant_config
 
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line and exit code 2."""
-
-
-def run_cli(main):
-    """Run main(); user errors become one line on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as err:
-        # Errors raised in DataLoader workers arrive wrapped in a traceback; keep the original message.
-        message = str(err).rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_flag(parser, *names, **kwargs):
@@ -46,9 +34,29 @@ def add_architecture_flags(parser, default_model):
         default=default_model,
         help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}} (default: {shown})",
     )
-    add_flag(parser, "--depth", type=int, default=None, help="override the variant's number of blocks")
-    add_flag(parser, "--hidden-size", type=int, default=None, help="override the variant's hidden size")
-    add_flag(parser, "--num-heads", type=int, default=None, help="override the variant's attention heads")
+    add_flag(
+        parser, "--depth", type=positive_int, default=None, help="override the variant's number of blocks"
+    )
+    add_flag(
+        parser, "--hidden-size", type=positive_int, default=None, help="override the variant's hidden size"
+    )
+    add_flag(
+        parser, "--num-heads", type=positive_int, default=None, help="override the variant's attention heads"
+    )
+
+
+def check_output_folder(path, flag):
+    """Fail now, with one line, if folder path cannot be made and written; a failed run creates nothing."""
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path.absolute():
+        return ensure_writable_dir(path, flag)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path} is under the file {existing}: pass a folder path")
+    ensure_writable_dir(existing, flag)
+    return path
 
 
 def setup_distributed():
@@ -148,6 +156,34 @@ def load_checkpoint(path):
         ) from None
 
 
+# model_type of the checkpoints the project's other trainers write, and what each file is.
+OTHER_MODELS = {
+    "ldm": "an LDM checkpoint (written by ldm/train.py: a diffusers UNet and class embedder)",
+    "controlnet": "a ControlNet checkpoint (written by controlnet/train.py)",
+    "vae": "a VAE checkpoint (written by ldm/train_vae.py)",
+}
+
+
+def other_model(ckpt):
+    """What a checkpoint of another model of this project is, as a phrase, or None."""
+    if not isinstance(ckpt, dict):
+        return None
+    if ckpt.get("model_type") in OTHER_MODELS:
+        return OTHER_MODELS[ckpt["model_type"]]
+    if "unet_config" in ckpt:  # LDM and ControlNet files written before model_type existed
+        return "an LDM or ControlNet checkpoint (it holds a diffusers UNet config)"
+    if str(ckpt.get("format", "")).startswith("ddpm"):
+        return "a DDPM checkpoint (written by ddpm/)"
+    return None
+
+
+def data_rule(ckpt):
+    """(intensity rule, channels) a checkpoint was trained with; older and official files: 8-bit RGB."""
+    saved = ckpt if isinstance(ckpt, dict) else {}
+    channels = saved.get("channels") or (1 if saved.get("config", {}).get("image_mode") == "L" else 3)
+    return saved.get("intensity", images.EIGHT_BIT), channels
+
+
 def state_dict_facts(state_dict, downsample):
     """Architecture facts readable from a DiT state_dict's shapes (the head count is not among them)."""
     try:
@@ -194,24 +230,12 @@ def checkpoint_mismatch(facts, config):
     return None
 
 
-def images_from_latents(vae, latents, scale):
-    """Decode latents to uint8 images (N, H, W, 3)."""
+def images_from_latents(vae, latents, scale, channels):
+    """Decode latents to images (N, channels, H, W) in [0, 1]; gray data was fed to the VAE as R = G = B."""
     with torch.no_grad():
         images = vae.decode(latents.to(vae.dtype) / scale).sample
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-    return images.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-
-
-def to_pil(array, mode):
-    """uint8 (H, W, 3) array as a PIL image in the data's mode ('L' or 'RGB')."""
-    return Image.fromarray(array).convert(mode)
-
-
-def save_atomic(obj, path):
-    """torch.save through a temporary file in the same folder, so a crash never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    images = (images.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W)
+    return images.mean(1, keepdim=True) if channels == 1 else images
 
 
 def print_parameter_table(components):

@@ -187,14 +187,14 @@ def save(sample, path, intensity):
     """Write one sample atomically (a crash never leaves a truncated file at path)."""
     image = encode(sample, intensity)
     path = Path(path)
-    if path.suffix.lower() == ".png":
-        info = PngImagePlugin.PngInfo()
-        info.add_text(DEPTH_TAG, str(intensity.get("bit_depth", 8)))
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-    else:
-        atomic_write(
-            path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        )
+    kind = Image.registered_extensions()[path.suffix.lower()]
+    options = {}
+    if kind == "PNG":
+        # Tag the depth actually stored (colour stays 8-bit), so a scan of dark samples reads it back.
+        depth = intensity.get("bit_depth", 8)
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text(DEPTH_TAG, str(depth if image.mode == "I;16" else min(depth, 8)))
+    atomic_write(path, lambda tmp: image.save(tmp, format=kind, **options))
 
 
 def to_uint8_rgb(samples):

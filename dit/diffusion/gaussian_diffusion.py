@@ -61,8 +61,11 @@ class GaussianDiffusion:
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
-        # The posterior variance is 0 at t = 0; its log borrows the t = 1 value to stay finite.
-        clipped_variance = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        # The posterior variance is 0 at t = 0; its log borrows the t = 1 value to stay finite. A one-step
+        # schedule has no t = 1: it borrows beta, the other end of the learned range (only its mean is used).
+        clipped_variance = torch.cat(
+            [posterior_variance[1:2] if len(betas) > 1 else betas, posterior_variance[1:]]
+        )
         tables = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,

@@ -10,7 +10,7 @@ GLOBAL_BATCH=256             # over all processes
 EPOCHS=1400
 GPUS=4
 VAE="ema"                    # ema, mse or a local diffusers folder (offline machines)
-EXTRA=(--cache-latents)      # e.g. --compile --grad-checkpointing --resume RESULTS/000-DiT-B-2
+EXTRA=(--cache-latents)      # e.g. --compile --grad-checkpointing --bit-depth 12 --resume RESULTS/000-DiT-B-2
 
 cd "$(dirname "$0")/.."
 torchrun --nnodes=1 --nproc_per_node="$GPUS" train.py \

@@ -80,7 +80,9 @@ def test_vb_trains_only_the_variance_and_mse_only_the_mean():
     assert grad_mse[:, 4:].abs().max() == 0 and grad_mse[:, :4].abs().max() > 0
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddpm", 25), ("ddim", 25), ("ddim", 7)])
+@pytest.mark.parametrize(
+    "sampler,steps", [("ddpm", 1000), ("ddpm", 25), ("ddim", 25), ("ddim", 7), ("ddpm", 1), ("ddim", 1)]
+)
 def test_samplers_recover_a_known_point(sampler, steps):
     """With an exact denoiser every (respaced) sampler must land on the data point."""
     x0 = torch.rand(2, 4, 6, 6) * 2 - 1

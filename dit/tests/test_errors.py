@@ -1,16 +1,22 @@
-"""Bad input ends with one clear line on stderr and exit code 2; the cases run as parallel subprocesses."""
+"""Bad input ends with one clear line on stderr and exit code 2; the cases run as parallel subprocesses,
+typed the way a user types them."""
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from conftest import ENV, TINY, script_command
+
+PARALLEL_CASES = 6
 
 
 def cases(workspace, trained, tmp):
     """name -> (script, arguments, words the error line must contain)."""
     data, vae, ckpt = workspace / "data", workspace / "vae", trained / "checkpoints" / "0000005.pt"
+    under_file = tmp / "file" / "x"
     train = [*TINY, "--vae", vae, "--results-dir", tmp / "results", "--num-workers", 0, "--precision", "fp32"]
     return {
         "missing data": (
@@ -87,7 +93,45 @@ def cases(workspace, trained, tmp):
             ["--dir", tmp / "pm", "--image-size", 256],
             ["dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", "put it at"],
         ),
-    }
+        **value_cases(train, data, ckpt),
+        "results dir is a file": ("train.py", [*train, "--data-path", data, "--results-dir", tmp / "file"],
+                                  ["--results-dir", "is a file"]),
+        "results dir under a file": ("train.py", [*train, "--data-path", data, "--results-dir", under_file],
+                                     ["--results-dir", "under the file"]),
+        "output dir is a file": ("sample.py", ["--ckpt", ckpt, "--output-dir", tmp / "file"],
+                                 ["--output-dir", "is a file"]),
+        "output dir under a file": ("sample.py", ["--ckpt", ckpt, "--output-dir", tmp / "file" / "s"],
+                                    ["--output-dir", "under the file"]),
+        "sample dir is a file": ("sample_ddp.py", ["--ckpt", ckpt, "--sample-dir", tmp / "file"],
+                                 ["--sample-dir", "is a file"]),
+        "npz is a folder": ("sample.py", ["--ckpt", ckpt, "--npz", tmp], ["--npz", "is a folder"]),
+        "resume an ldm checkpoint": ("train.py", [*train, "--data-path", data, "--resume", tmp / "ldm.pt"],
+                                     ["ldm.pt", "LDM checkpoint", "ldm/train.py", "not a DiT"]),
+        "sample an ldm checkpoint": ("sample.py", ["--ckpt", tmp / "ldm.pt"],
+                                     ["ldm.pt", "LDM checkpoint", "not a DiT"]),
+        "sample an older ldm checkpoint": ("sample.py", ["--ckpt", tmp / "old-ldm.pt"],
+                                           ["old-ldm.pt", "diffusers UNet config", "not a DiT"]),
+    }  # fmt: skip
+
+
+def value_cases(train, data, ckpt):
+    """Values rejected at parse time, before any data, model or VAE is loaded."""
+    train_flags = {
+        "--global-batch-size 0": "--global-batch-size", "--ckpt-every 0": "--ckpt-every",
+        "--log-every 0": "--log-every", "--epochs 0": "--epochs", "--max-steps -3": "--max-steps",
+        "--lr -1": "--lr", "--lr nan": "--lr", "--ema-decay 2": "--ema-decay", "--ema-decay 1": "--ema-decay",
+        "--num-workers -1": "--num-workers", "--bit-depth 0": "--bit-depth", "--bit_depth 40": "--bit_depth",
+        "--intensity_range 1 0": "LOW < HIGH", "--intensity-range 0 inf": "--intensity-range",
+        "--val-fraction 1": "--val-fraction", "--image-size 0": "--image-size",
+    }  # fmt: skip
+    sample_flags = {
+        "--cfg-scale nan": "--cfg-scale", "--cfg-scale inf": "--cfg-scale",
+        "--num-sampling-steps 0": "--num-sampling-steps", "--num-sampling-steps 1001": "at most 1000",
+        "--num-samples 0": "--num-samples", "--eta -1": "--eta",
+    }  # fmt: skip
+    cases = {f: ("train.py", [*train, "--data-path", data, *f.split()], [w]) for f, w in train_flags.items()}
+    cases.update({f: ("sample.py", ["--ckpt", ckpt, *f.split()], [w]) for f, w in sample_flags.items()})
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -98,26 +142,55 @@ def outcomes(workspace, trained, tmp_path_factory):
     os.makedirs(tmp / "broken" / "a")
     png = (workspace / "data" / "cat" / "0.png").read_bytes()
     (tmp / "broken" / "a" / "bad.png").write_bytes(png[: len(png) // 2])
+    (tmp / "file").write_text("a file where a folder is expected")
+    ldm_keys = [
+        "format_version",
+        "unet",
+        "ema_unet",
+        "class_embedder",
+        "ema_class_embedder",
+        "class_names",
+        "scheduler_config",
+        "optimizer",
+        "lr_scheduler",
+        "ema",
+        "progress",
+        "epoch",
+        "global_step",
+    ]
+    ldm = {
+        **dict.fromkeys(ldm_keys, {}),
+        "config": {"vae_pretrained": "x"},
+        "unet_config": {"sample_size": 8},
+    }
+    torch.save({"model_type": "ldm", **ldm}, tmp / "ldm.pt")  # the layout ldm/train.py writes
+    torch.save(ldm, tmp / "old-ldm.pt")  # written before LDM checkpoints carried a model_type
     table = cases(workspace, trained, tmp)
-    assert sorted(table) == sorted(CASE_NAMES)
-    processes = {
-        name: subprocess.Popen(script_command(script, *args), env=ENV, cwd=tmp, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        for name, (script, args, _) in table.items()
-    }  # fmt: skip
-    stderr = {name: p.communicate(timeout=300)[1] for name, p in processes.items()}
-    results = {name: (p.returncode, stderr[name]) for name, p in processes.items()}
+    assert sorted(table) == sorted(CASE_NAMES + list(value_cases([], "", "")))
+
+    def run(case):
+        script, args, _ = case
+        done = subprocess.run(
+            script_command(script, *args), env=ENV, cwd=tmp, capture_output=True, text=True, timeout=300
+        )
+        return done.returncode, done.stderr  # fmt: skip
+
+    # A few at a time: each process loads torch, and dozens at once would exhaust the memory.
+    with ThreadPoolExecutor(PARALLEL_CASES) as pool:
+        results = dict(zip(table, pool.map(run, table.values()), strict=True))
     return table, results, tmp
 
 
 CASE_NAMES = [
     "missing data", "no class folders", "truncated image", "image size", "unknown model", "vae offline",
     "resume missing", "classes mismatch", "patch mismatch", "variant mismatch", "image mismatch", "bad class",
-    "not a checkpoint", "offline download",
+    "not a checkpoint", "offline download", "results dir is a file", "results dir under a file",
+    "output dir is a file", "output dir under a file", "sample dir is a file", "npz is a folder",
+    "resume an ldm checkpoint", "sample an ldm checkpoint", "sample an older ldm checkpoint",
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("name", CASE_NAMES + list(value_cases([], "", "")))
 def test_bad_input_is_one_clear_line(outcomes, name):
     table, results, _ = outcomes
     returncode, stderr = results[name]
@@ -131,4 +204,5 @@ def test_bad_input_is_one_clear_line(outcomes, name):
 def test_failed_runs_leave_nothing_behind(outcomes):
     _, _, tmp = outcomes
     assert not os.path.exists(tmp / "results")  # no run folder for a run that never started
+    assert not os.path.exists(tmp / "results-broken")  # the scan finds the truncated image first
     assert not os.path.exists(tmp / "pm" / "DiT-XL-2-256x256.pt")

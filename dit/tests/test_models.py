@@ -163,6 +163,8 @@ def test_official_style_state_dict_round_trip(workspace, tmp_path, layout):
         4,
         1,
     )
+    # Official files carry no decoding rule: they are 8-bit RGB models.
+    assert config["intensity"] == {"kind": "integer", "bit_depth": 8} and config["channels"] == 3
     loaded, original = model.state_dict(), source.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
