@@ -6,7 +6,6 @@ real features from the cache. Networks have random weights of the real architect
 files cannot be downloaded here), so the speed is real and the metric values are meaningless.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,6 +19,8 @@ from PIL import Image
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, FOLDER)
 
+from core.cli import Parser, positive_int  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 from random_weights import write_random_weights  # noqa: E402
 
 
@@ -52,11 +53,18 @@ def rate(run, side, network):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=32, help="images per folder (default 32)")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=32, help="batch size (default 32)")
+    parser = Parser(description=__doc__.splitlines()[0])
+    # At least 4 images: precision/recall with k=3 needs k+1 per side.
+    parser.add_argument(
+        "--images", type=positive_int, default=32, help="images per folder, >= 4 (default 32)"
+    )
+    parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument(
+        "--batch-size", "--batch_size", type=positive_int, default=32, help="batch size (default 32)"
+    )
     args = parser.parse_args()
+    if args.images < 4:
+        parser.error(f"--images must be at least 4 (precision/recall with k=3 needs k+1), got {args.images}")
     with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
         weights = write_random_weights(os.path.join(tmp, "weights"))
         real = write_images(os.path.join(tmp, "real"), args.images, args.size, 0)
@@ -86,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,6 +17,7 @@ JSON_OUT="${JSON_OUT:-}"                             # e.g. results/eval.json
 CACHE_DIR="${CACHE_DIR:-}"                           # empty: $TORCH_HOME/fidelity_cache
 INCEPTION_WEIGHTS="${INCEPTION_WEIGHTS:-}"           # offline: path to weights-inception-2015-12-05-6726825d.pth
 VGG_WEIGHTS="${VGG_WEIGHTS:-}"                       # offline: path to vgg16-397923af.pth
+BIT_DEPTH="${BIT_DEPTH:-}"                           # empty: found per side by one scan; e.g. 12 for CT in 16-bit files
 
 args=(--real "$REAL_DIR" --gen "$GEN_DIR" --metrics "$METRICS" --batch-size "$BATCH_SIZE"
       --num-workers "$NUM_WORKERS" --pr-features "$PR_FEATURES")
@@ -26,5 +27,6 @@ args=(--real "$REAL_DIR" --gen "$GEN_DIR" --metrics "$METRICS" --batch-size "$BA
 [[ -n "$CACHE_DIR" ]] && args+=(--cache-dir "$CACHE_DIR")
 [[ -n "$INCEPTION_WEIGHTS" ]] && args+=(--inception-weights "$INCEPTION_WEIGHTS")
 [[ -n "$VGG_WEIGHTS" ]] && args+=(--vgg-weights "$VGG_WEIGHTS")
+[[ -n "$BIT_DEPTH" ]] && args+=(--bit-depth "$BIT_DEPTH")
 
 exec "$PYTHON" "$(dirname "$0")/precision_recall.py" "${args[@]}" "$@"

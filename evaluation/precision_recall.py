@@ -1,16 +1,21 @@
 """FID, precision/recall (Kynkaanniemi et al., k=3), KID and Inception Score of generated images.
 
 Built on torch-fidelity: its Inception-v3 (FID network, TF-exact resize) and VGG16 feature
-extractors, its metric functions and its file cache. This script adds folder/.npz inputs with
-correct 8-bit RGB conversion, mixed image sizes, per-class results, a real-feature cache keyed by
-the files' paths, sizes and modification times, and separate weight files per network.
+extractors and its metric functions. This script adds folder/.npz inputs decoded by the project's
+one image rule, mixed image sizes, per-class results, a real-feature cache keyed by the files'
+paths, sizes and modification times, and separate weight files per network (checked to hold only
+tensors before torch-fidelity reads them).
 
 Data layout: --real and --gen are each either
   * a folder of images, searched recursively (png jpg jpeg bmp tif tiff webp, any case); with
     --per-class its first-level sub-folders are the classes (the samplers write
-    <out>/<class_name>/000000.png), or
-  * an .npz file whose arr_0 is uint8 N x H x W x C (as DiT's and ADM's samplers write); an
-    optional arr_1 holds integer labels, label i meaning the i-th sorted class folder of the other side.
+    <out>/<class_name>/000000.png). Each folder is decoded by one rule found by scanning it once:
+    integer images are divided by 2^k - 1, k the bit depth of its largest value (at least 8; 16-bit
+    PNGs of our samplers declare theirs), or --bit-depth; float images map --intensity-range onto
+    [0, 1]. The result becomes 8-bit RGB, as the metric networks expect; or
+  * an .npz file whose arr_0 is uint8 N x H x W x C (as the samplers and ADM write); an optional
+    arr_1 holds integer labels and class_names their names (index = label). Labels without names
+    are taken as the other side's sorted class folders, only when the class counts agree.
 
 With no flags, the constants REAL_IMAGES_DIR, GEN_IMAGES_DIR and BATCH_SIZE at the top of this file
 are used:  cd evaluation && python precision_recall.py
@@ -30,6 +35,7 @@ import sys
 import time
 import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -39,25 +45,32 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import (
-    KEY_METRIC_FID,
-    fid_features_to_statistics,
-    fid_featuresdict_to_statistics_cached,
-    fid_statistics_to_metric,
-)
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import cache_lookup_group_recompute_all_on_any_miss, create_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
+
+from core import files, images
+from core.cli import (
+    Parser,
+    bit_depth,
+    ensure_writable_dir,
+    ensure_writable_file,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+)
+from core.errors import UserError, run_cli, warn
 
 # Used when no flags are given (the seed's way); --real / --gen / --batch-size override them.
 REAL_IMAGES_DIR = "/path/to/real/images"
 GEN_IMAGES_DIR = "/path/to/generated/images"
 BATCH_SIZE = 32
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 METRIC_ALIASES = {
     "fid": "fid",
     "precision/recall": "pr",
@@ -91,20 +104,22 @@ NETWORKS = {
         "env": "EVAL_VGG16_WEIGHTS",
     },
 }
-# Part of the real-feature cache key: change it with the decoding, so old cached features are not reused.
-DECODING = "8-bit RGB: 16/32-bit integers scaled by 1/257, gray replicated, alpha dropped, palette expanded"
+# Part of the cache keys: change it with the decoding, so old cached features are not reused.
+DECODING = (
+    "core.images rule per side (integers / (2^bit_depth - 1), depth by one scan or --bit-depth; float by "
+    "--intensity-range), alpha composited on black, palette expanded, gray repeated, round(x * 255) uint8 RGB"
+)
 LINE = "=" * 40
 
-
-class InputError(Exception):
-    """A problem with the user's input: reported as one line, exit code 2."""
+InputError = UserError  # this script's name for core's one-line error (exit code 2)
 
 
 # ----------------------------------------------------------------------------- weights
 
 
 def resolve_weights(network, given):
-    """Local path of a network's weights: the flag, the env variable, or the library's standard file."""
+    """Local path of a network's weights (the flag, the env variable, or the library's standard file),
+    checked to hold only tensors: torch-fidelity unpickles it with weights_only=False."""
     spec = NETWORKS[network]
     path = given or os.environ.get(spec["env"])
     if path:
@@ -112,11 +127,16 @@ def resolve_weights(network, given):
             raise InputError(
                 f"{spec['label']} weights file not found: {path} (given by {spec['flag']} / {spec['env']})"
             )
-        return {"path": os.path.abspath(path), "source": "flag" if given else spec["env"], "url": None}
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(spec["url"]).path))
-    if not os.path.isfile(cached):
-        download_weights(spec, cached)
-    return {"path": cached, "source": "download", "url": spec["url"]}
+        weights = {"path": os.path.abspath(path), "source": "flag" if given else spec["env"], "url": None}
+    else:
+        cached = os.path.join(
+            torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(spec["url"]).path)
+        )
+        if not os.path.isfile(cached):
+            download_weights(spec, cached)
+        weights = {"path": cached, "source": "download", "url": spec["url"]}
+    files.load_weights_only(weights["path"], f"{spec['label']} weights file ({spec['flag']})")
+    return weights
 
 
 def download_weights(spec, destination):
@@ -171,32 +191,27 @@ def build_extractor(network, weights, device):
 # ----------------------------------------------------------------------------- inputs
 
 
-def pil_to_rgb8(image):
-    """Any PIL image as a uint8 (3, H, W) tensor; 16/32-bit integer images are scaled, not clipped."""
-    if image.mode.startswith("I"):  # 'I;16*' (16-bit PNG/TIFF) and 'I': 0..65535 onto 0..255
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    elif image.mode in ("P", "PA"):
-        image = image.convert("RGBA")  # palettes may carry transparency; go through RGBA to expand it
-    return torchvision.transforms.functional.pil_to_tensor(image.convert("RGB"))
+def pil_to_rgb8(image, intensity):
+    """Any PIL image as a uint8 (3, H, W) tensor under its set's rule, rounded as the samplers' .npz are."""
+    pixels = torch.from_numpy(images.decode(image, intensity, 3)).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+    return torch.from_numpy(images.to_uint8_rgb(pixels[None])[0]).permute(2, 0, 1).contiguous()
 
 
 class FolderImages(Dataset):
     """Image files as (index, uint8 (3, H, W) tensor), or (index, error message) for unreadable files."""
 
-    def __init__(self, root, files):
-        self.root, self.files = root, files
+    def __init__(self, root, files, intensity):
+        self.root, self.files, self.intensity = root, files, intensity
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
         path = os.path.join(self.root, self.files[index])
-        try:
-            with Image.open(path) as image:
-                return index, pil_to_rgb8(image)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return index, f"cannot read image {path}: {error}"
+        try:  # the scan read every file, but one may have changed since; the main process reports it
+            return index, pil_to_rgb8(images.open_image(path), self.intensity)
+        except UserError as error:
+            return index, str(error)
 
 
 class ArrayImages(Dataset):
@@ -212,7 +227,7 @@ class ArrayImages(Dataset):
         image = torch.from_numpy(np.array(self.array[index]))  # (H, W, C), copied out of the read-only map
         if image.shape[2] == 1:
             image = image.expand(-1, -1, 3)
-        return index, image[:, :, :3].permute(2, 0, 1).contiguous()  # alpha dropped, like the files
+        return index, image[:, :, :3].permute(2, 0, 1).contiguous()  # alpha dropped (ADM's layout)
 
 
 @dataclass
@@ -222,30 +237,55 @@ class ImageSet:
     path: str
     files: list = None  # paths relative to `path` (folder input)
     array: np.ndarray = None  # (N, H, W, C) uint8 (npz input)
-    classes: list = None  # per image: class folder name, npz label (int) or None
+    classes: list = None  # per image: class name, bare npz label (int) or None
     total: int = 0  # images before --max-samples
+    names: list = None  # class names, index = label: sorted class folders or the npz's class_names
+    label_count: int = 0  # npz labels without names: largest label + 1 over all images
+    indices: list = None  # positions drawn by --max-samples (None: all images)
+    intensity: dict = None  # the decoding rule of the folder (core.images)
+
+    def __post_init__(self):
+        # Found on the whole set once; subsets keep them, so a random draw never renumbers the classes.
+        if self.names is None and self.files is not None:
+            self.names = sorted({c for c in self.classes or [] if c is not None})
+        labels = [c for c in self.classes or [] if isinstance(c, int)]
+        if labels and not self.label_count:
+            self.label_count = max(labels) + 1
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.array)
 
     def dataset(self):
-        return FolderImages(self.path, self.files) if self.files is not None else ArrayImages(self.array)
+        if self.files is None:
+            return ArrayImages(self.array)
+        return FolderImages(self.path, self.files, self.intensity)
 
     def subset(self, indices):
-        """The images at `indices` (sorted), keeping the original total."""
+        """The images at `indices` (sorted), keeping the original total, class list and rule."""
         files = None if self.files is None else [self.files[i] for i in indices]
         array = None if self.array is None else self.array[indices]
-        return ImageSet(self.path, files, array, [self.classes[i] for i in indices], self.total)
+        drawn = indices if self.indices is None else [self.indices[i] for i in indices]
+        classes = [self.classes[i] for i in indices]
+        return ImageSet(
+            self.path, files, array, classes, self.total, self.names, self.label_count, drawn, self.intensity
+        )
 
     def identity(self):
-        """What its features depend on: every file's path, size and mtime (or the .npz file's)."""
+        """What its features depend on: every file's path, size and mtime (or the .npz file's and the
+        rows drawn from it)."""
         if self.files is None:
             stat = os.stat(self.path)
-            return [os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns, len(self.array)]
+            drawn = "all" if self.indices is None else digest(self.indices)
+            return [os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns, len(self.array), drawn]
         stats = [os.stat(os.path.join(self.path, f)) for f in self.files]
         return [os.path.realpath(self.path)] + [
             [f, s.st_size, s.st_mtime_ns] for f, s in zip(self.files, stats, strict=True)
         ]
+
+
+def digest(payload):
+    """A short hash of a JSON-able value (cache names)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def open_image_set(path, role, constant):
@@ -277,15 +317,24 @@ def list_images(root):
     return sorted(os.path.relpath(f, root) for f in found)
 
 
+def open_npz(path):
+    """np.load of an .npz archive that never unpickles (a lone .npy array is refused too)."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("it holds a single .npy array, not an .npz archive")
+    return data
+
+
 def load_npz(path):
-    """arr_0 (uint8 N x H x W [x C]) and optional arr_1 labels of an .npz file."""
+    """arr_0 (uint8 N x H x W [x C]), optional arr_1 labels and class_names of an .npz file."""
     try:
-        with np.load(path) as data:
+        with open_npz(path) as data:
             if "arr_0" not in data.files:
                 raise InputError(
                     f"{path} has no arr_0 (found: {', '.join(data.files)}); expected uint8 N x H x W x C"
                 )
             labels = data["arr_1"] if "arr_1" in data.files else None
+            names = data["class_names"] if "class_names" in data.files else None
         array = npz_member(path, "arr_0")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         raise InputError(f"cannot read {path} as .npz: {error}") from None
@@ -295,10 +344,23 @@ def load_npz(path):
             f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 N x H x W x C, C 1/3/4"
         )
     valid_labels = (
-        labels is not None and labels.shape == (len(array),) and np.issubdtype(labels.dtype, np.integer)
+        labels is not None
+        and labels.shape == (len(array),)
+        and np.issubdtype(labels.dtype, np.integer)
+        and labels.min() >= 0
     )
-    classes = [int(v) for v in labels] if valid_labels else [None] * len(array)
-    return ImageSet(path, array=array, classes=classes, total=len(array))
+    if not valid_labels:
+        return ImageSet(path, array=array, classes=[None] * len(array), total=len(array))
+    labels = [int(v) for v in labels]
+    if names is None:
+        return ImageSet(path, array=array, classes=labels, total=len(array))
+    if names.ndim != 1 or names.dtype.kind not in "US" or max(labels) >= len(names):
+        raise InputError(
+            f"{path}: class_names must list a name (str) for every label 0..{max(labels)}, "
+            f"got {names.dtype} {tuple(names.shape)}"
+        )
+    names = [str(n) for n in names]
+    return ImageSet(path, array=array, classes=[names[v] for v in labels], total=len(array), names=names)
 
 
 def npz_member(path, name):
@@ -332,21 +394,68 @@ def random_subset(image_set, max_samples, seed):
     return image_set.subset(indices.tolist())
 
 
+def decoding_rule(image_set, args):
+    """The decoding rule of one side from one scan of all its files (remembered in the cache while they
+    are unchanged, since a scan decodes every image); .npz arrays are 8-bit."""
+    if image_set.files is None:
+        return images.EIGHT_BIT
+    paths = [os.path.join(image_set.path, f) for f in image_set.files]
+    if args.no_cache:
+        return images.scan(paths, args.bit_depth, args.intensity_range)["intensity"]
+    key = [image_set.identity(), args.bit_depth, args.intensity_range, DECODING]
+    path = os.path.join(args.cache_dir, f"scan-{digest(key)}.json")
+    if os.path.exists(path):
+        return read_cached_rule(path)
+    rule = images.scan(paths, args.bit_depth, args.intensity_range)["intensity"]
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(rule)))
+    return rule
+
+
+def damaged_cache(path, reason):
+    """The error for a cache file this script did not write (it is refused, never unpickled)."""
+    return InputError(
+        f"cache file {path} was not written by this script ({reason}): delete it, or pass --no-cache"
+    )
+
+
+def read_cached_rule(path):
+    """A decoding rule saved by an earlier scan, checked field by field (JSON never runs code)."""
+    try:
+        rule = json.loads(Path(path).read_text())
+        if rule["kind"] == "float":
+            return images.float_rule(rule["range"])
+        depth = rule["bit_depth"]
+        if rule["kind"] == "integer" and type(depth) is int and 1 <= depth <= 32:
+            return {"kind": "integer", "bit_depth": depth}
+        reason = f"unknown rule {rule}"
+    except (OSError, ValueError, KeyError, TypeError, UserError) as error:
+        reason = f"{type(error).__name__}: {str(error)[:100]}"
+    raise damaged_cache(path, reason)
+
+
 def class_names(own, other):
-    """Class name of each image: folder names as they are, npz labels via the other side's sorted names."""
-    other_names = sorted({c for c in other if isinstance(c, str)})
-
-    def name(key):
-        if isinstance(key, int) and other_names:
-            return other_names[key] if 0 <= key < len(other_names) else f"label {key}"
-        return None if key is None else str(key)
-
-    return [name(c) for c in own]
+    """Class name of each image of `own`: folder names and named npz labels as they are; bare npz
+    labels as the other side's names (index = label), refused when the class counts differ."""
+    if not any(isinstance(c, int) for c in own.classes):
+        return own.classes
+    if not other.names:  # no names on the other side either: the numbers are the names
+        return [None if c is None else str(c) for c in own.classes]
+    if own.label_count != len(other.names):
+        raise InputError(
+            f"--per-class: {own.path} has labels 0..{own.label_count - 1} but no class_names, and "
+            f"{other.path} has {len(other.names)} classes, so which label is which class is ambiguous: "
+            "write class_names (index = label) into the .npz, as the samplers do"
+        )
+    warn(
+        f"{own.path} has no class_names: taking label i as the i-th of the {len(other.names)} sorted "
+        f"classes of {other.path}"
+    )
+    return [None if c is None else other.names[c] for c in own.classes]
 
 
 def match_classes(real, gen):
     """{class name: (real indices, gen indices)} for the classes found on both sides."""
-    real_names, gen_names = class_names(real.classes, gen.classes), class_names(gen.classes, real.classes)
+    real_names, gen_names = class_names(real, gen), class_names(gen, real)
     real_set, gen_set = set(real_names) - {None}, set(gen_names) - {None}
     if not real_set & gen_set:
         raise InputError(
@@ -394,9 +503,9 @@ def extract_features(image_set, extractor, args, desc):
         for errors, groups in loader:
             if errors:
                 raise InputError(errors[0])
-            for index, images in groups:  # (B,), (B, 3, H, W) uint8
-                features = extractor(images.to(args.device, non_blocking=True))  # tuple of (B, D)
-                sizes = torch.tensor(images.shape[2:]).expand(len(index), 2)
+            for index, batch in groups:  # (B,), (B, 3, H, W) uint8
+                features = extractor(batch.to(args.device, non_blocking=True))  # tuple of (B, D)
+                sizes = torch.tensor(batch.shape[2:]).expand(len(index), 2)
                 chunks.append([f.cpu() for f in features] + [sizes])
                 indices.append(index)
                 progress.update(len(index))
@@ -405,15 +514,16 @@ def extract_features(image_set, extractor, args, desc):
 
 
 def real_cache_name(image_set, network, weights):
-    """Cache entry name for the real features: a hash of files, extractor, weights and preprocessing."""
+    """Cache entry name of the real features: a hash of images, rule, extractor, weights, preprocessing."""
     payload = {
         "input": image_set.identity(),
+        "intensity": image_set.intensity,
         "extractor": NETWORKS[network]["extractor"],
         "weights": weights_identity(weights),
         "preprocessing": [DECODING, resize_protocol(network)],
         "torch_fidelity": torch_fidelity.__version__,
     }
-    return "real-" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return f"real-{digest(payload)}"
 
 
 def resize_protocol(network):
@@ -433,18 +543,36 @@ def features_of_both(real, gen, network, extractor, weights, args, log):
         return features
 
     log["extracted"]["real"][network] = {"images": 0, "seconds": 0.0}
-    if args.no_cache:
-        real_features, cache_name = extract(real, "real"), None
+    names = list(extractor.get_requested_features_list()) + ["image_sizes"]
+    path = None
+    if not args.no_cache:
+        path = os.path.join(args.cache_dir, f"{real_cache_name(real, network, weights)}.npz")
+    if path and os.path.exists(path):
+        real_features = read_cached_features(path, names, len(real))
+        print(f"Real {label} features loaded from the cache in {args.cache_dir}", file=sys.stderr)
     else:
-        cache_name = real_cache_name(real, network, weights)
-        prefix = f"{cache_name}-{extractor.get_name()}-features-"
-        items = list(extractor.get_requested_features_list()) + ["image_sizes"]
-        real_features = cache_lookup_group_recompute_all_on_any_miss(
-            prefix, items, lambda: extract(real, "real"), cache=True, cache_root=args.cache_dir, verbose=False
-        )
-        if log["extracted"]["real"][network]["images"] == 0:
-            print(f"Real {label} features loaded from the cache in {args.cache_dir}", file=sys.stderr)
-    return real_features, extract(gen, "gen"), cache_name
+        real_features = extract(real, "real")
+        if path:
+            files.atomic_write(path, lambda tmp: write_arrays(tmp, real_features))
+    return real_features, extract(gen, "gen")
+
+
+def write_arrays(path, tensors):
+    """An .npz of plain arrays (read back without unpickling)."""
+    with open(path, "wb") as handle:  # a handle, since np.savez would append .npz to a path
+        np.savez(handle, **{name: tensor.numpy() for name, tensor in tensors.items()})
+
+
+def read_cached_features(path, names, count):
+    """Features an earlier run saved; a file that is not such an .npz is refused, never unpickled."""
+    try:
+        with open_npz(path) as data:
+            features = {name: torch.from_numpy(data[name]) for name in names}
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as error:
+        raise damaged_cache(path, f"{type(error).__name__}: {str(error)[:100]}") from None
+    if any(len(f) != count for f in features.values()):
+        raise damaged_cache(path, f"it does not hold {count} rows per feature")
+    return features
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -456,11 +584,11 @@ def layer_for(metric, network):
     return cls.get_default_feature_layer_for_metric(TORCH_FIDELITY_NAME[metric])
 
 
-def metric_values(metric, real, gen, network, args, real_fid_stats=None):
+def metric_values(metric, real, gen, network, args):
     """One metric from features, through torch-fidelity's metric functions."""
     layer = layer_for(metric, network)
     if metric == "fid":
-        real_stats = real_fid_stats or fid_features_to_statistics(real[layer])
+        real_stats = fid_features_to_statistics(real[layer])
         fid = fid_statistics_to_metric(real_stats, fid_features_to_statistics(gen[layer]), False)
         return {"fid": fid[KEY_METRIC_FID]}
     if metric == "pr":
@@ -492,12 +620,12 @@ def metric_values(metric, real, gen, network, args, real_fid_stats=None):
     return {"isc_mean": isc[KEY_METRIC_ISC_MEAN], "isc_std": isc[KEY_METRIC_ISC_STD]}
 
 
-def compute_metrics(metrics, real, gen, network, args, real_fid_stats=None):
+def compute_metrics(metrics, real, gen, network, args):
     """(values, failures) of several metrics; a failure is recorded and reported, never hidden."""
     values, failures = {}, {}
     for metric in metrics:
         try:
-            result = metric_values(metric, real, gen, network, args, real_fid_stats)
+            result = metric_values(metric, real, gen, network, args)
         except Exception as error:  # reported in the output and the exit code
             failures[metric] = f"{type(error).__name__}: {error}"
             continue
@@ -596,22 +724,10 @@ def size_histogram(sizes):
 
 def write_json(path, result):
     """Write the full result atomically (a crash never leaves half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(temporary, path)
+    files.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line (plus exit code 2), not the whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_metrics(text):
@@ -626,14 +742,11 @@ def parse_metrics(text):
     return [m for m in METRIC_ORDER if m in chosen]
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+def seed(text):
+    """argparse type: a seed that numpy and torch-fidelity accept (0 <= seed < 2^32)."""
+    value = nonnegative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2^32, got {text}")
     return value
 
 
@@ -645,7 +758,7 @@ def default_cache_dir():
 
 
 def parse_args(argv=None):
-    parser = OneLineErrorParser(
+    parser = Parser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -682,7 +795,7 @@ def parse_args(argv=None):
     add(
         "--num-workers",
         "--num_workers",
-        type=int,
+        type=nonnegative_int,
         default=min(8, os.cpu_count() or 1),
         help="DataLoader worker processes decoding images (default: min(8, CPU count))",
     )
@@ -695,14 +808,14 @@ def parse_args(argv=None):
     )
     add(
         "--seed",
-        type=int,
+        type=seed,
         default=2020,
         help="seed of --max-samples subsets, KID subsets and IS splits (default 2020)",
     )
     add(
         "--json",
         default=None,
-        help="write every metric, count, setting, version and weight file to this path",
+        help="write every metric, count, setting, version and weight file to this file (checked first)",
     )
     add(
         "--per-class",
@@ -714,9 +827,26 @@ def parse_args(argv=None):
         "--cache-dir",
         "--cache_dir",
         default=default_cache_dir(),
-        help="real-feature cache (default: %(default)s)",
+        help="cache of real features and of folder scans (default: %(default)s)",
     )
-    add("--no-cache", "--no_cache", action="store_true", help="neither read nor write the real-feature cache")
+    add("--no-cache", "--no_cache", action="store_true", help="neither read nor write the cache")
+    add(
+        "--bit-depth",
+        "--bit_depth",
+        type=bit_depth,
+        default=None,
+        help="bit depth of integer images, e.g. 12 for CT stored in 16-bit files (default: found per side "
+        "by one scan: the largest value rounded up to 2^k - 1, or the depth our 16-bit PNGs declare)",
+    )
+    add(
+        "--intensity-range",
+        "--intensity_range",
+        type=finite_float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="values of float ('F') images that map onto black and white (default: 0 1)",
+    )
     add(
         "--inception-weights",
         "--inception_weights",
@@ -773,7 +903,12 @@ def parse_args(argv=None):
         default=10,
         help="Inception Score splits (default 10)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
+        parser.error(
+            f"--intensity-range needs LOW < HIGH, got {args.intensity_range[0]} {args.intensity_range[1]}"
+        )
+    return args
 
 
 def select_device(name):
@@ -794,31 +929,27 @@ def select_device(name):
 
 
 def load_inputs(args):
-    """Both image sets, subset and checked for the asked metrics, with per-class index pairs."""
-    real = random_subset(open_image_set(args.real, "real", "REAL_IMAGES_DIR"), args.max_samples, args.seed)
-    gen = random_subset(open_image_set(args.gen, "gen", "GEN_IMAGES_DIR"), args.max_samples, args.seed)
+    """Both image sets, subset and checked for the asked metrics, with per-class index pairs; each
+    folder is scanned once (all of it, also under --max-samples) for its decoding rule."""
+    found = {
+        "real": open_image_set(args.real, "real", "REAL_IMAGES_DIR"),
+        "gen": open_image_set(args.gen, "gen", "GEN_IMAGES_DIR"),
+    }
+    real, gen = (random_subset(found[side], args.max_samples, args.seed) for side in ("real", "gen"))
     check_counts(args.metrics, len(real), len(gen), args, "overall")
     classes = match_classes(real, gen) if args.per_class else {}
     for name, (real_index, gen_index) in classes.items():
         check_counts(args.metrics, len(real_index), len(gen_index), args, f"class {name}")
-    print(f"Real: {len(real)} of {real.total} images in {args.real}", file=sys.stderr)
-    print(f"Gen:  {len(gen)} of {gen.total} images in {args.gen}", file=sys.stderr)
+    real.intensity, gen.intensity = decoding_rule(found["real"], args), decoding_rule(found["gen"], args)
+    for title, chosen, place in (("Real:", real, args.real), ("Gen: ", gen, args.gen)):
+        rule = images.describe(chosen.intensity)
+        print(f"{title} {len(chosen)} of {chosen.total} images in {place} ({rule})", file=sys.stderr)
     return real, gen, classes
 
 
 def networks_used(args):
     """The networks the asked metrics need, Inception first."""
     return list(dict.fromkeys(network_of(m, args) for m in args.metrics))
-
-
-def cached_real_fid_statistics(real_features, cache_name, extractor, network, args):
-    """FID mean and covariance of the real set, from the cache when it holds them."""
-    if cache_name is None:
-        return None
-    layer = layer_for("fid", network)
-    return fid_featuresdict_to_statistics_cached(
-        real_features, cache_name, extractor, layer, cache_root=args.cache_dir, verbose=False
-    )
 
 
 def per_class_metrics(result, metrics, classes, real_features, gen_features, network, args):
@@ -840,15 +971,10 @@ def evaluate(args, real, gen, classes, weights):
     for network in networks_used(args):
         metrics = [m for m in args.metrics if network_of(m, args) == network]
         extractor = build_extractor(network, weights[network], args.device)
-        real_features, gen_features, cache_name = features_of_both(
+        real_features, gen_features = features_of_both(
             real, gen, network, extractor, weights[network], args, log
         )
-        stats = (
-            cached_real_fid_statistics(real_features, cache_name, extractor, network, args)
-            if "fid" in metrics
-            else None
-        )
-        values, failures = compute_metrics(metrics, real_features, gen_features, network, args, stats)
+        values, failures = compute_metrics(metrics, real_features, gen_features, network, args)
         result["metrics"].update(values)
         result["failures"].update(failures)
         per_class_metrics(result, metrics, classes, real_features, gen_features, network, args)
@@ -873,6 +999,7 @@ def describe(args, real, gen, weights, log, seconds):
         },
         "preprocessing": {
             "decoding": DECODING,
+            "intensity": {"real": real.intensity, "gen": gen.intensity},
             "resize": {NETWORKS[n]["extractor"]: resize_protocol(n) for n in used},
         },
         "weights": {
@@ -886,22 +1013,27 @@ def describe(args, real, gen, weights, log, seconds):
     }
 
 
+def check_outputs(args):
+    """Fail on an unwritable --json or cache folder before any image is read."""
+    if args.json:
+        ensure_writable_file(args.json, "--json")
+    if not args.no_cache:
+        ensure_writable_dir(args.cache_dir, "--cache-dir")
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
-    try:
-        args.device = select_device(args.device)
-        titles = ", ".join(METRIC_TITLES[m] for m in args.metrics)
-        print(
-            f"Metrics {titles} on {args.device}, batch size {args.batch_size}, {args.num_workers} workers",
-            file=sys.stderr,
-        )
-        real, gen, classes = load_inputs(args)
-        weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in networks_used(args)}
-        result, log = evaluate(args, real, gen, classes, weights)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_outputs(args)
+    args.device = select_device(args.device)
+    titles = ", ".join(METRIC_TITLES[m] for m in args.metrics)
+    print(
+        f"Metrics {titles} on {args.device}, batch size {args.batch_size}, {args.num_workers} workers",
+        file=sys.stderr,
+    )
+    real, gen, classes = load_inputs(args)
+    weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in networks_used(args)}
+    result, log = evaluate(args, real, gen, classes, weights)
     result.update(describe(args, real, gen, weights, log, time.perf_counter() - start))
     print_report(result, args.metrics, args)
     if args.json:
@@ -912,4 +1044,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

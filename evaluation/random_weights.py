@@ -5,7 +5,6 @@ through the same `--inception-weights` / `--vgg-weights` path, so every code pat
 themselves is the one used with real weights. Numbers from these files mean nothing.
 """
 
-import argparse
 import os
 from unittest import mock
 
@@ -13,6 +12,10 @@ import torch
 import torch.nn as nn
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 import torchvision
+
+from core import files
+from core.cli import Parser, ensure_writable_dir, nonnegative_int
+from core.errors import run_cli
 
 
 def _init_variance_preserving(model, seed):
@@ -46,18 +49,24 @@ def random_vgg16_state_dict(seed=0):
 
 def write_random_weights(folder, seed=0):
     """Save both files into `folder`; returns (inception_path, vgg16_path)."""
-    os.makedirs(folder, exist_ok=True)
+    ensure_writable_dir(folder, "folder")
     inception_path = os.path.join(folder, "random-inception-v3-compat.pth")
     vgg_path = os.path.join(folder, "random-vgg16.pth")
-    torch.save(random_inception_state_dict(seed), inception_path)
-    torch.save(random_vgg16_state_dict(seed), vgg_path)
+    files.atomic_save(random_inception_state_dict(seed), inception_path)
+    files.atomic_save(random_vgg16_state_dict(seed), vgg_path)
     return inception_path, vgg_path
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main():
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="where to write random-inception-v3-compat.pth and random-vgg16.pth")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the random weights (default 0)"
+    )
     args = parser.parse_args()
     for path in write_random_weights(args.folder, args.seed):
         print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -86,6 +86,8 @@ def test_modes_decode_to_the_requested_channels(tmp_path):
     assert gray.shape == (2, 2, 3) and np.all(gray == 1)
     palette = Image.fromarray(np.full((2, 2, 3), 128, np.uint8)).convert("P")
     assert images.decode(palette, images.EIGHT_BIT, 1).shape == (2, 2, 1)
+    red = Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).convert("P").convert("PA")
+    assert images.decode(red, images.EIGHT_BIT, 3)[0, 0].tolist() == [1, 0, 0]  # colour kept
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,8 @@ def decode(image, intensity, channels):
     """
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "PA":
+        image = image.convert("RGBA")
     elif image.mode not in ("L", "LA", "RGB", "RGBA", "F", *WIDE_MODES):
         image = image.convert("RGB" if image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX") else "L")
     alpha = None

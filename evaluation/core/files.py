@@ -1,6 +1,7 @@
 """Files written so that a crash never leaves a broken one, and loaded without running pickled code."""
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from .errors import UserError
 
 TEMP_MARK = ".tmp-"  # temporaries are hidden files named .<name>.tmp-<pid>
+STALE = re.compile(r"^\..+\.tmp-?\d+$")  # also the '.<name>.tmp<pid>' of older versions
 
 
 def atomic_write(path, write):
@@ -31,7 +33,7 @@ def clean_temporaries(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and TEMP_MARK in p.name and p.is_file()]
+    stale = [p for p in folder.iterdir() if STALE.match(p.name) and p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -45,7 +47,10 @@ def load_weights_only(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure: not a plain-tensor file
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"cannot load {what} {path} safely ({reason}): only files of tensors and plain values are loaded"
-        ) from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
+        reason = (
+            f"it holds a pickled {found.group(1)}; only tensors and plain values are loaded (nothing ran)"
+            if found
+            else "it is not a PyTorch file of tensors (corrupt, truncated or another format)"
+        )
+        raise UserError(f"cannot load {what} {path} safely: {reason}") from None

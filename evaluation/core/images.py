@@ -125,6 +125,8 @@ def decode(image, intensity, channels):
     """
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "PA":
+        image = image.convert("RGBA")
     elif image.mode not in ("L", "LA", "RGB", "RGBA", "F", *WIDE_MODES):
         image = image.convert("RGB" if image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX") else "L")
     alpha = None
@@ -187,14 +189,14 @@ def save(sample, path, intensity):
     """Write one sample atomically (a crash never leaves a truncated file at path)."""
     image = encode(sample, intensity)
     path = Path(path)
-    if path.suffix.lower() == ".png":
-        info = PngImagePlugin.PngInfo()
-        info.add_text(DEPTH_TAG, str(intensity.get("bit_depth", 8)))
-        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-    else:
-        atomic_write(
-            path, lambda tmp: image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        )
+    kind = Image.registered_extensions()[path.suffix.lower()]
+    options = {}
+    if kind == "PNG":
+        # Tag the depth actually stored (colour stays 8-bit), so a scan of dark samples reads it back.
+        depth = intensity.get("bit_depth", 8)
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text(DEPTH_TAG, str(depth if image.mode == "I;16" else min(depth, 8)))
+    atomic_write(path, lambda tmp: image.save(tmp, format=kind, **options))
 
 
 def to_uint8_rgb(samples):

@@ -43,7 +43,9 @@ def write_set(root, seed, tint, special=False):
             if special and name == "a" and i == 1:
                 Image.fromarray(rgb).convert("L").save(path)
             elif special and name == "a" and i == 2:
-                Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).save(path)  # 16-bit grayscale
+                # A 16-bit file of 8-bit values: the set stays 8-bit (a full-range one would make the
+                # whole set 16-bit data, one rule per set; tests/test_decoding.py covers that).
+                Image.fromarray(rgb[:, :, 0].astype(np.uint16)).save(path)
             elif special and name == "a" and i == 3:
                 Image.fromarray(rgb).save(path[:-4] + ".PNG")
             else:
@@ -60,6 +62,16 @@ def data(tmp_path_factory):
     outlier = np.full((16, 16, 3), 255, np.uint8)  # far from every real image: precision < 1
     Image.fromarray(outlier).save(os.path.join(gen, "a", "000005.png"))
     return {"root": root, "real": real, "gen": gen}
+
+
+class Evil:
+    """Pickled, it runs a command on load (as a hostile weights or cache file would): creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def run_script(args, env=None, cwd=FOLDER, script=SCRIPT, interpreter=sys.executable, timeout=300):

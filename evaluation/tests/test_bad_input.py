@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PARALLEL, run_script
+from conftest import PARALLEL, Evil, run_script
 
 
 def good_images(folder, count):
@@ -46,8 +46,101 @@ def build_cases(root, weights):
     np.savez(os.path.join(root, "no_arr0.npz"), images=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(os.path.join(root, "float.npz"), np.zeros((4, 8, 8, 3), np.float32))
     torch.save({"conv.weight": torch.zeros(1)}, os.path.join(root, "bogus.pth"))
+    for network in ("inception", "vgg"):
+        torch.save(Evil(os.path.join(root, f"ran-{network}")), os.path.join(root, f"evil-{network}.pt"))
+    classes = os.path.join(root, "classes")
+    for name in ("a", "b"):
+        good_images(os.path.join(classes, name), 5)
+    three_labels = np.arange(10) % 3
+    np.savez(os.path.join(root, "bare_labels.npz"), np.zeros((10, 8, 8, 3), np.uint8), three_labels)
+    np.savez(
+        os.path.join(root, "short_names.npz"),
+        np.zeros((10, 8, 8, 3), np.uint8),
+        three_labels,
+        class_names=np.array(["a", "b"]),
+    )
+    floats = good_images(os.path.join(root, "floats"), 4)
+    Image.fromarray(np.zeros((8, 8), np.float32)).save(os.path.join(floats, "4.tif"))
+    only_floats = os.path.join(root, "only_floats")
+    os.makedirs(only_floats)
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), i / 5, np.float32)).save(os.path.join(only_floats, f"{i}.tif"))
+    a_file = os.path.join(root, "a_file")
+    open(a_file, "w").close()
     fid = ["--metrics", "fid"]
+    base = ["--real", good, "--gen", good, *fid, *flags]
+
+    def value(*args):
+        """A case of one bad flag value on otherwise good input: (args, env, text)."""
+        return ([*base, *args[:-1]], {}, args[-1])
+
     return {
+        "zero batch size": value("--batch-size", "0", "must be an integer >= 1, got 0"),
+        "negative batch size": value("--batch_size", "-2", "must be an integer >= 1, got -2"),
+        "zero max samples": value(
+            "--max-samples", "0", "--max-samples/--max_samples: must be an integer >= 1"
+        ),
+        "zero kid subset size": value(
+            "--kid-subset-size", "0", "--kid-subset-size/--kid_subset_size: must be"
+        ),
+        "zero kid subsets": value("--kid_subsets", "0", "--kid-subsets/--kid_subsets: must be"),
+        "zero nearest neighbours": value("--pr-k", "0", "--pr-k/--pr_k: must be an integer >= 1"),
+        "NaN chunk size": value("--pr-chunk-size", "nan", "expected an integer, got 'nan'"),
+        "zero IS splits": value("--isc-splits", "0", "--isc-splits/--isc_splits: must be"),
+        "negative workers": value("--num-workers", "-1", "must be an integer >= 0, got -1"),
+        "negative seed": value("--seed", "-1", "--seed: must be an integer >= 0"),
+        "seed too large": value("--seed", str(2**32), "must be below 2^32"),
+        "bit depth 0": value("--bit-depth", "0", "a bit depth from 1 to 32"),
+        "bit depth not a number": value("--bit_depth", "twelve", "expected an integer, got 'twelve'"),
+        "intensity range reversed": value("--intensity-range", "1", "0", "needs LOW < HIGH"),
+        "intensity range NaN": value("--intensity_range", "nan", "1", "expected a finite number, got 'nan'"),
+        "intensity range one value": value("--intensity-range", "1", "expected 2 arguments"),
+        "bit depth of float images": (
+            ["--real", only_floats, "--gen", good, "--bit-depth", "12", *fid, *flags],
+            {},
+            "applies to integer images",
+        ),
+        "float and integer images mixed": (
+            ["--real", floats, "--gen", good, *fid, *flags],
+            {},
+            "mixes float ('F') and integer images",
+        ),
+        "json is a folder": value("--json", root, "is a folder: pass a file path"),
+        "json under a file": value("--json", os.path.join(a_file, "r.json"), "is a file, not a folder"),
+        "cache folder is a file": (
+            ["--real", good, "--gen", good, *fid, "--inception-weights", weights[0], "--cache-dir", a_file],
+            {},
+            "--cache-dir",
+        ),
+        "pickled code as inception weights": (
+            [
+                "--real",
+                good,
+                "--gen",
+                good,
+                *fid,
+                "--inception-weights",
+                os.path.join(root, "evil-inception.pt"),
+            ],
+            {},
+            "cannot load InceptionV3 weights file (--inception-weights)",
+        ),
+        "pickled code as vgg weights": (
+            ["--real", good, "--gen", good, "--no-cache", "--inception-weights", weights[0]]
+            + ["--vgg-weights", os.path.join(root, "evil-vgg.pt")],
+            {},
+            "cannot load VGG16 weights file (--vgg-weights)",
+        ),
+        "npz labels without names, other class count": (
+            ["--real", classes, "--gen", os.path.join(root, "bare_labels.npz"), "--per-class", *fid, *flags],
+            {},
+            "which label is which class is ambiguous",
+        ),
+        "npz class_names too short": (
+            ["--real", classes, "--gen", os.path.join(root, "short_names.npz"), *fid, *flags],
+            {},
+            "class_names must list a name (str) for every label 0..2",
+        ),
         "missing folder": (
             ["--real", os.path.join(root, "nope"), "--gen", good, *fid, *flags],
             {},
@@ -121,9 +214,13 @@ def build_cases(root, weights):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, weights):
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture(scope="module")
+def outcomes(root, weights):
     """Run all cases, two at a time (most of each run is starting Python and importing torch)."""
-    root = str(tmp_path_factory.mktemp("bad"))
     cases = build_cases(root, weights)
     clean_env = {"EVAL_INCEPTION_WEIGHTS": "", "EVAL_VGG16_WEIGHTS": "", **PARALLEL}
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -132,6 +229,31 @@ def outcomes(tmp_path_factory, weights):
 
 
 CASES = [
+    "zero batch size",
+    "negative batch size",
+    "zero max samples",
+    "zero kid subset size",
+    "zero kid subsets",
+    "zero nearest neighbours",
+    "NaN chunk size",
+    "zero IS splits",
+    "negative workers",
+    "negative seed",
+    "seed too large",
+    "bit depth 0",
+    "bit depth not a number",
+    "intensity range reversed",
+    "intensity range NaN",
+    "intensity range one value",
+    "bit depth of float images",
+    "float and integer images mixed",
+    "json is a folder",
+    "json under a file",
+    "cache folder is a file",
+    "pickled code as inception weights",
+    "pickled code as vgg weights",
+    "npz labels without names, other class count",
+    "npz class_names too short",
     "missing folder",
     "empty folder",
     "no images",
@@ -157,8 +279,17 @@ def test_bad_input_gives_one_line_and_exit_2(outcomes, case):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert expected in lines[-1]
+    assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-1]
+    assert sum(line.startswith("error:") for line in lines) == 1
     assert "FINAL EVALUATION REPORT" not in result.stdout
+    assert " features (" not in result.stderr  # refused before any feature extraction
+
+
+def test_pickled_weights_never_run(outcomes, root):
+    """The 'pickled code as ...' cases refused the files without running what they hide."""
+    assert outcomes["pickled code as vgg weights"][0].returncode == 2
+    assert not os.path.exists(os.path.join(root, "ran-inception"))
+    assert not os.path.exists(os.path.join(root, "ran-vgg"))
 
 
 def test_cases_list_is_complete(outcomes):

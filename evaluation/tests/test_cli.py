@@ -162,7 +162,7 @@ def report_value(stdout, label):
 def constants_run(data, weights, tmp):
     """A copy of the script with edited constants, run with no flags (weights from the environment)."""
     copy = os.path.join(tmp, "constants", "precision_recall.py")
-    os.makedirs(os.path.dirname(copy))
+    shutil.copytree(os.path.join(FOLDER, "core"), os.path.join(tmp, "constants", "core"))  # its vendored core
     with open(SCRIPT) as handle:
         source = handle.read()
     source = re.sub(r'^REAL_IMAGES_DIR = ".*"$', f'REAL_IMAGES_DIR = "{data["real"]}"', source, flags=re.M)

@@ -9,11 +9,13 @@ import torch
 from PIL import Image
 
 import precision_recall as pr
+from core import images
 
 
 def decoded(path):
+    """One file as the script decodes it, as a set of its own: (3, H, W) uint8."""
     with Image.open(path) as image:
-        return pr.pil_to_rgb8(image)  # (3, H, W) uint8
+        return pr.pil_to_rgb8(image, images.scan([path])["intensity"])
 
 
 def test_16bit_is_scaled_not_clipped(tmp_path):
@@ -31,12 +33,15 @@ def test_16bit_is_scaled_not_clipped(tmp_path):
 def test_grayscale_rgba_palette_become_rgb(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
-    rgba = np.concatenate([rgb, np.full((8, 8, 1), 7, np.uint8)], axis=2)
+    opaque = np.arange(64).reshape(8, 8, 1) % 2 == 0
+    rgba = np.concatenate([rgb, np.where(opaque, 255, 0).astype(np.uint8)], axis=2)
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
     Image.fromarray(rgb).quantize(16).save(tmp_path / "palette.png")
     gray = decoded(tmp_path / "gray.png")
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    assert torch.equal(decoded(tmp_path / "alpha.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    # Alpha is composited on black, as every folder's training loader does (core.images).
+    composited = torch.from_numpy(np.where(opaque, rgb, 0).astype(np.uint8)).permute(2, 0, 1)
+    assert torch.equal(decoded(tmp_path / "alpha.png"), composited)
     with Image.open(tmp_path / "palette.png") as image:
         expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(decoded(tmp_path / "palette.png"), expected)
@@ -122,3 +127,31 @@ def test_uncompressed_npz_is_memory_mapped_and_equal(tmp_path):
     assert np.array_equal(plain.array, images) and np.array_equal(packed.array, images)
     assert plain.classes == [0, 1, 2, 3]
     assert torch.equal(plain.subset([1, 3]).dataset()[1][1], torch.from_numpy(images[3]).permute(2, 0, 1))
+
+
+def test_npz_class_names_map_labels_by_name_when_the_folder_lacks_a_class(tmp_path, capsys):
+    folder = pr.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png", "c/1.png"], classes=["b", "c", "c"])
+    arrays = np.zeros((4, 2, 2, 3), np.uint8)
+    np.savez(tmp_path / "named.npz", arrays, np.array([0, 1, 2, 1]), class_names=np.array(["a", "b", "c"]))
+    named = pr.load_npz(str(tmp_path / "named.npz"))
+    assert named.classes == ["a", "b", "c", "b"] and named.names == ["a", "b", "c"]
+    pairs = pr.match_classes(folder, named)
+    assert {c: (r.tolist(), g.tolist()) for c, (r, g) in pairs.items()} == {
+        "b": ([0], [1, 3]),
+        "c": ([1, 2], [2]),
+    }
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_npz_labels_without_names_need_equal_class_counts(tmp_path, capsys):
+    folder = pr.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png"], classes=["b", "c"])
+    bare = pr.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[0, 1, 2])
+    with pytest.raises(pr.InputError, match="ambiguous"):
+        pr.match_classes(folder, bare)
+    # A subset keeps the count of the whole set: drawing no label 2 does not make it look unambiguous.
+    assert bare.subset([0, 1]).label_count == 3
+    with pytest.raises(pr.InputError, match="ambiguous"):
+        pr.match_classes(folder, bare.subset([0, 1]))
+    two = pr.ImageSet(str(tmp_path), array=np.zeros((2, 2, 2, 3), np.uint8), classes=[1, 0])
+    assert set(pr.match_classes(folder, two)) == {"b", "c"}
+    assert "warning: " in capsys.readouterr().err

@@ -73,7 +73,10 @@ def ensure_writable_file(path, flag):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: pass a file path")
-    ensure_writable_dir(path.parent if str(path.parent) else Path(os.curdir), flag)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{flag} {path} cannot be written: {parent} is a file, not a folder")
+    ensure_writable_dir(path.parent, flag)
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path} is not writable: pass another file")
     return path
