@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from core.images import EIGHT_BIT  # noqa: E402
 from dataset import ClassImageDataset, find_class_images  # noqa: E402
 from models import (  # noqa: E402
     ClassConditionalUNet,
@@ -126,7 +127,7 @@ def main():
         make_vae(Path(tmp) / "vae", size)
         codec = LatentCodec(load_vae(str(Path(tmp) / "vae")), 3)
         _, samples = find_class_images(Path(tmp) / "data")
-        images = ClassImageDataset(samples, size, 3)
+        images = ClassImageDataset(samples, size, 3, EIGHT_BIT)
         labels = torch.tensor([label for _, label in samples])
         cached = TensorDataset(encode_moments(codec, images, batch, "cpu", True), labels)
         latent_size = size // codec.downsample

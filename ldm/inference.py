@@ -1,8 +1,11 @@
 """Generate images of chosen classes (by name or index, default all) from an LDM checkpoint.
 
-Writes <output_dir>/<class_name>/<index:06d>.png (skipping files that already exist unless
---overwrite) and, with --save_grid, one grid with a row per class. The architecture, classes and
-VAE come from the checkpoint; EMA weights are used unless --no_ema.
+Writes <output_dir>/<class_name>/<index:06d>.png at the training data's bit depth (16-bit PNG for
+data deeper than 8 bits, .tif for float data), skipping complete files that already exist unless
+--overwrite. --save_grid also writes a preview grid with a row per class beside the sample tree,
+<output_dir>_grid.png (or --grid_path), so that an evaluation of the samples never counts it. The
+architecture, classes, decoding rule and VAE come from the checkpoint; EMA weights are used unless
+--no_ema.
 """
 
 import os
@@ -12,22 +15,23 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from dataset import load_png, save_png, to_uint8  # noqa: E402
+from core import cli, files, images  # noqa: E402
+from dataset import to_unit  # noqa: E402
 from models import (  # noqa: E402
     SAMPLERS,
     LatentCodec,
     denoise,
+    intensity_of,
     load_checkpoint,
     load_vae,
     make_sampler,
     model_from_checkpoint,
     noise_for,
 )
-from utils import Parser, Timer, UserError, print_timing, run_main  # noqa: E402
+from utils import Parser, Timer, UserError, print_timing, run_cli  # noqa: E402
 
 
 def add_sampling_args(parser, default_output, default_seed):
@@ -37,16 +41,22 @@ def add_sampling_args(parser, default_output, default_seed):
     )
     parser.add_argument("--output_dir", default=default_output, help="output folder (default: %(default)s)")
     parser.add_argument(
-        "--batch_size", type=int, default=16, help="images per forward pass (default: %(default)s)"
+        "--batch_size",
+        type=cli.positive_int,
+        default=16,
+        help="images per forward pass (default: %(default)s)",
     )
     parser.add_argument(
         "--cfg_scale",
-        type=float,
+        type=cli.nonnegative_float,
         default=3.0,
         help="classifier-free guidance; 1 = conditional only, 0 = unconditional (default: %(default)s)",
     )
     parser.add_argument(
-        "--num_inference_steps", type=int, default=50, help="sampling steps (default: %(default)s)"
+        "--num_inference_steps",
+        type=cli.positive_int,
+        default=50,
+        help="sampling steps (default: %(default)s)",
     )
     parser.add_argument(
         "--scheduler",
@@ -56,7 +66,7 @@ def add_sampling_args(parser, default_output, default_seed):
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=cli.nonnegative_int,
         default=default_seed,
         help="seed; image i of class c always gets the same noise (default: %(default)s)",
     )
@@ -79,23 +89,14 @@ def add_sampling_args(parser, default_output, default_seed):
     )
 
 
-def check_sampling_args(args):
-    """Reject sizes that cannot work."""
-    for name in ("batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.cfg_scale < 0:
-        raise UserError(f"--cfg_scale must be >= 0 (got {args.cfg_scale})")
-
-
 class LDMSampler:
-    """A trained LDM ready to sample: model, VAE codec, sampler and the latent shape."""
+    """A trained LDM ready to sample: model, VAE codec, sampler, latent shape and the data's decoding rule."""
 
-    def __init__(self, args, device):
-        ckpt = load_checkpoint(args.checkpoint)
+    def __init__(self, ckpt, args, device):
         config = ckpt["config"]
         self.device = torch.device(device)
         self.class_names = list(ckpt["class_names"])
+        self.intensity = intensity_of(ckpt)
         self.model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).to(self.device)
         vae = load_vae(args.vae_pretrained or config["vae_pretrained"]).to(self.device)
         self.codec = LatentCodec(vae, config["image_channels"])
@@ -112,14 +113,14 @@ class LDMSampler:
         )
 
     def sample(self, label, indices):
-        """uint8 images (len(indices), H, W, C) of one class; noise depends only on seed, class and index."""
+        """(len(indices), C, H, W) images in [0, 1] of one class; noise fixed by seed, class and index."""
         noise = noise_for(self.args.seed, label, indices, self.latent_shape).to(self.device)
         labels = torch.full((len(indices),), label, device=self.device, dtype=torch.long)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             latents = denoise(
                 self.model, self.sampler, noise, labels, self.args.cfg_scale, self.args.num_inference_steps
             )
-        return to_uint8(self.codec.decode(latents.float()))
+        return to_unit(self.codec.decode(latents.float())).cpu()
 
 
 def resolve_classes(tokens, class_names):
@@ -150,21 +151,40 @@ def batches(items, size):
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def image_path(output_dir, class_name, index):
-    """<output_dir>/<class_name>/<index:06d>.png"""
-    return Path(output_dir) / class_name / f"{index:06d}.png"
+def image_path(output_dir, class_name, index, intensity):
+    """<output_dir>/<class_name>/<index:06d>.png (.tif for float data)."""
+    return Path(output_dir) / class_name / f"{index:06d}{images.suffix(intensity)}"
 
 
-def missing_indices(output_dir, class_name, count, overwrite):
-    """Indices below `count` still to generate (all of them with --overwrite)."""
-    return [i for i in range(count) if overwrite or not image_path(output_dir, class_name, i).exists()]
+def missing_indices(output_dir, class_name, count, intensity, overwrite):
+    """Indices below `count` still to generate: all with --overwrite, else those without a complete file
+    (an interrupted run can leave a truncated one, which is made again)."""
+    return [
+        i
+        for i in range(count)
+        if overwrite or not images.is_readable_image(image_path(output_dir, class_name, i, intensity))
+    ]
 
 
-def write_images(output_dir, class_name, indices, images):
-    """Save a batch of uint8 images under their indices."""
+def clean_sample_tree(output_dir, class_names):
+    """Delete temporaries that a sampler killed while writing left in the class folders."""
+    for name in class_names:
+        files.clean_temporaries(Path(output_dir) / name)
+
+
+def write_images(output_dir, class_name, indices, samples, intensity):
+    """Save a batch of samples (N, C, H, W) in [0, 1] under their indices, each file atomically."""
     (Path(output_dir) / class_name).mkdir(parents=True, exist_ok=True)
-    for index, image in zip(indices, images, strict=True):
-        save_png(image, image_path(output_dir, class_name, index))
+    for index, sample in zip(indices, samples, strict=True):
+        images.save(sample, image_path(output_dir, class_name, index, intensity), intensity)
+
+
+def beside(output_dir, ending):
+    """A file next to the sample tree, <output_dir><ending>: outside it, so evaluation never counts it."""
+    folder = Path(output_dir)
+    if not folder.name:  # "." or "..": name the file after the folder itself
+        folder = Path(os.path.abspath(folder))
+    return folder.with_name(folder.name + ending)
 
 
 def free_path(path):
@@ -177,12 +197,20 @@ def free_path(path):
     return candidate
 
 
-def save_grid(rows, output_dir, overwrite):
-    """One grid image, a row per class, without replacing an earlier grid unless asked."""
-    images = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 255  # (N, C, H, W)
-    path = Path(output_dir) / "grid.png"
-    path = path if overwrite else free_path(path)
-    save_image(make_grid(images, nrow=len(rows[0])), path)
+def outside_samples(path, output_dir, flag):
+    """Refuse an extra output inside the sample tree, where evaluation would count it as a sample."""
+    if Path(path).resolve().is_relative_to(Path(output_dir).resolve()):
+        raise UserError(
+            f"{flag} {path} is inside --output_dir {output_dir}, where it would count as a sample; "
+            "put it outside (default: beside the folder)"
+        )
+    return Path(path)
+
+
+def save_grid(rows, path):
+    """One preview grid (8-bit PNG), a row per class, written atomically."""
+    grid = make_grid(torch.cat(rows), nrow=len(rows[0]))
+    files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
     print(f"grid saved to {path}")
 
 
@@ -195,55 +223,74 @@ def parse_args(argv=None):
         default=None,
         help="class names or indices to generate (default: every class)",
     )
-    parser.add_argument("--num_samples", type=int, default=10, help="images per class (default: %(default)s)")
-    parser.add_argument("--save_grid", action="store_true", help="also save grid.png with one row per class")
+    parser.add_argument(
+        "--num_samples", type=cli.positive_int, default=10, help="images per class (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--save_grid",
+        action="store_true",
+        help="also save a preview grid (8-bit PNG, a row per class) as <output_dir>_grid.png",
+    )
+    parser.add_argument(
+        "--grid_path",
+        default=None,
+        help="save the grid here instead (implies --save_grid; must be outside --output_dir)",
+    )
     parser.add_argument(
         "--no_save_images", action="store_true", help="do not write individual images (use with --save_grid)"
     )
-    args = parser.parse_args(argv)
-    check_sampling_args(args)
-    if args.num_samples < 1:
-        raise UserError(f"--num_samples must be at least 1 (got {args.num_samples})")
-    return args
+    return parser.parse_args(argv)
+
+
+def grid_destination(args):
+    """Where the grid goes (None without one), checked before any sampling starts."""
+    if not (args.save_grid or args.grid_path):
+        return None
+    path = outside_samples(
+        args.grid_path or beside(args.output_dir, "_grid.png"), args.output_dir, "--grid_path"
+    )
+    return cli.ensure_writable_file(path if args.overwrite else free_path(path), "--grid_path")
 
 
 def main():
     args = parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    classes = resolve_classes(args.class_label, list(ckpt["class_names"]))
+    grid_path = grid_destination(args)
+    write = not args.no_save_images
+    if write:
+        cli.ensure_writable_dir(args.output_dir, "--output_dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
-    sampler = LDMSampler(args, device)
-    classes = resolve_classes(args.class_label, sampler.class_names)
+    sampler = LDMSampler(ckpt, args, device)
+    rule, channels = sampler.intensity, sampler.codec.image_channels
+    clean_sample_tree(args.output_dir, sampler.class_names)
     timer = Timer(device)
     start, made, num_batches, rows = timer.now(), 0, 0, []
     for label in classes:
         name = sampler.class_names[label]
-        write = not args.no_save_images
-        todo = missing_indices(args.output_dir, name, args.num_samples, args.overwrite or not write)
+        todo = missing_indices(args.output_dir, name, args.num_samples, rule, args.overwrite or not write)
         made_now = {}
         for chunk in batches(todo, args.batch_size):
-            images = sampler.sample(label, chunk)
-            made_now.update(zip(chunk, images, strict=True))
+            samples = sampler.sample(label, chunk)
+            made_now.update(zip(chunk, samples, strict=True))
             if write:
-                write_images(args.output_dir, name, chunk, images)
+                write_images(args.output_dir, name, chunk, samples, rule)
             made, num_batches = made + len(chunk), num_batches + 1
         skipped = args.num_samples - len(todo)
         print(f"class '{name}' ({label}): generated {len(todo)}, skipped {skipped} existing", flush=True)
-        if args.save_grid:
-            rows.append(
-                np.stack(
-                    [
-                        made_now[i]
-                        if i in made_now
-                        else load_png(image_path(args.output_dir, name, i), sampler.codec.image_channels)
-                        for i in range(args.num_samples)
-                    ]
-                )
-            )
+        if grid_path is not None:
+            row = [
+                made_now[i]
+                if i in made_now
+                else images.load(image_path(args.output_dir, name, i, rule), rule, channels)
+                for i in range(args.num_samples)
+            ]
+            rows.append(torch.stack(row))  # (num_samples, C, H, W)
     print_timing(made, args.num_inference_steps, num_batches, timer.now() - start)
-    if args.save_grid:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        save_grid(rows, args.output_dir, args.overwrite)
+    if grid_path is not None:
+        save_grid(rows, grid_path)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

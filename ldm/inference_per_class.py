@@ -1,10 +1,11 @@
 """Generate --total_samples images split evenly over all classes (e.g. for FID), resumably.
 
-Writes <output_dir>/<class_name>/<index:06d>.png; files that already exist are skipped, so an
+Writes <output_dir>/<class_name>/<index:06d>.png at the training data's bit depth (16-bit PNG for
+data deeper than 8 bits, .tif for float data); complete files that already exist are skipped, so an
 interrupted run continues where it stopped. Launched with several processes
 (`accelerate launch --num_processes N inference_per_class.py ...` or `torchrun --nproc_per_node=N`)
-the batches are shared out over them. --npz also writes samples_<N>x<H>x<W>x3.npz (arr_0 uint8 RGB
-images, arr_1 labels) for evaluation tools.
+the batches are shared out over them. --npz also writes <output_dir>_<N>x<H>x<W>x3.npz beside the
+sample tree (arr_0 uint8 RGB images, arr_1 labels, class_names) for evaluation tools.
 """
 
 import os
@@ -17,18 +18,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
-from dataset import load_png  # noqa: E402
+from core import cli, files, images  # noqa: E402
 from inference import (  # noqa: E402
     LDMSampler,
     add_sampling_args,
     batches,
-    check_sampling_args,
+    beside,
+    clean_sample_tree,
     free_path,
     image_path,
     missing_indices,
     write_images,
 )
-from utils import Parser, Timer, UserError, print_timing, run_main  # noqa: E402
+from models import load_checkpoint  # noqa: E402
+from utils import Parser, Timer, print_timing, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,16 +39,16 @@ def parse_args(argv=None):
     add_sampling_args(parser, default_output="./generated_per_class", default_seed=0)
     parser.add_argument(
         "--total_samples",
-        type=int,
+        type=cli.positive_int,
         default=8000,
         help="images over all classes, split evenly (default: %(default)s)",
     )
-    parser.add_argument("--npz", action="store_true", help="also write an .npz of all images and labels")
-    args = parser.parse_args(argv)
-    check_sampling_args(args)
-    if args.total_samples < 1:
-        raise UserError(f"--total_samples must be at least 1 (got {args.total_samples})")
-    return args
+    parser.add_argument(
+        "--npz",
+        action="store_true",
+        help="also write <output_dir>_<N>x<H>x<W>x3.npz of all images, labels and class names",
+    )
+    return parser.parse_args(argv)
 
 
 def per_class_counts(total, num_classes):
@@ -53,47 +56,71 @@ def per_class_counts(total, num_classes):
     return [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
 
 
-def work_batches(class_names, counts, args):
+def work_batches(class_names, counts, intensity, args):
     """(label, indices) batches of the images still missing, in a fixed order for every process."""
     work = []
     for label, (name, count) in enumerate(zip(class_names, counts, strict=True)):
-        todo = missing_indices(args.output_dir, name, count, args.overwrite)
+        todo = missing_indices(args.output_dir, name, count, intensity, args.overwrite)
         work += [(label, chunk) for chunk in batches(todo, args.batch_size)]
     return work
 
 
-def write_npz(output_dir, class_names, counts, overwrite):
-    """All images of the run in class order, RGB (grayscale repeated) as the ADM evaluator expects."""
-    images, labels = [], []
+def npz_destination(output_dir, total, image_size, overwrite):
+    """<output_dir>_<N>x<H>x<W>x3.npz beside the sample tree (numbered unless --overwrite), checked early."""
+    path = beside(output_dir, f"_{total}x{image_size}x{image_size}x3.npz")
+    return cli.ensure_writable_file(path if overwrite else free_path(path), "--npz")
+
+
+def write_npz(path, output_dir, class_names, counts, intensity):
+    """All images of the run in class order, RGB uint8 (grayscale repeated) as the ADM evaluator expects,
+    with the class names, so that labels are mapped by name rather than by position."""
+    pixels, labels = [], []
     for label, (name, count) in enumerate(zip(class_names, counts, strict=True)):
-        images += [load_png(image_path(output_dir, name, i), 3) for i in range(count)]
+        for i in range(count):
+            sample = images.load(image_path(output_dir, name, i, intensity), intensity, 3)
+            pixels.append(images.to_uint8_rgb(sample[None])[0])  # (H, W, 3)
         labels += [label] * count
-    arr = np.stack(images)
-    path = Path(output_dir) / f"samples_{'x'.join(str(s) for s in arr.shape)}.npz"
-    path = path if overwrite else free_path(path)
-    np.savez(path, arr_0=arr, arr_1=np.array(labels, dtype=np.int64))
+    arrays = {
+        "arr_0": np.stack(pixels),
+        "arr_1": np.array(labels, dtype=np.int64),
+        "class_names": np.array(class_names, dtype=str),
+    }
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:  # a file handle, so numpy adds no second .npz suffix
+            np.savez(handle, **arrays)
+
+    files.atomic_write(path, write)
     print(f"saved {path}")
 
 
 def main():
     args = parse_args()
+    ckpt = load_checkpoint(args.checkpoint)
+    cli.ensure_writable_dir(args.output_dir, "--output_dir")
+    size = ckpt["config"]["image_size"]
+    npz_path = (
+        npz_destination(args.output_dir, args.total_samples, size, args.overwrite) if args.npz else None
+    )
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo for CPU multi-process launches
-    sampler = LDMSampler(args, state.device)
-    names = sampler.class_names
+    sampler = LDMSampler(ckpt, args, state.device)
+    names, rule = sampler.class_names, sampler.intensity
+    if state.is_main_process:
+        clean_sample_tree(args.output_dir, names)
     counts = per_class_counts(args.total_samples, len(names))
-    work = work_batches(names, counts, args)
+    work = work_batches(names, counts, rule, args)
     state.wait_for_everyone()  # every process saw the same missing files before any is written
     mine = work[state.process_index :: state.num_processes]
     if state.is_main_process:
         print(
             f"{len(names)} classes x {counts[0]} images | {sum(len(c) for _, c in work)} to generate in "
-            f"{len(work)} batches over {state.num_processes} process(es)",
+            f"{len(work)} batches over {state.num_processes} process(es) | {images.describe(rule)}",
             flush=True,
         )
     timer = Timer(state.device)
     start = timer.now()
     for label, chunk in mine:
-        write_images(args.output_dir, names[label], chunk, sampler.sample(label, chunk))
+        write_images(args.output_dir, names[label], chunk, sampler.sample(label, chunk), rule)
     made = sum(len(chunk) for _, chunk in mine)
     print_timing(
         made,
@@ -103,9 +130,9 @@ def main():
         label=f"sampling, process {state.process_index}",
     )
     state.wait_for_everyone()
-    if args.npz and state.is_main_process:
-        write_npz(args.output_dir, names, counts, args.overwrite)
+    if npz_path is not None and state.is_main_process:
+        write_npz(Path(npz_path), args.output_dir, names, counts, rule)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

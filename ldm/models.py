@@ -19,6 +19,8 @@ from diffusers import (
 )
 from huggingface_hub.utils import logging as hub_logging
 
+from core.files import load_weights_only
+from core.images import EIGHT_BIT
 from utils import UserError
 
 FORMAT_VERSION = 1
@@ -294,10 +296,7 @@ def load_checkpoint(path, flag="--checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: file not found; pass an LDM checkpoint such as checkpoint_best.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure means "not our checkpoint"
-        raise UserError(f"{flag} {path} is not a readable checkpoint ({type(error).__name__})") from None
+    ckpt = load_weights_only(path, what=flag)
     if not isinstance(ckpt, dict) or ckpt.get("model_type") != "ldm":
         kind = ckpt.get("model_type") if isinstance(ckpt, dict) else None
         found = f"a {kind} checkpoint" if kind else "no model_type"
@@ -305,6 +304,11 @@ def load_checkpoint(path, flag="--checkpoint"):
             f"{flag} {path} is not an LDM checkpoint ({found}); pass a checkpoint written by ldm/train.py"
         )
     return ckpt
+
+
+def intensity_of(ckpt):
+    """The decoding rule of the checkpoint's data (8-bit for checkpoints written before it was stored)."""
+    return ckpt.get("intensity") or EIGHT_BIT
 
 
 def model_from_checkpoint(ckpt, use_ema=True):

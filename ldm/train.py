@@ -29,12 +29,16 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from core import cli, files, images  # noqa: E402
 from dataset import (  # noqa: E402
     DATA_LAYOUT,
     ClassImageDataset,
-    detect_channels,
+    add_intensity_args,
+    check_intensity_args,
+    data_rule,
     find_class_images,
     split_holdout,
+    to_unit,
 )
 from models import (  # noqa: E402
     DEFAULT_VAE,
@@ -55,7 +59,7 @@ from models import (  # noqa: E402
     sample_latent,
     unet_settings,
 )
-from utils import Parser, TrainingHalted, UserError, atomic_save, print_parameter_table, run_main  # noqa: E402
+from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli  # noqa: E402
 
 # Settings that fix the model and data shapes: taken from the checkpoint when resuming.
 ARCHITECTURE_KEYS = (
@@ -77,7 +81,10 @@ def parse_args(argv=None):
         help="checkpoints, samples and logs (default: %(default)s)",
     )
     data.add_argument(
-        "--image_size", type=int, default=256, help="training resolution in pixels (default: %(default)s)"
+        "--image_size",
+        type=cli.positive_int,
+        default=256,
+        help="training resolution in pixels (default: %(default)s)",
     )
     data.add_argument(
         "--image_channels",
@@ -86,9 +93,10 @@ def parse_args(argv=None):
         default=None,
         help="1 or 3; default: 1 if every image is grayscale, else 3",
     )
+    add_intensity_args(data)
     data.add_argument(
         "--val_fraction",
-        type=float,
+        type=cli.fraction,
         default=0.1,
         help="held-out share per class for validation and checkpoint_best (default: %(default)s)",
     )
@@ -99,7 +107,10 @@ def parse_args(argv=None):
         help="encode the data set once (both flips) and train without the VAE in the loop",
     )
     data.add_argument(
-        "--num_workers", type=int, default=4, help="data loader workers per process (default: %(default)s)"
+        "--num_workers",
+        type=cli.nonnegative_int,
+        default=4,
+        help="data loader workers per process (default: %(default)s)",
     )
 
     model = parser.add_argument_group("model")
@@ -116,15 +127,23 @@ def parse_args(argv=None):
     )
     model.add_argument(
         "--block_out_channels",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=None,
         help="UNet widths per level, e.g. 128 256 512 512",
     )
-    model.add_argument("--layers_per_block", type=int, default=None, help="ResNet layers per UNet level")
-    model.add_argument("--attention_heads", type=int, default=None, help="attention heads per block")
-    model.add_argument("--cross_attention_dim", type=int, default=None, help="width of the class token")
-    model.add_argument("--norm_num_groups", type=int, default=None, help="GroupNorm groups in the UNet")
+    model.add_argument(
+        "--layers_per_block", type=cli.positive_int, default=None, help="ResNet layers per UNet level"
+    )
+    model.add_argument(
+        "--attention_heads", type=cli.positive_int, default=None, help="attention heads per block"
+    )
+    model.add_argument(
+        "--cross_attention_dim", type=cli.positive_int, default=None, help="width of the class token"
+    )
+    model.add_argument(
+        "--norm_num_groups", type=cli.positive_int, default=None, help="GroupNorm groups in the UNet"
+    )
     model.add_argument(
         "--prediction_type",
         choices=["epsilon", "v_prediction"],
@@ -132,7 +151,10 @@ def parse_args(argv=None):
         help="UNet target (default: %(default)s)",
     )
     model.add_argument(
-        "--num_train_timesteps", type=int, default=1000, help="diffusion steps (default: %(default)s)"
+        "--num_train_timesteps",
+        type=cli.positive_int,
+        default=1000,
+        help="diffusion steps (default: %(default)s)",
     )
     model.add_argument(
         "--beta_schedule",
@@ -142,7 +164,7 @@ def parse_args(argv=None):
     )
     model.add_argument(
         "--cfg_dropout",
-        type=float,
+        type=cli.unit_interval,
         default=0.1,
         help="per-sample probability of the null class, for guidance (default: %(default)s)",
     )
@@ -151,75 +173,103 @@ def parse_args(argv=None):
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
-        "--batch_size", type=int, default=8, help="images per process per step (default: %(default)s)"
+        "--batch_size",
+        type=cli.positive_int,
+        default=8,
+        help="images per process per step (default: %(default)s)",
     )
-    optim.add_argument("--num_epochs", type=int, default=200, help="training epochs (default: %(default)s)")
     optim.add_argument(
-        "--learning_rate", type=float, default=1e-4, help="AdamW peak learning rate (default: %(default)s)"
+        "--num_epochs", type=cli.positive_int, default=200, help="training epochs (default: %(default)s)"
     )
     optim.add_argument(
-        "--weight_decay", type=float, default=1e-2, help="AdamW weight decay (default: %(default)s)"
+        "--learning_rate",
+        "--lr",
+        type=cli.positive_float,
+        default=1e-4,
+        help="AdamW peak learning rate (default: %(default)s)",
+    )
+    optim.add_argument(
+        "--weight_decay",
+        type=cli.nonnegative_float,
+        default=1e-2,
+        help="AdamW weight decay (default: %(default)s)",
     )
     optim.add_argument(
         "--lr_warmup_steps",
-        type=int,
+        type=cli.nonnegative_int,
         default=500,
         help="linear warm-up before the cosine decay, in optimizer steps (default: %(default)s)",
     )
     optim.add_argument(
         "--gradient_accumulation_steps",
-        type=int,
+        type=cli.positive_int,
         default=1,
         help="micro-batches per optimizer step (default: %(default)s)",
     )
     optim.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (default: %(default)s)"
+        "--max_grad_norm",
+        type=cli.positive_float,
+        default=1.0,
+        help="gradient clipping norm (default: %(default)s)",
     )
-    optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (default: %(default)s)")
+    optim.add_argument(
+        "--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1) (default: %(default)s)"
+    )
     optim.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default="no",
         help="autocast precision on CUDA; CPU runs fall back to fp32 (default: %(default)s)",
     )
-    optim.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    optim.add_argument(
+        "--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)"
+    )
 
     run = parser.add_argument_group("checkpoints, validation and samples")
     run.add_argument(
         "--save_every",
-        type=int,
+        type=cli.positive_int,
         default=10,
         help="write checkpoint_epoch_<E>.pt every N epochs (default: %(default)s)",
     )
     run.add_argument(
         "--checkpoints_total_limit",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="keep only the newest N periodic checkpoints (default: keep all)",
     )
     run.add_argument(
-        "--val_every", type=int, default=1, help="validate every N epochs (default: %(default)s)"
+        "--val_every", type=cli.positive_int, default=1, help="validate every N epochs (default: %(default)s)"
     )
     run.add_argument(
         "--val_timesteps",
-        type=int,
+        type=cli.positive_int,
         default=4,
         help="fixed timesteps per validation image (default: %(default)s)",
     )
     run.add_argument(
         "--sample_every",
-        type=int,
+        type=cli.positive_int,
         default=10,
         help="save an EMA sample grid every N epochs (default: %(default)s)",
     )
     run.add_argument(
-        "--sample_steps", type=int, default=50, help="DDIM steps for sample grids (default: %(default)s)"
+        "--sample_steps",
+        type=cli.positive_int,
+        default=50,
+        help="DDIM steps for sample grids (default: %(default)s)",
     )
     run.add_argument(
-        "--sample_cfg_scale", type=float, default=3.0, help="guidance for sample grids (default: %(default)s)"
+        "--sample_cfg_scale",
+        type=cli.nonnegative_float,
+        default=3.0,
+        help="guidance for sample grids (default: %(default)s)",
     )
     run.add_argument(
-        "--grid_samples_per_class", type=int, default=4, help="grid columns (default: %(default)s)"
+        "--grid_samples_per_class",
+        type=cli.positive_int,
+        default=4,
+        help="grid columns (default: %(default)s)",
     )
     run.add_argument(
         "--resume",
@@ -229,31 +279,8 @@ def parse_args(argv=None):
         help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
     )
     args = parser.parse_args(argv)
-    check_args(args)
+    check_intensity_args(args)
     return args
-
-
-def check_args(args):
-    """Reject values that cannot work before anything heavy starts."""
-    positive = [
-        "image_size",
-        "batch_size",
-        "num_epochs",
-        "gradient_accumulation_steps",
-        "save_every",
-        "val_every",
-        "val_timesteps",
-        "sample_every",
-        "sample_steps",
-        "grid_samples_per_class",
-    ]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if not 0 <= args.cfg_dropout <= 1 or not 0 <= args.val_fraction < 1:
-        raise UserError("--cfg_dropout must be in [0, 1] and --val_fraction in [0, 1)")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UserError("--checkpoints_total_limit must be at least 1")
 
 
 def resolve_mixed_precision(requested):
@@ -331,9 +358,9 @@ def encode_moments(codec, dataset, batch_size, device, flips):
     """Latent mean/std of every image (and of its mirror when flips are on): (N, F, 2, c, h, w)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     moments = []
-    for images, _ in tqdm(loader, desc="encoding latents", leave=False, disable=len(loader) < 2):
-        images = images.to(device)
-        views = [images, images.flip(-1)] if flips else [images]
+    for batch, _ in tqdm(loader, desc="encoding latents", leave=False, disable=len(loader) < 2):
+        batch = batch.to(device)
+        views = [batch, batch.flip(-1)] if flips else [batch]
         moments.append(torch.stack([torch.stack(codec.moments(v), 1) for v in views], 1).cpu())
     return torch.cat(moments)
 
@@ -403,7 +430,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device = accelerator.device
-    output_dir = Path(args.output_dir)
+    output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
+    if accelerator.is_main_process:
+        files.clean_temporaries(output_dir)  # left by a run killed while saving
 
     resume = find_resume(args, output_dir)
     if resume is not None:
@@ -418,8 +447,10 @@ def main():
             f"--data_root classes {class_names} differ from the resumed checkpoint's "
             f"{resume['class_names']}; resume with the same data"
         )
+    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
     if args.image_channels is None:
-        args.image_channels = detect_channels([path for path, _ in samples])
+        args.image_channels = data["channels"]
+    intensity = data["intensity"]
     train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
 
     codec = LatentCodec(load_vae(args.vae_pretrained).to(device), args.image_channels)
@@ -432,23 +463,23 @@ def main():
     )
     config = run_config(args, codec, model)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         print_parameter_table({"vae": codec.vae, "unet": model.unet, "class_embedder": model.class_embedder})
         print(
             f"classes: {len(class_names)} | train images: {len(train_samples)} | val images: "
-            f"{len(val_samples)} | image {args.image_size}px x {args.image_channels} ch | latents "
+            f"{len(val_samples)} | image {args.image_size}px x {args.image_channels} ch, "
+            f"{images.describe(intensity)} | latents "
             f"{codec.latent_channels}x{config['latent_size']}x{config['latent_size']} | device {device} "
             f"| processes {accelerator.num_processes} | precision {mixed_precision}",
             flush=True,
         )
 
-    train_set = ClassImageDataset(train_samples, args.image_size, args.image_channels)
+    train_set = ClassImageDataset(train_samples, args.image_size, args.image_channels, intensity)
     labels = torch.tensor([label for _, label in train_samples])
     if args.cache_latents:
         train_set = TensorDataset(
             encode_moments(codec, train_set, args.batch_size, device, not args.no_flip), labels
         )
-    val_set = ClassImageDataset(val_samples, args.image_size, args.image_channels)
+    val_set = ClassImageDataset(val_samples, args.image_size, args.image_channels, intensity)
     val_latents = (
         encode_moments(codec, val_set, args.batch_size, device, False)[:, 0, 0] if val_samples else None
     )
@@ -483,6 +514,7 @@ def main():
         codec=codec,
         config=config,
         class_names=class_names,
+        intensity=intensity,
         output_dir=output_dir,
         writer=writer,
         args=args,
@@ -668,10 +700,13 @@ def log_step(trainer, window, grad_norm, bar):
 
 
 def end_of_epoch(trainer, epochs_done, val_latents, val_labels):
-    """Validate, draw sample grids and write latest / best / periodic / final checkpoints."""
+    """Validate, draw sample grids and write best / periodic / final checkpoints, then latest.
+
+    latest comes last: a run killed in between resumes from the previous latest and redoes the
+    epoch, writing the others again."""
     accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
     last = epochs_done == args.num_epochs
-    names = ["checkpoint_latest.pt"]
+    names = []
     if val_latents is not None and (epochs_done % args.val_every == 0 or last):
         val_loss = evaluate(trainer, val_latents, val_labels)
         progress["val_history"].append([epochs_done, val_loss])
@@ -686,7 +721,7 @@ def end_of_epoch(trainer, epochs_done, val_latents, val_labels):
         names.append("checkpoint_final.pt")
     if epochs_done % args.sample_every == 0 and accelerator.is_main_process:
         save_sample_grid(trainer, epochs_done)
-    save_checkpoints(trainer, names)
+    save_checkpoints(trainer, [*names, "checkpoint_latest.pt"])
     if accelerator.is_main_process:
         prune_periodic(trainer["output_dir"], args.checkpoints_total_limit)
 
@@ -727,7 +762,7 @@ def save_sample_grid(trainer, epochs_done):
         latents = denoise(
             trainer["ema"].model, sampler, noise.to(device), labels, args.sample_cfg_scale, args.sample_steps
         )
-    grid = make_grid((codec.decode(latents) + 1) / 2, nrow=args.grid_samples_per_class)
+    grid = make_grid(to_unit(codec.decode(latents)), nrow=args.grid_samples_per_class)
     (trainer["output_dir"] / "samples").mkdir(exist_ok=True)
     save_image(grid, trainer["output_dir"] / "samples" / f"epoch_{epochs_done:04d}.png")
     trainer["writer"].add_image("samples/ema", grid, trainer["progress"]["global_step"])
@@ -740,7 +775,7 @@ def save_checkpoints(trainer, names):
     if accelerator.is_main_process:
         state = checkpoint_state(trainer, rng)
         for name in names:
-            atomic_save(state, trainer["output_dir"] / name)
+            files.atomic_save(state, trainer["output_dir"] / name)
     accelerator.wait_for_everyone()
 
 
@@ -757,6 +792,8 @@ def checkpoint_state(trainer, rng):
         "class_embedder": model.class_embedder.state_dict(),
         "ema_class_embedder": ema.model.class_embedder.state_dict(),
         "class_names": list(trainer["class_names"]),
+        "intensity": trainer["intensity"],
+        "channels": trainer["config"]["image_channels"],
         "scheduler_config": plain(trainer["noise_scheduler"].config),
         "config": trainer["config"],
         "optimizer": trainer["optimizer"].state_dict(),
@@ -781,4 +818,4 @@ def prune_periodic(output_dir, limit):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

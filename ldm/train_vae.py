@@ -7,6 +7,8 @@ the VAE's three channels, exactly as train.py does. Results are save_pretrained 
   OUTPUT_DIR/final  (last epoch)
 and OUTPUT_DIR/checkpoint_latest.pt to --resume. A VAE trained from scratch gets its scaling_factor
 measured on the data (1 / std of the latents), so the LDM sees unit-variance latents.
+
+Several processes: accelerate launch --num_processes N train_vae.py ... or torchrun --nproc_per_node N.
 """
 
 import math
@@ -26,17 +28,26 @@ from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset import DATA_LAYOUT, ClassImageDataset, detect_channels, find_class_images, split_holdout  # noqa: E402
-from models import load_vae  # noqa: E402
-from train import (
+from core import cli, files, images  # noqa: E402
+from dataset import (  # noqa: E402
+    DATA_LAYOUT,
+    ClassImageDataset,
+    add_intensity_args,
+    check_intensity_args,
+    data_rule,
+    find_class_images,
+    split_holdout,
+)
+from models import load_vae, plain  # noqa: E402
+from train import (  # noqa: E402
     StopSignal,
     epoch_order,
     ignore_interrupts,
     resolve_mixed_precision,
     rng_state,
     set_rng_state,
-)  # noqa: E402
-from utils import Parser, TrainingHalted, UserError, atomic_save, print_parameter_table, run_main  # noqa: E402
+)
+from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,7 +57,7 @@ def parse_args(argv=None):
         "--output_dir", default="./vae_checkpoints", help="output folder (default: %(default)s)"
     )
     parser.add_argument(
-        "--image_size", type=int, default=256, help="training crop size (default: %(default)s)"
+        "--image_size", type=cli.positive_int, default=256, help="training crop size (default: %(default)s)"
     )
     parser.add_argument(
         "--vae_pretrained",
@@ -55,53 +66,81 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--block_out_channels",
-        type=int,
+        type=cli.positive_int,
         nargs="+",
         default=[64, 128, 256, 256],
         help="encoder/decoder widths when training from scratch (default: %(default)s)",
     )
-    parser.add_argument("--layers_per_block", type=int, default=2, help="from scratch (default: %(default)s)")
-    parser.add_argument("--latent_channels", type=int, default=4, help="from scratch (default: %(default)s)")
-    parser.add_argument("--norm_num_groups", type=int, default=32, help="from scratch (default: %(default)s)")
-    parser.add_argument("--kl_weight", type=float, default=1e-6, help="KL weight (default: %(default)s)")
+    for name, default in (("layers_per_block", 2), ("latent_channels", 4), ("norm_num_groups", 32)):
+        parser.add_argument(
+            f"--{name}", type=cli.positive_int, default=default, help="from scratch (default: %(default)s)"
+        )
+    parser.add_argument(
+        "--kl_weight", type=cli.nonnegative_float, default=1e-6, help="KL weight (default: %(default)s)"
+    )
     parser.add_argument(
         "--perceptual_weight",
-        type=float,
+        type=cli.nonnegative_float,
         default=0.0,
         help="VGG16 feature loss weight; needs torchvision's VGG16 weights (default: %(default)s)",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="images per process (default: %(default)s)")
-    parser.add_argument("--num_epochs", type=int, default=50, help="epochs (default: %(default)s)")
     parser.add_argument(
-        "--learning_rate", type=float, default=1e-4, help="AdamW peak rate (default: %(default)s)"
+        "--batch_size", type=cli.positive_int, default=8, help="images per process (default: %(default)s)"
     )
     parser.add_argument(
-        "--lr_warmup_steps", type=int, default=200, help="warm-up steps (default: %(default)s)"
+        "--num_epochs", type=cli.positive_int, default=50, help="epochs (default: %(default)s)"
     )
     parser.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="gradient clipping (default: %(default)s)"
+        "--learning_rate",
+        "--lr",
+        type=cli.positive_float,
+        default=1e-4,
+        help="AdamW peak rate (default: %(default)s)",
     )
     parser.add_argument(
-        "--val_fraction", type=float, default=0.1, help="held-out share (default: %(default)s)"
+        "--lr_warmup_steps",
+        type=cli.nonnegative_int,
+        default=200,
+        help="warm-up steps (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max_grad_norm",
+        type=cli.positive_float,
+        default=1.0,
+        help="gradient clipping (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val_fraction", type=cli.fraction, default=0.1, help="held-out share (default: %(default)s)"
+    )
+    add_intensity_args(parser)
     parser.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         default="no",
         help="autocast on CUDA; fp32 on CPU (default: %(default)s)",
     )
-    parser.add_argument("--num_workers", type=int, default=4, help="loader workers (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint_latest.pt")
+    parser.add_argument(
+        "--num_workers", type=cli.nonnegative_int, default=4, help="loader workers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
+    )
     args = parser.parse_args(argv)
-    for name in ("image_size", "batch_size", "num_epochs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    check_intensity_args(args)
     return args
 
 
-def build_vae(args):
-    """The VAE to train: a pretrained one to fine-tune, or a fresh 3-channel AutoencoderKL."""
+def build_vae(args, resume):
+    """The VAE to train: the resumed one's architecture, a pretrained one to fine-tune, or a fresh one."""
+    if resume is not None and resume.get("vae_config"):
+        return AutoencoderKL.from_config(resume["vae_config"])
     if args.vae_pretrained:
         return load_vae(args.vae_pretrained).train().requires_grad_(True)
     levels = len(args.block_out_channels)
@@ -118,6 +157,19 @@ def build_vae(args):
         norm_num_groups=args.norm_num_groups,
         sample_size=args.image_size,
     )
+
+
+class Reconstruction(torch.nn.Module):
+    """encode -> sample -> decode as one forward: DDP synchronises gradients only of what runs through
+    its wrapper's forward, so the training step must not call vae.encode / vae.decode directly."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images):
+        posterior = self.vae.encode(images).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()  # (N, 3, H, W), (N,)
 
 
 class PerceptualLoss(torch.nn.Module):
@@ -151,13 +203,11 @@ def to_three(images):
     return images.repeat(1, 3 // images.shape[1], 1, 1)  # (N, 3, H, W)
 
 
-def vae_loss(vae, images, kl_weight, perceptual, perceptual_weight):
+def vae_loss(model, images, kl_weight, perceptual, perceptual_weight):
     """(total, reconstruction) loss: L1 + KL per pixel, as in SD's autoencoder, + optional perceptual."""
-    posterior = vae.encode(images).latent_dist
-    reconstruction = vae.decode(posterior.sample()).sample
+    reconstruction, kl = model(images)
     rec = F.l1_loss(reconstruction.float(), images.float())
-    kl = posterior.kl().mean() / images[0].numel()
-    total = rec + kl_weight * kl
+    total = rec + kl_weight * kl.mean() / images[0].numel()
     if perceptual is not None:
         total = total + perceptual_weight * perceptual(reconstruction.float(), images.float())
     return total, rec
@@ -168,11 +218,11 @@ def validate(vae, loader, device):
     """Deterministic held-out L1 reconstruction through the posterior mean."""
     vae = vae.eval()
     total, count = 0.0, 0
-    for images, _ in loader:
-        images = to_three(images.to(device))
-        reconstruction = vae.decode(vae.encode(images).latent_dist.mean).sample
-        total += F.l1_loss(reconstruction.float(), images, reduction="sum").item() / images[0].numel()
-        count += images.shape[0]
+    for batch, _ in loader:
+        batch = to_three(batch.to(device))
+        reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample
+        total += F.l1_loss(reconstruction.float(), batch, reduction="sum").item() / batch[0].numel()
+        count += batch.shape[0]
     vae.train()
     return total / max(count, 1)
 
@@ -187,14 +237,37 @@ def measure_scaling_factor(vae, loader, device, max_batches=32):
     return float(1.0 / torch.cat(latents).std().clamp_min(1e-6))
 
 
+def staging_folder(folder):
+    """Where save_folder writes before swapping the result in."""
+    return folder.with_name(f".{folder.name}.tmp")
+
+
 def save_folder(vae, folder):
     """save_pretrained into a fresh folder, swapped in so a crash never leaves half a VAE."""
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp")
+    staging = staging_folder(folder)
     shutil.rmtree(staging, ignore_errors=True)
     vae.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
+
+
+def clean_stale_files(output_dir):
+    """Remove what a run killed while saving left behind: temporary files and staging folders."""
+    files.clean_temporaries(output_dir)
+    for name in ("best", "final"):
+        shutil.rmtree(staging_folder(output_dir / name), ignore_errors=True)
+
+
+def load_resume(args, latest):
+    """The checkpoint to continue from; refuses anything but a train_vae.py checkpoint of plain tensors."""
+    path = latest if args.resume == "latest" else Path(args.resume)
+    if not path.is_file():
+        raise UserError(f"--resume: {path} not found")
+    ckpt = files.load_weights_only(path, "--resume checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("model_type") != "vae":
+        raise UserError(f"--resume {path} is not a train_vae.py checkpoint")
+    return ckpt
 
 
 def main():
@@ -202,64 +275,78 @@ def main():
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(args.mixed_precision), cpu=not torch.cuda.is_available()
     )
-    output_dir = Path(args.output_dir)
+    output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
+    if accelerator.is_main_process:
+        clean_stale_files(output_dir)
     latest = output_dir / "checkpoint_latest.pt"
-    if latest.exists() and not args.resume:
+    if latest.exists() and args.resume is None:
         raise UserError(
             f"--output_dir {output_dir} already holds a VAE run; pass --resume or choose another folder"
         )
-    if args.resume and not latest.exists():
-        raise UserError(f"--resume: {latest} not found")
+    resume = load_resume(args, latest) if args.resume else None
     _, samples = find_class_images(args.data_root)
-    channels = detect_channels([path for path, _ in samples])
+    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
+    channels = resume.get("channels", data["channels"]) if resume else data["channels"]
+    intensity = data["intensity"]
     train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
     set_seed(args.seed)
-    vae = build_vae(args)
+    vae = build_vae(args, resume)
     perceptual = PerceptualLoss().to(accelerator.device) if args.perceptual_weight > 0 else None
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         print_parameter_table({"vae": vae})
         print(
             f"images: {len(train_samples)} train / {len(val_samples)} val, {channels} channel(s), "
-            f"{args.image_size}px, device {accelerator.device}",
+            f"{images.describe(intensity)}, {args.image_size}px, device {accelerator.device}, "
+            f"processes {accelerator.num_processes}",
             flush=True,
         )
 
-    train_set = ClassImageDataset(train_samples, args.image_size, channels)
+    train_set = ClassImageDataset(train_samples, args.image_size, channels, intensity)
     val_loader = DataLoader(
-        ClassImageDataset(val_samples or train_samples, args.image_size, channels), batch_size=args.batch_size
+        ClassImageDataset(val_samples or train_samples, args.image_size, channels, intensity),
+        batch_size=args.batch_size,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(epoch_order(len(train_set), 0, args.seed, accelerator)) / args.batch_size)
     lr_scheduler = get_cosine_schedule_with_warmup(
         optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
     )
-    vae, optimizer = accelerator.prepare(vae, optimizer)
+    model, optimizer = accelerator.prepare(Reconstruction(vae), optimizer)
+    vae = accelerator.unwrap_model(model).vae  # the bare VAE, for validation and saving
     set_seed(args.seed + accelerator.process_index)
     state = {"epoch": 0, "best": float("inf")}
-    if args.resume:
-        state = restore(latest, accelerator, vae, optimizer, lr_scheduler)
+    if resume is not None:
+        state = restore(resume, vae, optimizer, lr_scheduler, accelerator)
     stop = StopSignal()
     for epoch in range(state["epoch"], args.num_epochs):
         signum = train_epoch(
-            args, accelerator, vae, optimizer, lr_scheduler, train_set, perceptual, epoch, stop
+            args, accelerator, model, optimizer, lr_scheduler, train_set, perceptual, epoch, stop
         )
         if signum:  # an interrupted epoch restarts from its beginning on --resume
             sys.exit(128 + signum)
-        val = validate(accelerator.unwrap_model(vae), val_loader, accelerator.device)
+        val = validate(vae, val_loader, accelerator.device)
         state = {"epoch": epoch + 1, "best": min(state["best"], val)}
         if accelerator.is_main_process:
             print(f"epoch {epoch + 1}: held-out L1 {val:.5f} (best {state['best']:.5f})", flush=True)
             if val <= state["best"]:
-                finalise(accelerator.unwrap_model(vae), args, output_dir / "best", val_loader)
-        save_state(latest, accelerator, vae, optimizer, lr_scheduler, state)
+                finalise(vae, args, output_dir / "best", val_loader)
+        # latest last: a run killed before it resumes from the previous epoch and writes best again
+        save_state(
+            latest,
+            accelerator,
+            vae,
+            optimizer,
+            lr_scheduler,
+            state,
+            {"intensity": intensity, "channels": channels},
+        )
     if accelerator.is_main_process:
-        finalise(accelerator.unwrap_model(vae), args, output_dir / "final", val_loader)
+        finalise(vae, args, output_dir / "final", val_loader)
         print(f"done: use --vae_pretrained {output_dir / 'best'} with train.py")
     accelerator.wait_for_everyone()
 
 
-def train_epoch(args, accelerator, vae, optimizer, lr_scheduler, train_set, perceptual, epoch, stop):
+def train_epoch(args, accelerator, model, optimizer, lr_scheduler, train_set, perceptual, epoch, stop):
     """One epoch of VAE updates; returns a signal number when asked to stop."""
     order = epoch_order(len(train_set), epoch, args.seed, accelerator)
     loader = DataLoader(
@@ -271,14 +358,14 @@ def train_epoch(args, accelerator, vae, optimizer, lr_scheduler, train_set, perc
         worker_init_fn=ignore_interrupts,
     )
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not accelerator.is_main_process)
-    for images, _ in bar:
-        images = to_three(images.to(accelerator.device))
+    for batch, _ in bar:
+        batch = to_three(batch.to(accelerator.device))
         with accelerator.autocast():
-            loss, rec = vae_loss(vae, images, args.kl_weight, perceptual, args.perceptual_weight)
+            loss, rec = vae_loss(model, batch, args.kl_weight, perceptual, args.perceptual_weight)
         if not torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all():
             raise TrainingHalted(f"VAE loss became non-finite in epoch {epoch + 1}; lower --learning_rate")
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -297,30 +384,33 @@ def finalise(vae, args, folder, loader):
     save_folder(vae, folder)
 
 
-def save_state(path, accelerator, vae, optimizer, lr_scheduler, state):
-    """Resume state at an epoch boundary (collective: every process calls it)."""
+def save_state(path, accelerator, vae, optimizer, lr_scheduler, state, data):
+    """Resume state at an epoch boundary, with the data rule (collective: every process calls it)."""
     rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     if accelerator.is_main_process:
-        atomic_save(
-            {
-                "model_type": "vae",
-                "vae": accelerator.unwrap_model(vae).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "progress": state,
-                "rng": rng,
-            },
-            path,
-        )
+        checkpoint = {
+            "model_type": "vae",
+            "vae_config": plain(vae.config),
+            "vae": vae.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "progress": state,
+            "rng": rng,
+            **data,
+        }
+        files.atomic_save(checkpoint, path)
     accelerator.wait_for_everyone()
 
 
-def restore(path, accelerator, vae, optimizer, lr_scheduler):
+def restore(ckpt, vae, optimizer, lr_scheduler, accelerator):
     """Load what save_state wrote; returns the progress counters."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("model_type") != "vae":
-        raise UserError(f"{path} is not a train_vae.py checkpoint")
-    accelerator.unwrap_model(vae).load_state_dict(ckpt["vae"])
+    try:
+        vae.load_state_dict(ckpt["vae"])
+    except RuntimeError:
+        raise UserError(
+            "--resume checkpoint does not fit the VAE built from the flags: "
+            "resume with the flags it was trained with"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if len(ckpt["rng"]) == accelerator.num_processes:
@@ -329,4 +419,4 @@ def restore(path, accelerator, vae, optimizer, lr_scheduler):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

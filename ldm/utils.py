@@ -1,46 +1,22 @@
-"""Small shared helpers: user errors, a CLI parser accepting both flag spellings, atomic saves, reports."""
+"""Small helpers of the LDM scripts: a parser accepting both flag spellings, parameter tables, timing.
+
+User errors and the CLI runner are the shared core's (core.errors), so that one exception class is
+caught everywhere; they are re-exported here under the names the scripts import.
+"""
 
 import argparse
-import os
-import sys
 import time
-import warnings
-from pathlib import Path
 
 import torch
 
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr, exit code 2."""
-
-    exit_code = 2
+from core import cli
+from core.errors import UserError, run_cli, warn  # noqa: F401 (re-exported)
 
 
 class TrainingHalted(UserError):
     """Training cannot go on (e.g. non-finite loss); the last good checkpoint is kept."""
 
     exit_code = 1
-
-
-def one_line_warning(message, category, filename, lineno, line=None):
-    """Warnings as one 'warning: ...' line, without Python's source-location line."""
-    return f"warning: {message}\n"
-
-
-def run_main(main):
-    """Run `main`, turning user errors into one clean stderr line and their exit code."""
-    warnings.formatwarning = one_line_warning
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {user_message(error)}", file=sys.stderr, flush=True)
-        sys.exit(error.exit_code)
-
-
-def user_message(error):
-    """The one-line message of a UserError, also when a DataLoader worker re-raised it with a traceback."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1].split("UserError: ", 1)[-1] if lines else type(error).__name__
 
 
 def both_spellings(names):
@@ -54,8 +30,8 @@ def both_spellings(names):
     return spellings
 
 
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that accepts every multi-word flag both as --snake_case and --kebab-case."""
+class Parser(cli.Parser):
+    """The core parser (one-line errors, exit 2); every multi-word flag as --snake_case and --kebab-case."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -69,17 +45,6 @@ class Parser(argparse.ArgumentParser):
         add = group.add_argument
         group.add_argument = lambda *names, **kw: add(*both_spellings(names), **kw)
         return group
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file in the same folder, so `path` is never half written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def count_parameters(module):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Sample every class (or CLASS_LABEL only) from a trained LDM. Run: bash scripts/inference.sh
+# Samples go to $OUTPUT_DIR/<class>/ at the data's bit depth; the preview grid to ${OUTPUT_DIR}_grid.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Generate TOTAL_SAMPLES images split evenly over the classes, for FID (resumable).
 # NUM_GPUS > 1 shares the batches out over one process per GPU. Run: bash scripts/inference_per_class.sh
+# --npz writes ${OUTPUT_DIR}_<N>x<H>x<W>x3.npz beside the sample folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -60,6 +60,22 @@ def random_images(folder, count, size, mode, seed, suffix=".png"):
         image.save(folder / f"img_{i:03d}{suffix}")
 
 
+def depth_set(root, kind, size=8):
+    """Two classes of two gray ramps of one kind ("8", "12", "16" bits or "float"); the second
+    image of each class reaches only a quarter of the first one's peak."""
+    peak = {"8": 255, "12": 4095, "16": 65535}
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i, scale in enumerate((1.0, 0.25)):
+            ramp = np.linspace(0, scale, size * size, dtype=np.float32).reshape(size, size)
+            if kind == "float":
+                Image.fromarray(ramp, "F").save(root / label / f"{i}.tif")
+            else:
+                dtype = np.uint8 if kind == "8" else np.uint16
+                Image.fromarray(np.rint(ramp * peak[kind]).astype(dtype)).save(root / label / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     """A random tiny AutoencoderKL saved with save_pretrained (block widths 8, 8; 4 latent channels)."""

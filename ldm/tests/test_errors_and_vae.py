@@ -1,11 +1,14 @@
 """Bad input ends with one clear line and exit code 2; train_vae.py output feeds train.py."""
 
+import re
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import TRAIN_ARGS, random_images, run_script
+from conftest import LDM_DIR, TRAIN_ARGS, depth_set, random_images, run_script
 
 
 def assert_user_error(result, *fragments):
@@ -113,3 +116,63 @@ def test_non_finite_loss_stops_with_a_message(rgb_data, tiny_vae, tmp_path):
     assert result.returncode == 1
     assert "loss became non-finite" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "checkpoint_final.pt").exists()
+
+
+# Runs train_vae.py under torchrun and prints each process's parameter checksum before validation:
+# DDP only averages gradients of what runs through its wrapper's forward, so replicas that drift
+# apart mean the step bypassed it.
+RANK_CHECKSUMS = f"""
+import os, sys
+sys.path.insert(0, {str(LDM_DIR)!r})
+import train_vae
+from utils import run_cli
+
+validate = train_vae.validate
+def checked(vae, loader, device):
+    total = sum(p.double().sum().item() for p in vae.parameters())
+    print(f"rank {{os.environ['RANK']}} checksum {{total:.12f}}", flush=True)
+    return validate(vae, loader, device)
+train_vae.validate = checked
+run_cli(train_vae.main)
+"""
+
+
+def test_train_vae_two_processes_keep_replicas_identical(tmp_path):
+    script = tmp_path / "vae_ranks.py"
+    script.write_text(RANK_CHECKSUMS)
+    data = depth_set(tmp_path / "data", "12")
+    out = tmp_path / "vae"
+    (out / ".best.tmp").mkdir(parents=True)  # what a run killed while saving leaves behind
+    (out / ".checkpoint_latest.pt.tmp-999").write_bytes(b"partial")
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29523",
+    ]
+    flags = "--image_size 8 --block_out_channels 8 8 --norm_num_groups 8 --layers_per_block 1".split()
+    flags += "--batch_size 1 --num_epochs 2 --num_workers 0 --lr_warmup_steps 0".split()
+    result = subprocess.run(
+        [*launcher, str(script), "--data_root", str(data), "--output_dir", str(out), *flags],
+        cwd=LDM_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes 2" in result.stdout
+    # (rank, checksum) pairs; the two processes' lines may interleave on the shared pipe
+    sums = re.findall(r"rank (\d) checksum (-?\d+\.\d{12})", result.stdout)
+    assert len(sums) == 4, result.stdout  # two epochs on two processes
+    for epoch in (sums[:2], sums[2:]):
+        assert {rank for rank, _ in epoch} == {"0", "1"} and epoch[0][1] == epoch[1][1], sums
+    assert sums[0][1] != sums[2][1]  # and they did train
+    ckpt = torch.load(out / "checkpoint_latest.pt", map_location="cpu", weights_only=True)
+    assert ckpt["intensity"] == {"kind": "integer", "bit_depth": 12} and ckpt["channels"] == 1
+    assert len(ckpt["rng"]) == 2 and ckpt["progress"]["epoch"] == 2
+    assert (out / "best" / "config.json").is_file() and (out / "final" / "config.json").is_file()
+    assert not list(out.glob(".*"))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import LDM_DIR, run_script
+from core import images
 from models import (
     ClassConditionalUNet,
     ClassEmbedder,
@@ -61,12 +62,20 @@ def named_run(trained_run, tmp_path_factory):
     return ckpt, out, result
 
 
+def sample_tree(out):
+    """Every file under a sample folder, relative to it."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
 def test_inference_by_name_and_index(named_run):
     ckpt, out, result = named_run
     for name in ("cat", "dog"):
         assert sorted(p.name for p in (out / name).iterdir()) == ["000000.png", "000001.png", "000002.png"]
-        assert Image.open(out / name / "000000.png").size == (16, 16)
-    assert Image.open(out / "grid.png").size[1] > 16
+        with Image.open(out / name / "000000.png") as sample:
+            assert sample.size == (16, 16) and sample.mode == "RGB"  # 8-bit RGB data, written back as such
+    # The grid lies beside the sample tree, which holds samples only (a recursive evaluation counts files).
+    assert Image.open(out.with_name("gen_grid.png")).size[1] > 16
+    assert sample_tree(out) == [f"{c}/00000{i}.png" for c in ("cat", "dog") for i in range(3)]
     for figure in ("images: 6", "steps: 2", "s/image", "ms/step", "images/s"):
         assert figure in result.stdout
     # A second run skips what exists and never replaces the earlier grid.
@@ -83,7 +92,10 @@ def test_inference_by_name_and_index(named_run):
     ]
     again = run_script("inference.py", *args, *SAMPLING)
     assert "generated 1, skipped 3" in again.stdout
-    assert (out / "grid_001.png").exists() and len(list((out / "dog").iterdir())) == 4
+    assert out.with_name("gen_grid_001.png").exists() and len(list((out / "dog").iterdir())) == 4
+    assert sample_tree(out) == [f"cat/00000{i}.png" for i in range(3)] + [
+        f"dog/00000{i}.png" for i in range(4)
+    ]
 
 
 def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
@@ -110,9 +122,11 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "process 0]" in two.stdout and "process 1]" in two.stdout  # both processes sampled
     assert len(list((out / "cat").iterdir())) == 3 and len(list((out / "dog").iterdir())) == 2
-    npz = np.load(next(out.glob("samples_5x16x16x3*.npz")))
+    assert len(sample_tree(out)) == 5  # the .npz lies beside the samples
+    npz = np.load(tmp_path / "per_class_5x16x16x3.npz")
     assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (5, 16, 16, 3)
     assert npz["arr_1"].tolist() == [0, 0, 0, 1, 1]
+    assert npz["class_names"].tolist() == ["cat", "dog"]
     # Same seed, class, index and sampler give the same image as inference.py.
     for name, index in (("cat", 2), ("dog", 1)):
         np.testing.assert_array_equal(
@@ -121,13 +135,17 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
         )
     kept = out / "cat" / "000000.png"
     kept_time = kept.stat().st_mtime_ns
-    redo = out / "dog" / "000001.png"
-    redo_pixels = np.asarray(Image.open(redo))
+    redo, truncated = out / "dog" / "000001.png", out / "cat" / "000001.png"
+    pixels = {path: np.asarray(Image.open(path)) for path in (redo, truncated)}
     redo.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:100])  # as a run killed while writing would leave it
+    (out / "dog" / ".000000.png.tmp-999").write_bytes(b"partial")  # and its temporary file
     result = run_script("inference_per_class.py", *args)
-    assert "1 to generate" in result.stdout
+    assert "2 to generate" in result.stdout
+    assert len(sample_tree(out)) == 5
     assert kept.stat().st_mtime_ns == kept_time
-    np.testing.assert_array_equal(np.asarray(Image.open(redo)), redo_pixels)
+    for path, before in pixels.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), before)
 
 
 def test_npz_of_grayscale_samples_is_rgb(tmp_path):
@@ -138,7 +156,7 @@ def test_npz_of_grayscale_samples_is_rgb(tmp_path):
     for name, pixels in gray.items():
         (tmp_path / name).mkdir()
         Image.fromarray(pixels).save(tmp_path / name / "000000.png")
-    write_npz(tmp_path, ["a", "b"], [1, 1], overwrite=False)
-    npz = np.load(tmp_path / "samples_2x8x8x3.npz")
-    assert npz["arr_1"].tolist() == [0, 1]
+    write_npz(tmp_path / "samples.npz", tmp_path, ["a", "b"], [1, 1], images.EIGHT_BIT)
+    npz = np.load(tmp_path / "samples.npz")
+    assert npz["arr_1"].tolist() == [0, 1] and npz["class_names"].tolist() == ["a", "b"]
     assert (npz["arr_0"][0] == gray["a"][..., None]).all() and (npz["arr_0"][1] == gray["b"][..., None]).all()

@@ -51,6 +51,9 @@ def test_training_writes_every_file(trained_run):
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec", "val/loss"):
         assert len(scalars(out / "logs", tag)) > 0, tag
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
+    # latest is written last, so a run killed while saving resumes and writes the others again
+    others = [p.stat().st_mtime_ns for p in out.glob("checkpoint_*.pt") if p.name != "checkpoint_latest.pt"]
+    assert (out / "checkpoint_latest.pt").stat().st_mtime_ns >= max(others)
 
 
 def test_checkpoint_follows_the_contract(trained_run):
@@ -62,6 +65,7 @@ def test_checkpoint_follows_the_contract(trained_run):
     assert CONTRACT_CONFIG_KEYS <= set(ckpt["config"])
     assert ckpt["config"]["image_channels"] == 3 and ckpt["config"]["vae_downsample"] == 2
     assert ckpt["config"]["latent_scale"] == pytest.approx(0.18215)  # read from the VAE config
+    assert ckpt["intensity"] == {"kind": "integer", "bit_depth": 8} and ckpt["channels"] == 3
     unet = UNet2DConditionModel.from_config(ckpt["unet_config"])
     unet.load_state_dict(ckpt["ema_unet"])
     table = ckpt["class_embedder"]["embedding.weight"]
@@ -87,7 +91,8 @@ def test_best_is_the_lowest_validation_loss(trained_run, rgb_data, tiny_vae):
     _, samples = find_class_images(rgb_data)
     _, val = split_holdout(samples, 0.1, 0)
     codec = LatentCodec(load_vae(str(tiny_vae)), 3)
-    latents = encode_moments(codec, ClassImageDataset(val, 16, 3), 4, "cpu", False)[:, 0, 0]
+    val_set = ClassImageDataset(val, 16, 3, best["intensity"])
+    latents = encode_moments(codec, val_set, 4, "cpu", False)[:, 0, 0]
     model = model_from_checkpoint(best, use_ema=True)
     total, count = validation_loss(
         model,
@@ -123,7 +128,9 @@ def test_sigint_saves_latest_and_resume_matches(trained_run, tmp_path):
     latest = load(stopped / "checkpoint_latest.pt")
     assert 1 <= latest["global_step"] < 6
     assert not (stopped / "checkpoint_final.pt").exists()
+    (stopped / ".checkpoint_best.pt.tmp-999").write_bytes(b"partial")  # as a kill -9 while saving leaves
     run_script("train.py", "--output_dir", stopped, *args, "--resume")
+    assert not list(stopped.glob(".*tmp*"))
     a, b = load(out / "checkpoint_final.pt"), load(stopped / "checkpoint_final.pt")
     for key in ("unet", "ema_unet", "class_embedder", "ema_class_embedder"):
         assert same_weights(a[key], b[key]), key
@@ -141,6 +148,7 @@ def test_cached_latents_match_uncached_loss_scale(gray_data, trained_vae, tmp_pa
     run_script("train.py", "--output_dir", tmp_path / "cached", *common, "--cache_latents")
     ckpt = load(tmp_path / "cached" / "checkpoint_final.pt")
     assert ckpt["config"]["image_channels"] == 1 and ckpt["config"]["cache_latents"]
+    assert ckpt["intensity"] == {"kind": "integer", "bit_depth": 16}  # one scale for the 8- and 16-bit images
     assert ckpt["config"]["latent_scale"] != pytest.approx(0.18215)  # measured on the data by train_vae.py
     plain = sum(scalars(tmp_path / "plain" / "logs", "train/loss"))
     cached = sum(scalars(tmp_path / "cached" / "logs", "train/loss"))
