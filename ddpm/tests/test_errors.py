@@ -220,7 +220,7 @@ def more_cases(root, trained_run, data):
         ),
         "grid_path_under_a_file": (
             (*sample, "--grid-path", root / "a_file" / "g.png"),
-            "--grid-path " + str(root / "a_file") + " is a file, not a folder",
+            "cannot be written: " + str(root / "a_file") + " is a file, not a folder",
         ),
         "ldm_checkpoint_to_sampler": (
             (*SAMPLE, "--ckpt", root / "ldm.pt"),
