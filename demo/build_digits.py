@@ -17,6 +17,19 @@ def digit_images(size):
     return np.stack(upscaled), digits.target
 
 
+def digit_features(images):
+    """Undo digit_images: uint8 (N, size, size) images -> (N, 64) features on the 8x8 digits' 0..16 scale.
+
+    Each 8x8 pixel is the mean of the block it was upscaled into (area downsampling), so real digits come
+    back close to scikit-learn's own features and generated ones can be scored by a classifier of those.
+    """
+    small = [
+        np.asarray(Image.fromarray(np.asarray(img, dtype=np.float32)).resize((8, 8), Image.BOX))
+        for img in images
+    ]
+    return np.stack(small).reshape(len(small), 64) * (16.0 / 255.0)
+
+
 def build_digits(out_dir, size=16, limit=None):
     """Write out_dir/<digit>/<index:04d>.png; returns the number of images written."""
     if size < 8:

@@ -1,6 +1,7 @@
 """The digits builder and a seconds-long run of the whole demo."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ DEMO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(DEMO_DIR))
 
 from build_digits import build_digits, digit_images  # noqa: E402
+
+MIN_STEPS = 80
 
 
 @pytest.mark.parametrize("size", [16, 32])
@@ -37,12 +40,15 @@ def test_upscaled_digits_keep_their_content():
     assert correlation > 0.9 and images.max() > 200  # same strokes, full 0..255 range
 
 
-def test_tiny_demo_run_writes_the_grid_and_reports_timing(tmp_path):
+def test_tiny_demo_run_writes_the_grid_and_reports_timing_and_recognised_share(tmp_path):
+    # A floor above what 3 s of training give on two CPU cores, so the run normally also resumes up to it.
     cmd = [
         sys.executable,
         str(DEMO_DIR / "run_demo.py"),
         "--minutes",
         "0.05",
+        "--min-steps",
+        str(MIN_STEPS),
         "--limit",
         "60",
         "--samples-per-class",
@@ -60,3 +66,8 @@ def test_tiny_demo_run_writes_the_grid_and_reports_timing(tmp_path):
     assert len(list((tmp_path / "out" / "samples").rglob("*.png"))) == 10
     assert (tmp_path / "out" / "models" / "digits" / "ckpt_final.pt").is_file()
     assert "grid:" in result.stdout and "steps/s" in result.stdout and "images/s" in result.stdout
+    steps = int(re.search(r"training [0-9.]+ s for (\d+) steps", result.stdout).group(1))
+    assert steps >= MIN_STEPS
+    # The score of the ten samples is printed (a few seconds of training make no claim on its value).
+    assert re.search(r"recognised: +\d+ of 10 samples \(\d+%\) read as the digit asked for", result.stdout)
+    assert re.search(r"gets 9\d\.\d% of held-out real ones right", result.stdout)
