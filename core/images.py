@@ -23,6 +23,7 @@ WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # integer pixels wider th
 GRAY_MODES = ("1", "L", "LA", "La", "F", *WIDE_MODES)
 DEPTH_TAG = "bit_depth"  # PNG text chunk with the significant bits of the samples we write
 EIGHT_BIT = {"kind": "integer", "bit_depth": 8}  # the rule of checkpoints written before it was stored
+MIXED_KINDS = "the data set mixes float ('F') and integer images: convert them to one kind"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's 'L' conversion
 
 
@@ -84,7 +85,7 @@ def scan(paths, bit_depth=None, intensity_range=None):
         described = list(pool.map(_describe, paths))
     kinds = {kind for kind, *_ in described}
     if len(kinds) > 1:
-        raise UserError("the data set mixes float ('F') and integer images: convert them to one kind")
+        raise UserError(MIXED_KINDS)
     channels = 1 if all(gray for _, _, gray, _ in described) else 3
     if kinds == {"float"}:
         if bit_depth is not None:
@@ -98,6 +99,16 @@ def scan(paths, bit_depth=None, intensity_range=None):
     if depth > 8 and 0 < wide < len(described):
         warn(f"the data set mixes 8-bit and wider images: all are scaled as {depth}-bit data")
     return {"channels": channels, "intensity": {"kind": "integer", "bit_depth": int(depth)}}
+
+
+def combine(scans):
+    """One data set's scan from the scans of its parts (e.g. each process's share of the files)."""
+    if len({found["intensity"]["kind"] for found in scans}) > 1:
+        raise UserError(MIXED_KINDS)
+    return {
+        "channels": max(found["channels"] for found in scans),  # colour anywhere makes the set colour
+        "intensity": max((found["intensity"] for found in scans), key=lambda rule: rule.get("bit_depth", 0)),
+    }
 
 
 def float_rule(intensity_range=None):

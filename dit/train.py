@@ -680,12 +680,7 @@ def merge_scans(scans):
     for scan in scans:
         if "error" in scan:
             raise UserError(scan["error"])
-    if len({scan["intensity"]["kind"] for scan in scans}) > 1:
-        raise UserError("the data set mixes float ('F') and integer images: convert them to one kind")
-    return {
-        "channels": max(scan["channels"] for scan in scans),  # colour anywhere makes the set colour
-        "intensity": max((scan["intensity"] for scan in scans), key=lambda rule: rule.get("bit_depth", 0)),
-    }
+    return images.combine(scans)
 
 
 def prepare_run(args, resume, rank, world, device):

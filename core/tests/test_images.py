@@ -125,3 +125,13 @@ def test_colour_samples_of_deep_data_are_tagged_as_written(tmp_path):
     rule = {"kind": "integer", "bit_depth": 16}
     images.save(torch.full((3, 4, 4), 0.5), tmp_path / "c.png", rule)
     assert images.scan([tmp_path / "c.png"])["intensity"]["bit_depth"] == 8
+
+
+def test_scans_of_parts_combine_to_the_scan_of_the_whole(tmp_path):
+    gray = write(tmp_path / "g.png", np.full((4, 4), 4000, np.uint16))
+    colour = write(tmp_path / "c.png", np.zeros((4, 4, 3), np.uint8))
+    assert images.combine([images.scan([gray]), images.scan([colour])]) == images.scan([gray, colour])
+    floats = tmp_path / "f.tif"
+    Image.fromarray(np.zeros((4, 4), np.float32), "F").save(floats)
+    with pytest.raises(UserError, match="mixes float"):
+        images.combine([images.scan([gray]), images.scan([floats])])
