@@ -1,4 +1,5 @@
-"""Command-line pieces: a parser whose errors are one line, value checks at parse time, output checks."""
+"""Command-line pieces: a parser whose errors are one line, both spellings of every flag, value checks
+at parse time, output checks, and the flag table that the folders' READMEs are generated from."""
 
 import argparse
 import math
@@ -10,12 +11,98 @@ from pathlib import Path
 from .errors import UserError
 
 
+def spellings(names):
+    """The option strings plus the --snake_case / --kebab-case twin of each multi-word one."""
+    out = []
+    for name in names:
+        twins = [name]
+        if name.startswith("--"):
+            twins += [name.replace("_", "-"), "--" + name[2:].replace("-", "_")]
+        out += [t for t in dict.fromkeys(twins) if t not in out]
+    return out
+
+
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one 'error: ...' line and exit code 2 (no usage block)."""
+    """ArgumentParser whose errors are one 'error: ...' line and exit code 2 (no usage block).
+
+    Every flag is accepted as --snake_case and --kebab-case; the first name given is the canonical
+    one (it gives the dest), the others are aliases, such as the seed's spellings:
+    parser.add_argument("--data_root", "--dataset_path", help=...).
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a typo never silently means another flag
+        super().__init__(**kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        if names and names[0].startswith("--") and "dest" not in kwargs:
+            kwargs["dest"] = names[0][2:].replace("-", "_")
+        return super().add_argument(*spellings(names), **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_both(*names, **kw):
+            if names and names[0].startswith("--") and "dest" not in kw:
+                kw["dest"] = names[0][2:].replace("-", "_")
+            return add(*spellings(names), **kw)
+
+        group.add_argument = add_both
+        return group
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def explicit_flags(parser, argv):
+    """Dests of the flags the user typed, so a resumed run can tell them from defaults."""
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+    return {a.dest for a in parser._actions if given.intersection(a.option_strings)}
+
+
+def boolean(text):
+    """An argparse type for yes/no values: true/false, yes/no, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# The one --mixed_precision vocabulary (accelerate's), and the older spellings it still accepts.
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRECISION_ALIASES = {"fp32": "no", "float32": "no", "float16": "fp16", "bfloat16": "bf16", "auto": "auto"}
+
+
+def mixed_precision(text):
+    """An argparse type: no / fp16 / bf16, also fp32 (= no) and auto (bf16 where CUDA has it)."""
+    value = PRECISION_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if value not in (*MIXED_PRECISION, "auto"):
+        raise argparse.ArgumentTypeError(f"expected one of no, fp16, bf16 (or fp32, auto), got {text!r}")
+    return value
+
+
+def flag_table(parser):
+    """A Markdown table of the parser's flags: name, aliases, default, help (for the READMEs)."""
+    rows = ["| flag | also accepted | default | meaning |", "| --- | --- | --- | --- |"]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        name, *aliases = action.option_strings
+        default = action.default
+        shown = "" if default is None or default is argparse.SUPPRESS else f"`{default}`"
+        meaning = (
+            (formatter._expand_help(action) if action.help else "").replace("|", "\\|").replace("\n", " ")
+        )
+        if action.choices:
+            meaning += f" (one of {', '.join(str(c) for c in action.choices)})"
+        rows.append(f"| `{name}` | {' '.join(f'`{a}`' for a in aliases)} | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def _number(kind, text):
