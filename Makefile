@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 REQ_FILES := requirements.txt requirements-dev.txt $(wildcard */requirements.txt)
 REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
-# Each folder's tests run in their own pytest process, so same-named modules never collide.
-TEST_DIRS := $(foreach d,core ddpm evaluation ldm controlnet dit demo,$(if $(wildcard $(d)/tests),$(d)))
+# Each folder's tests run in their own pytest process, so same-named modules never collide; TEST_JOBS
+# of them at a time (longest first), each writing .test-logs/<folder>.log.
+TEST_DIRS := $(foreach d,ldm ddpm controlnet evaluation dit core demo,$(if $(wildcard $(d)/tests),$(d)))
+TEST_JOBS ?= 2
 BENCH_DIRS := $(foreach d,ddpm evaluation ldm dit,$(if $(wildcard $(d)/bench.py),$(d)))
 # The shared core: core/ is the canonical copy, each of these folders holds an identical one.
 CORE_DIRS := ddpm ldm controlnet dit evaluation
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean vendor check-vendor
+.PHONY: setup demo test lint bench clean vendor check-vendor docs
 
 setup: $(STAMP)
 
@@ -35,10 +37,18 @@ check-vendor:
 		diff -rq -x __pycache__ -x tests core $$d/core || { echo "error: $$d/core differs from core/: edit core/ and run make vendor"; exit 1; }; \
 	done
 
+# The flag tables of the folders' READMEs, regenerated from the scripts' parsers (core/flagdocs.py).
+docs: $(STAMP)
+	@for d in $(CORE_DIRS); do (cd $$d && ../$(PY) -m core.flagdocs README.md README_zh.md) || exit 1; done
+
 test: $(STAMP) check-vendor
+	@rm -rf .test-logs && mkdir -p .test-logs
+	@printf '%s\n' $(TEST_DIRS) | xargs -P $(TEST_JOBS) -I{} sh -c \
+		'start=$$(date +%s); (cd {} && ../$(PY) -m pytest tests -q -p no:cacheprovider) > .test-logs/{}.log 2>&1; \
+		rc=$$?; echo "== tests: {} $$(tail -n 1 .test-logs/{}.log | tr -d =) ($$(( $$(date +%s) - start )) s)"; \
+		[ $$rc -eq 0 ] || touch .test-logs/{}.failed'
 	@failed=""; for d in $(TEST_DIRS); do \
-		echo "== tests: $$d"; \
-		(cd $$d && ../$(PY) -m pytest tests) || failed="$$failed $$d"; \
+		if [ -e .test-logs/$$d.failed ]; then failed="$$failed $$d"; echo "== failures: $$d"; tail -n 60 .test-logs/$$d.log; fi; \
 	done; \
 	echo "== lint"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . || failed="$$failed lint"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi
@@ -51,4 +61,4 @@ bench: $(STAMP)
 	@for d in $(BENCH_DIRS); do echo "== bench: $$d"; (cd $$d && ../$(PY) bench.py) || exit 1; done
 
 clean:
-	rm -rf demo_output .pytest_cache .ruff_cache
+	rm -rf demo_output .pytest_cache .ruff_cache .test-logs
