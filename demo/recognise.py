@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from build_digits import digit_features  # noqa: E402
+from build_digits import digit_features
 
 HELDOUT_FRACTION = 0.25
 

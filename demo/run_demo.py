@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-DEMO_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(DEMO_DIR))
+from build_digits import build_digits
+from recognise import describe, score_folder
 
-from build_digits import build_digits  # noqa: E402
-from recognise import describe, score_folder  # noqa: E402
+DEMO_DIR = Path(__file__).resolve().parent
 
 DDPM_SCRIPT = DEMO_DIR.parent / "ddpm" / "ddpm_conditional_ddp.py"
 RUN_NAME = "digits"

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DEMO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(DEMO_DIR))
+from build_digits import build_digits, digit_images
 
-from build_digits import build_digits, digit_images  # noqa: E402
+DEMO_DIR = Path(__file__).resolve().parents[1]
 
 MIN_STEPS = 80
 

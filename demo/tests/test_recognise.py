@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-DEMO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(DEMO_DIR))
+from build_digits import build_digits, digit_features, digit_images
+from recognise import heldout_split, load_samples, recognition, train_classifier
 
-from build_digits import build_digits, digit_features, digit_images  # noqa: E402
-from recognise import heldout_split, load_samples, recognition, train_classifier  # noqa: E402
+DEMO_DIR = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
