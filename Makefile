@@ -44,8 +44,8 @@ docs: $(STAMP)
 test: $(STAMP) check-vendor
 	@rm -rf .test-logs && mkdir -p .test-logs
 	@printf '%s\n' $(TEST_DIRS) | xargs -P $(TEST_JOBS) -I{} sh -c \
-		'start=$$(date +%s); (cd {} && ../$(PY) -m pytest tests -q -p no:cacheprovider) > .test-logs/{}.log 2>&1; \
-		rc=$$?; echo "== tests: {} $$(tail -n 1 .test-logs/{}.log | tr -d =) ($$(( $$(date +%s) - start )) s)"; \
+		'start=$$(date +%s); (cd {} && ../$(PY) -m pytest tests) > .test-logs/{}.log 2>&1; \
+		rc=$$?; echo "== tests: {} $$(grep -E "[0-9]+ (passed|failed|error)" .test-logs/{}.log | tail -n 1 | tr -d =) ($$(( $$(date +%s) - start )) s)"; \
 		[ $$rc -eq 0 ] || touch .test-logs/{}.failed'
 	@failed=""; for d in $(TEST_DIRS); do \
 		if [ -e .test-logs/$$d.failed ]; then failed="$$failed $$d"; echo "== failures: $$d"; tail -n 60 .test-logs/$$d.log; fi; \
