@@ -4,6 +4,7 @@ at parse time, output checks, and the flag table that the folders' READMEs are g
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -89,16 +90,17 @@ def mixed_precision(text):
 def flag_table(parser):
     """A Markdown table of the parser's flags: name, aliases, default, help (for the READMEs)."""
     rows = ["| flag | also accepted | default | meaning |", "| --- | --- | --- | --- |"]
-    formatter = parser._get_formatter()
+    formatter = argparse.HelpFormatter(parser.prog)  # the help text as written, no "(default: ...)" added
     for action in parser._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
             continue
         name, *aliases = action.option_strings
         default = action.default
         shown = "" if default is None or default is argparse.SUPPRESS else f"`{default}`"
-        meaning = (
-            (formatter._expand_help(action) if action.help else "").replace("|", "\\|").replace("\n", " ")
-        )
+        meaning = formatter._expand_help(action) if action.help else ""
+        if shown:  # the default has its own column
+            meaning = re.sub(r" *\(default: [^()]*\)$", "", meaning)
+        meaning = meaning.replace("|", "\\|").replace("\n", " ")
         if action.choices:
             meaning += f" (one of {', '.join(str(c) for c in action.choices)})"
         rows.append(f"| `{name}` | {' '.join(f'`{a}`' for a in aliases)} | {shown} | {meaning} |")
@@ -152,6 +154,27 @@ def ensure_writable_dir(path, flag):
         raise UserError(
             f"{flag} {path} is not writable ({error.strerror or error}): pass another folder"
         ) from None
+    return path
+
+
+def _nearest_existing(path):
+    """path itself or its nearest ancestor that exists."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing
+
+
+def check_creatable_dir(path, flag):
+    """Fail now, with one UserError naming the flag, if folder path could not be made and written.
+
+    Creates nothing, so a run that then fails on its input leaves no empty output folders behind.
+    """
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if existing != path.absolute() and not existing.is_dir():
+        raise UserError(f"{flag} {path} is under the file {existing}: pass a folder path")
+    ensure_writable_dir(existing, flag)
     return path
 
 

@@ -33,7 +33,7 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, device
     if mixed_precision == "auto":
         mixed_precision = "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
     if mixed_precision != "no" and on_cpu:
-        warn(f"--mixed_precision {mixed_precision} needs CUDA; training in fp32 on the CPU")
+        warn(f"--mixed_precision {mixed_precision} needs CUDA; training in fp32 on CPU")
         mixed_precision = "no"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
