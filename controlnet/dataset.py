@@ -1,4 +1,7 @@
-"""Image/mask pairs: pairing by stem or prefix, the decoding rule, mask labels, joint resize and flip."""
+"""Image/mask pairs as the ControlNet sees them: labels / K, joint resize and flip, the two layouts.
+
+Pairing by stem or prefix and decoding a mask to labels are the shared core's (core/masks.py).
+"""
 
 from pathlib import Path
 
@@ -10,116 +13,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from core import images
-from core.images import WIDE_MODES
-from utils import UserError, list_images, open_image
-
-
-def pair_key(path, prefix):
-    """The stem of path without its prefix, or None when a prefix is required but missing."""
-    stem = path.stem
-    if prefix and not stem.startswith(prefix):
-        return None
-    return stem[len(prefix) :]
-
-
-def index_by_key(files, prefix, folder):
-    """{key: file}; two files with one key (e.g. 001.png and 001.jpg) are ambiguous."""
-    table = {}
-    for path in files:
-        key = pair_key(path, prefix)
-        if key is None:
-            continue
-        if key in table:
-            raise UserError(f"{table[key].name} and {path.name} in {folder} pair with the same key '{key}'")
-        table[key] = path
-    return table
-
-
-def describe_unpaired(kind, files, limit=10):
-    """One report line listing unpaired files (the first `limit` of them)."""
-    names = ", ".join(p.name for p in files[:limit])
-    more = f" and {len(files) - limit} more" if len(files) > limit else ""
-    return f"  unpaired {kind} ({len(files)}): {names}{more}"
-
-
-def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=True):
-    """Pair images with masks by key (stem minus prefix); report and list unpaired files."""
-    for folder in (images_dir, masks_dir):
-        if not Path(folder).is_dir():
-            raise UserError(f"folder {folder} does not exist; see --help for the expected data layout")
-    image_files, mask_files = list_images(images_dir), list_images(masks_dir)
-    image_by_key = index_by_key(image_files, image_prefix, images_dir)
-    mask_by_key = index_by_key(mask_files, mask_prefix, masks_dir)
-    keys = sorted(image_by_key.keys() & mask_by_key.keys())
-    if not keys:
-        raise UserError(
-            f"no image in {images_dir} ({len(image_files)} files) pairs with a mask in {masks_dir} "
-            f"({len(mask_files)} files); masks need the image's stem, or set --image_prefix/--mask_prefix "
-            f"(now '{image_prefix}'/'{mask_prefix}')"
-        )
-    paired = {image_by_key[k] for k in keys} | {mask_by_key[k] for k in keys}
-    if verbose:
-        print(f"Paired {len(keys)} images with masks in {images_dir}")
-        for kind, files in (("images", image_files), ("masks", mask_files)):
-            unpaired = [p for p in files if p not in paired]
-            if unpaired:
-                print(describe_unpaired(kind, unpaired))
-    return [(image_by_key[k], mask_by_key[k]) for k in keys]
-
-
-def mask_alpha(img):
-    """The alpha channel (H, W) of a mask with transparency, else None."""
-    if img.mode in ("LA", "RGBA"):
-        return np.asarray(img.getchannel("A"))
-    if img.mode == "P" and "transparency" in img.info:
-        return np.asarray(img.convert("RGBA").getchannel("A"))
-    return None
-
-
-def mask_array(img, channels):
-    """PIL mask -> integer label array (H, W, channels).
-
-    Palette masks keep their indices as labels and float masks are rounded to labels. Alpha is not a
-    label: it only says where the mask is, so mostly transparent pixels (alpha < 128) are background.
-    """
-    if img.mode in WIDE_MODES or img.mode == "F" or (img.mode == "P" and channels == 1):
-        labels = np.rint(np.asarray(img, dtype=np.float64)).astype(np.int64)
-        labels = np.repeat(labels[..., None], channels, axis=2)
-    else:
-        labels = np.asarray(img.convert("RGB" if channels == 3 else "L")).astype(np.int64)
-        labels = labels[..., None] if channels == 1 else labels
-    alpha = mask_alpha(img)
-    if alpha is not None:
-        labels[alpha < 128] = 0
-    return labels
+from core.errors import UserError
+from core.images import open_image
+from core.masks import find_pairs, mask_array, warn_faint
 
 
 def label_tensor(img, channels):
     """PIL mask -> float labels (channels, H, W)."""
     return torch.from_numpy(mask_array(img, channels)).permute(2, 0, 1).float()
-
-
-def scan_mask_max(mask_paths, channels, max_value=None, verbose=True):
-    """Decode every mask once (so a broken one stops the run before training) and return the mask scale K.
-
-    K is max_value when given, else the largest label over all masks: the divisor that gives label
-    maps full contrast.
-    """
-    maxima = [int(mask_array(open_image(p), channels).max(initial=0)) for p in mask_paths]
-    top = max_value or max([*maxima, 1])
-    if verbose:
-        warn_faint([p for p, m in zip(mask_paths, maxima, strict=True) if 0 < m * 10 < top], top)
-    return top
-
-
-def warn_faint(paths, max_value):
-    """Masks whose labels stay below a tenth of K would reach the model nearly black: say so."""
-    if paths:
-        names = ", ".join(Path(p).name for p in paths[:10]) + (" ..." if len(paths) > 10 else "")
-        print(
-            f"warning: {len(paths)} masks have values far below the mask scale K={max_value} and will look "
-            f"almost black to the model ({names}); store them on one scale or set --mask_max_value"
-        )
 
 
 def scale_mask(labels, max_value):
@@ -232,10 +133,3 @@ def collect_class_samples(root, args, class_names, verbose):
         )
         samples += [(img, mask, label) for img, mask in pairs]
     return samples
-
-
-def split_indices(count, val_fraction, seed):
-    """Deterministic train/validation split; at least one of each when there are two or more samples."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(max(round(count * val_fraction), 1 if val_fraction > 0 else 0), count - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])

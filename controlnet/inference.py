@@ -1,23 +1,21 @@
 """Generate images that follow masks with a trained ControlNet on its LDM."""
 
 import math
-import os
-import sys
-import time
 import warnings
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from dataset import load_mask  # noqa: E402
-from mask_metrics import score, summary  # noqa: E402
-from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler  # noqa: E402
-from models import sample_latents as run_sampler  # noqa: E402
-from utils import Parser, UserError, list_images, load_checkpoint, open_image, run_cli  # noqa: E402
+from core import cli, files, images, training
+from core.datasets import list_images
+from core.errors import UserError, run_cli
+from core.images import open_image
+from dataset import load_mask
+from mask_metrics import score, summary
+from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler
+from models import sample_latents as run_sampler
+from utils import load_checkpoint
 
 LAYOUT = """outputs:
   <output_dir>/<mask_stem>_<k:03d>.png               k = 0 .. num_images-1 (null-class token)
@@ -31,10 +29,12 @@ Masks are scaled like in training (labels / the checkpoint's mask_max_value), th
 resized nearest-neighbour to the model's image size and the centre is cropped."""
 
 
-def parse_args(argv=None):
-    """Command line; every multi-word flag also accepts dashes; values are checked here."""
-    p = Parser(description=__doc__, epilog=LAYOUT)
-    p.add_argument("--checkpoint", required=True, help="ControlNet checkpoint (controlnet/train.py)")
+def build_parser():
+    """The command line; the first name of a flag is canonical, later ones are accepted aliases."""
+    p = cli.Parser(description=__doc__, epilog=LAYOUT)
+    p.add_argument(
+        "--checkpoint", "--ckpt", required=True, help="ControlNet checkpoint (controlnet/train.py)"
+    )
     p.add_argument("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
     p.add_argument("--mask", help="one mask image (or use --mask_folder)")
     p.add_argument("--mask_folder", help="folder of mask images (png jpg jpeg bmp tif tiff webp)")
@@ -99,10 +99,16 @@ def parse_args(argv=None):
     p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
     p.add_argument(
         "--mixed_precision",
+        "--precision",
+        type=cli.mixed_precision,
         default="no",
-        choices=("no", "fp16", "bf16"),
-        help="autocast on CUDA; CPU runs fp32 with a warning (default: no)",
+        help="autocast no, fp16 or bf16 (also fp32, auto); the CPU runs fp32 with a warning (default: no)",
     )
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.mask is None) == (args.mask_folder is None):
         p.error("give exactly one of --mask and --mask_folder")
@@ -165,14 +171,17 @@ class Generator:
 
     def autocast_dtype(self):
         """Autocast dtype on CUDA; None (fp32) otherwise."""
-        if self.args.mixed_precision == "no":
+        mode = self.args.mixed_precision
+        if mode == "auto":  # bf16 where CUDA has it, else fp32
+            mode = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        if mode == "no":
             return None
         if self.device.type != "cuda":
             warnings.warn(
                 f"--mixed_precision {self.args.mixed_precision} needs CUDA; using fp32", stacklevel=2
             )
             return None
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}[self.args.mixed_precision]
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
     def tokens(self, n):
         """Conditioning and null tokens (N, 1, D); null is None when no guidance applies."""
@@ -257,16 +266,6 @@ def comparison_row(mask, generated):
     return torch.cat(tiles, dim=2)
 
 
-def print_timing(count, steps, batches, seconds):
-    """Images, steps, total seconds, seconds per image, ms per (batched) step, images/s."""
-    per_image = seconds / max(count, 1)
-    per_step = 1000 * seconds / max(batches * steps, 1)
-    print(
-        f"timing: {count} images, {steps} steps, total {seconds:.2f} s, {per_image:.3f} s/image, "
-        f"{per_step:.2f} ms/step ({batches} batches), {count / max(seconds, 1e-9):.2f} images/s"
-    )
-
-
 def check_outputs(args):
     """Prove every output folder writable before any model is loaded."""
     cli.ensure_writable_dir(args.output_dir, "--output_dir")
@@ -287,7 +286,7 @@ def run(args):
     files.clean_temporaries(folder)  # left by a run killed while writing
     jobs = plan_jobs(args, masks, gen.class_folder, gen.intensity)
     print(f"{len(masks)} masks x {args.num_images} images: {len(jobs)} to generate in {args.output_dir}")
-    start = time.perf_counter()
+    timer = training.Timer(gen.device)
     for i in range(0, len(jobs), args.batch_size):
         batch = jobs[i : i + args.batch_size]
         samples = gen.generate(
@@ -296,10 +295,8 @@ def run(args):
         )
         for (m, k), sample in zip(batch, samples.cpu(), strict=True):
             images.save(sample, output_path(args, gen.class_folder, m.stem, k, gen.intensity), gen.intensity)
-    if gen.device.type == "cuda":
-        torch.cuda.synchronize()
     batches = math.ceil(len(jobs) / args.batch_size)
-    print_timing(len(jobs), args.num_inference_steps, batches, time.perf_counter() - start)
+    print(training.timing_line(len(jobs), args.num_inference_steps, batches, timer.elapsed(), "timing"))
     if args.save_comparison:
         save_comparisons(args, gen, masks, conditioning)
     if args.eval_masks:

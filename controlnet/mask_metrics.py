@@ -11,18 +11,16 @@ pairs generated/<mask_stem>_<k>.png (and generated/<class>/<mask_stem>_<k>.png; 
 with masks/<mask_stem>.*
 """
 
-import os
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from core import images  # noqa: E402
-from dataset import conditioning  # noqa: E402
-from utils import Parser, UserError, list_images, open_image, run_cli  # noqa: E402
+from core import cli, images
+from core.datasets import list_images
+from core.errors import UserError, run_cli
+from core.images import open_image
+from dataset import conditioning
 
 GENERATED_NAME = re.compile(r"(.+)_(\d+)")  # <mask_stem>_<k>
 
@@ -107,8 +105,8 @@ def evaluate_folders(mask_folder, generated_folder, foreground="bright", mask_ch
     return [s for s in scores if s is not None]
 
 
-def main():
-    p = Parser(description=__doc__)
+def build_parser():
+    p = cli.Parser(description=__doc__)
     p.add_argument("--mask_folder", required=True, help="folder of the input masks")
     p.add_argument("--generated_folder", required=True, help="folder written by inference.py")
     p.add_argument(
@@ -124,7 +122,11 @@ def main():
         choices=(1, 3),
         help="mask channels the ControlNet was trained with (default: 1)",
     )
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     scores = evaluate_folders(args.mask_folder, args.generated_folder, args.foreground, args.mask_channels)
     print(summary(scores))
 

@@ -15,8 +15,10 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from core import guidance
+from core.errors import UserError
 from core.images import EIGHT_BIT
-from utils import UserError, load_checkpoint
+from utils import load_checkpoint
 
 LDM_KEYS = ("unet_config", "unet", "class_embedder", "class_names", "scheduler_config", "config")
 # Widths of ControlNet's mask encoder; one stride-2 stage per factor 2 of the VAE's downsampling.
@@ -169,7 +171,7 @@ def guided_prediction(model, latents, t, tokens, null_tokens, conditioning, cfg_
     cond, uncond = model(
         doubled, t, torch.cat([tokens, null_tokens]), torch.cat([conditioning, conditioning]), control_scale
     ).chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    return guidance.combine(cond, uncond, cfg_scale)
 
 
 @torch.no_grad()
@@ -219,16 +221,3 @@ def load_controlled_unet(ckpt, ldm, use_ema=True):
     if ckpt.get("unet") is not None:
         load_weights(ldm.unet, (use_ema and ckpt.get("ema_unet")) or ckpt["unet"], "--checkpoint")
     return ControlledUNet(controlnet, ldm.unet).requires_grad_(False).eval()
-
-
-def parameter_table(components):
-    """Lines of a total / trainable / frozen parameter table for {name: module}."""
-    rows = [f"{'component':<14}{'total':>14}{'trainable':>14}{'frozen':>14}"]
-    sums = [0, 0]
-    for name, module in components.items():
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        sums = [sums[0] + total, sums[1] + trainable]
-        rows.append(f"{name:<14}{total:>14,}{trainable:>14,}{total - trainable:>14,}")
-    rows.append(f"{'all':<14}{sums[0]:>14,}{sums[1]:>14,}{sums[0] - sums[1]:>14,}")
-    return rows

@@ -1,36 +1,25 @@
 """Train a mask-guided ControlNet on top of a trained class-conditional LDM (single or multi-process)."""
 
-import json
 import math
-import os
-import random
-import signal
 import sys
-import time
-import warnings
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
+from accelerate import skip_first_batches
+from accelerate.utils import gather_object, set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import (
-    Accelerator,  # noqa: E402
-    skip_first_batches,  # noqa: E402
-)
-from accelerate.utils import gather_object, set_seed  # noqa: E402
-from diffusers import DDPMScheduler  # noqa: E402
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import EMAModel  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from dataset import MaskPairDataset, collect_samples, scan_mask_max, split_indices  # noqa: E402
-from models import (  # noqa: E402
+from core import checkpoints, cli, files, images, training
+from core.errors import UserError, run_cli, warn
+from core.masks import scan_mask_max
+from dataset import MaskPairDataset, collect_samples
+from models import (
     ControlledUNet,
     build_controlnet,
     decode,
@@ -40,20 +29,12 @@ from models import (  # noqa: E402
     load_vae,
     load_weights,
     make_scheduler,
-    parameter_table,
     sample_latents,
 )
-from utils import (  # noqa: E402
-    Parser,
-    UserError,
-    add_intensity_flags,
-    check_intensity_flags,
-    load_checkpoint,
-    run_cli,
-    warn,
-)
+from utils import add_intensity_flags, check_intensity_flags, load_checkpoint
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LATEST, PERIODIC = "checkpoint_latest.pt", "checkpoint_epoch_*.pt"
 
 LAYOUT = """data layout:
   data_root/images/001.png  data_root/masks/001.png      pairs by stem (any of png jpg jpeg bmp tif tiff webp)
@@ -69,174 +50,166 @@ checkpoint_epoch_<E>.pt, checkpoint_final.pt, logs/ (TensorBoard),
 samples/epoch_<E>.png (rows of mask | generated | ground truth)."""
 
 
-def parse_args(argv=None):
-    """Command line; every multi-word flag also accepts dashes."""
-    p = Parser(description=__doc__, epilog=LAYOUT)
-    p.add_argument("--data_root", required=True, help="dataset root (see data layout below)")
-    p.add_argument(
-        "--images_folder", default="images", help="image sub-folder of data_root (default: images)"
-    )
-    p.add_argument("--masks_folder", default="masks", help="mask sub-folder of data_root (default: masks)")
-    p.add_argument(
-        "--image_prefix", default="", help="image file-name prefix removed before pairing, e.g. Img_"
-    )
-    p.add_argument(
-        "--mask_prefix", default="", help="mask file-name prefix removed before pairing, e.g. seg_"
-    )
-    p.add_argument(
+def build_parser():
+    """The command line; the first name of a flag is canonical, later ones are accepted aliases."""
+    p = cli.Parser(description=__doc__, epilog=LAYOUT)
+    add = p.add_argument
+    add("--data_root", required=True, help="dataset root (see data layout below)")
+    add("--images_folder", default="images", help="image sub-folder of data_root (default: images)")
+    add("--masks_folder", default="masks", help="mask sub-folder of data_root (default: masks)")
+    add("--image_prefix", default="", help="image file-name prefix removed before pairing, e.g. Img_")
+    add("--mask_prefix", default="", help="mask file-name prefix removed before pairing, e.g. seg_")
+    add(
         "--use_class_labels",
         action="store_true",
         help="per-class layout root/<class>/{images,masks}; condition on the LDM's class token",
     )
-    p.add_argument("--ldm_checkpoint", help="required: checkpoint of the trained LDM (ldm/train.py)")
-    p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the LDM checkpoint's)")
-    p.add_argument(
+    add("--ldm_checkpoint", help="required: checkpoint of the trained LDM (ldm/train.py)")
+    add("--vae_pretrained", help="VAE hub id or local folder (default: the LDM checkpoint's)")
+    add(
         "--output_dir",
         default="./controlnet_checkpoints",
         help="checkpoints, samples and logs (default: ./controlnet_checkpoints)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="start over in an output_dir that has checkpoints"
-    )
-    p.add_argument(
-        "--resume", help="checkpoint to continue from, or 'latest' for output_dir/checkpoint_latest.pt"
-    )
-    p.add_argument(
-        "--image_size", type=cli.positive_int, help="training resolution (default: the LDM's image_size)"
-    )
-    p.add_argument("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels (default: 1)")
-    p.add_argument(
+    add("--overwrite", action="store_true", help="start over in an output_dir that has checkpoints")
+    add("--resume", help="checkpoint or run folder to continue from; 'latest' is output_dir's latest")
+    add("--image_size", type=cli.positive_int, help="training resolution (default: the LDM's image_size)")
+    add("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels (default: 1)")
+    add(
         "--mask_max_value",
         type=cli.positive_int,
         help="label value shown at full intensity (default: largest value in the training masks)",
     )
     add_intensity_flags(p)
-    p.add_argument(
-        "--batch_size", type=cli.positive_int, default=8, help="batch size per process (default: 8)"
+    add("--batch_size", type=cli.positive_int, default=8, help="batch size per process (default: 8)")
+    add("--num_epochs", "--epochs", type=cli.positive_int, default=100, help="training epochs (default: 100)")
+    add(
+        "--learning_rate",
+        "--lr",
+        type=cli.positive_float,
+        default=1e-5,
+        help="AdamW learning rate (default: 1e-5)",
     )
-    p.add_argument("--num_epochs", type=cli.positive_int, default=100, help="training epochs (default: 100)")
-    p.add_argument(
-        "--learning_rate", type=cli.positive_float, default=1e-5, help="AdamW learning rate (default: 1e-5)"
-    )
-    p.add_argument(
-        "--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay (default: 0.01)"
-    )
-    p.add_argument(
+    add("--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay (default: 0.01)")
+    add(
         "--lr_scheduler",
         default="constant",
         choices=LR_SCHEDULES,
         help="diffusers learning-rate schedule (default: constant)",
     )
-    p.add_argument(
+    add(
         "--lr_warmup_steps",
         type=cli.nonnegative_int,
         default=0,
         help="learning-rate warm-up steps (default: 0)",
     )
-    p.add_argument(
+    add(
         "--gradient_accumulation_steps",
         type=cli.positive_int,
         default=1,
         help="batches per step (default: 1)",
     )
-    p.add_argument(
-        "--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm (default: 1.0)"
-    )
-    p.add_argument(
+    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm (default: 1.0)")
+    add(
         "--freeze_unet",
         dest="freeze_unet",
         action="store_true",
         default=True,
         help="keep the LDM UNet frozen (default)",
     )
-    p.add_argument(
+    add(
         "--no_freeze_unet",
         dest="freeze_unet",
         action="store_false",
         help="train the UNet too; the checkpoint then holds the trained UNet",
     )
-    p.add_argument(
+    add(
         "--mixed_precision",
+        "--precision",
+        type=cli.mixed_precision,
         default="no",
-        choices=("no", "fp16", "bf16"),
-        help="mixed precision on CUDA; CPU falls back to fp32 with a warning (default: no)",
+        help="no, fp16 or bf16 (also fp32, auto); the CPU falls back to fp32 with a warning (default: no)",
     )
-    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
-    p.add_argument("--compile", action="store_true", help="torch.compile the ControlNet and the UNet")
-    p.add_argument(
+    add(
+        "--gradient_checkpointing",
+        "--grad_checkpointing",
+        action="store_true",
+        help="trade compute for memory",
+    )
+    add("--compile", action="store_true", help="torch.compile the ControlNet and the UNet")
+    add(
         "--cfg_dropout",
         type=cli.fraction,
         help="with --use_class_labels, probability of the null class (default: the LDM's cfg_dropout)",
     )
-    p.add_argument(
+    add(
         "--ema_decay",
         type=cli.fraction,
         default=0.9999,
         help="EMA decay of the ControlNet, in [0, 1) (default: 0.9999)",
     )
-    p.add_argument(
+    add(
         "--val_fraction",
+        "--val_split",
         type=cli.fraction,
         default=0.1,
         help="held-out share for validation (default: 0.1)",
     )
-    p.add_argument(
+    add(
         "--random_flip",
         dest="random_flip",
         action="store_true",
         default=True,
         help="flip image and mask together at random (default)",
     )
-    p.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="no flip augmentation")
-    p.add_argument(
+    add("--no_random_flip", dest="random_flip", action="store_false", help="no flip augmentation")
+    add(
         "--save_every",
         type=cli.positive_int,
         default=10,
         help="epochs between checkpoint_epoch_<E>.pt (default: 10)",
     )
-    p.add_argument(
-        "--checkpoints_total_limit", type=cli.positive_int, help="keep only the newest N epoch checkpoints"
-    )
-    p.add_argument(
-        "--sample_every", type=cli.positive_int, default=5, help="epochs between sample grids (default: 5)"
-    )
-    p.add_argument(
-        "--num_sample_masks", type=cli.positive_int, default=4, help="rows of the sample grid (default: 4)"
-    )
-    p.add_argument(
+    add("--checkpoints_total_limit", type=cli.positive_int, help="keep only the newest N epoch checkpoints")
+    add("--sample_every", type=cli.positive_int, default=5, help="epochs between sample grids (default: 5)")
+    add("--num_sample_masks", type=cli.positive_int, default=4, help="rows of the sample grid (default: 4)")
+    add(
         "--sample_steps", type=cli.positive_int, default=25, help="UniPC steps for sample grids (default: 25)"
     )
-    p.add_argument(
+    add(
         "--num_workers",
         type=cli.nonnegative_int,
         default=4,
         help="data-loading workers per process (default: 4)",
     )
-    p.add_argument("--seed", type=cli.nonnegative_int, default=42, help="random seed (default: 42)")
-    args = p.parse_args(argv)
-    check_intensity_flags(p, args)
+    add("--seed", type=cli.nonnegative_int, default=42, help="random seed (default: 42)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_intensity_flags(parser, args)
     return args
 
 
-def make_accelerator(args):
-    """Accelerator with mixed precision only where the device supports it."""
-    mixed = args.mixed_precision
-    if mixed != "no" and not torch.cuda.is_available():
-        warnings.warn(f"--mixed_precision {mixed} needs CUDA; training in fp32 on CPU", stacklevel=2)
-        mixed = "no"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # cpu=True without CUDA lets accelerate pick gloo under torchrun, as `accelerate launch --cpu` does
-    return Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
-    )
+def check_output_dir(args):
+    """Refuse to overwrite a previous run unless resuming or told to; prove output_dir writable."""
+    if not args.ldm_checkpoint:
+        raise UserError(
+            "--ldm_checkpoint is required: train the LDM first (ldm/train.py) and pass its checkpoint"
+        )
+    out = Path(args.output_dir)
+    if (out / LATEST).exists() and not args.resume and not args.overwrite:
+        raise UserError(
+            f"{out} already holds a run; pass --resume latest to continue or --overwrite to start over"
+        )
+    if args.resume:
+        wanted = out if args.resume == "latest" else args.resume
+        args.resume = str(checkpoints.find_resume(wanted, LATEST, PERIODIC))
+    cli.ensure_writable_dir(out, "--output_dir")
 
 
-def plain(value):
-    """JSON-plain copy (tuples -> lists, paths -> str) for weights_only checkpoints."""
-    return json.loads(json.dumps(value, default=str))
+# --------------------------------------------------------------------------- data
 
 
 def local_or_hub(source):
@@ -246,8 +219,7 @@ def local_or_hub(source):
 
 def run_config(args, ldm, mask_max_value):
     """Full run configuration stored in every checkpoint."""
-    cfg = plain(vars(args))
-    ldm_cfg = ldm.config
+    cfg, ldm_cfg = checkpoints.plain(vars(args)), ldm.config
     cfg.update(
         ldm_checkpoint=str(Path(args.ldm_checkpoint).resolve()),
         vae_pretrained=local_or_hub(args.vae_pretrained or ldm_cfg["vae_pretrained"]),
@@ -257,28 +229,13 @@ def run_config(args, ldm, mask_max_value):
         latent_shift=float(ldm_cfg.get("latent_shift", 0.0)),
         vae_downsample=int(ldm_cfg["vae_downsample"]),
         mask_max_value=mask_max_value,
-        cfg_dropout=args.cfg_dropout
-        if args.cfg_dropout is not None
-        else float(ldm_cfg.get("cfg_dropout", 0.1)),
+        cfg_dropout=float(ldm_cfg.get("cfg_dropout", 0.1)) if args.cfg_dropout is None else args.cfg_dropout,
     )
+    # the UNet halves the latents once per level below the top, and the VAE before it
     multiple = cfg["vae_downsample"] * 2 ** (len(ldm.unet_config["block_out_channels"]) - 1)
     if cfg["image_size"] % multiple:
         raise UserError(f"--image_size {cfg['image_size']} must be a multiple of {multiple} for this LDM")
     return cfg
-
-
-def check_output_dir(args):
-    """Refuse to overwrite a previous run unless resuming or told to; prove output_dir writable."""
-    out = Path(args.output_dir)
-    if (out / "checkpoint_latest.pt").exists() and not args.resume and not args.overwrite:
-        raise UserError(
-            f"{out} already holds a run; pass --resume latest to continue or --overwrite to start over"
-        )
-    if args.resume == "latest":
-        args.resume = str(out / "checkpoint_latest.pt")
-    if args.resume and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume} does not exist; pass a checkpoint of controlnet/train.py")
-    cli.ensure_writable_dir(out, "--output_dir")
 
 
 def scan_images(args, samples, ldm, verbose):
@@ -296,196 +253,260 @@ def scan_images(args, samples, ldm, verbose):
 
 
 def build_datasets(args, ldm, verbose):
-    """Train and validation pairs, the images' decoding rule and the mask scale, every file checked."""
+    """(train set, validation set, decoding rule, run config), every file decoded once first."""
     samples = collect_samples(args, ldm.class_names, verbose)
     intensity = scan_images(args, samples, ldm, verbose)
-    masks = [m for _, m, _ in samples]
-    mask_max = scan_mask_max(masks, args.mask_channels, args.mask_max_value, verbose)
-    train_idx, val_idx = split_indices(len(samples), args.val_fraction, args.seed)
+    mask_max = scan_mask_max([m for _, m, _ in samples], args.mask_channels, args.mask_max_value, verbose)
+    cfg = run_config(args, ldm, mask_max)
+    train_idx, val_idx = training.split_heldout(len(samples), args.val_fraction, args.seed)
     if not val_idx:
-        message = "no held-out pairs (--val_fraction 0 or one pair): validating on training pairs"
-        warnings.warn(message, stacklevel=2)
+        warn("no held-out pairs (--val_fraction 0 or one pair): validating on training pairs")
         val_idx = train_idx
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx], intensity, mask_max
+
+    def subset(indices, flip):
+        chosen = [samples[i] for i in indices]
+        sizes = (cfg["image_size"], cfg["image_channels"], cfg["mask_channels"], cfg["mask_max_value"])
+        return MaskPairDataset(chosen, *sizes, flip, cfg["seed"], intensity)
+
+    return subset(train_idx, args.random_flip), subset(val_idx, False), intensity, cfg
 
 
-def make_dataset(samples, cfg, intensity, flip):
-    """MaskPairDataset with the run's sizes, decoding rule and mask scaling."""
-    return MaskPairDataset(
-        samples,
-        cfg["image_size"],
-        cfg["image_channels"],
-        cfg["mask_channels"],
-        cfg["mask_max_value"],
-        flip,
-        cfg["seed"],
-        intensity,
+def train_loader(train_set, args, accelerator, epoch, skip):
+    """This epoch's loader for this process, skipping the batches a resumed epoch already did."""
+    train_set.set_epoch(epoch)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        worker_init_fn=training.ignore_sigint,
+        generator=torch.Generator().manual_seed(args.seed + epoch),
     )
+    return skip_first_batches(loader, skip) if skip else loader
 
 
-def count_steps(n_batches, accumulation):
-    """Optimizer steps per epoch."""
-    return math.ceil(n_batches / accumulation)
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-class Trainer:
-    """Holds the run state; the training loop below reads top to bottom."""
+# --------------------------------------------------------------------------- model
 
-    def __init__(self, args):
-        self.args = args
-        self.accelerator = make_accelerator(args)
-        self.is_main = self.accelerator.is_main_process
-        set_seed(args.seed, device_specific=True)
-        self.ldm = load_ldm(args.ldm_checkpoint)
-        train_samples, val_samples, self.intensity, mask_max = build_datasets(args, self.ldm, self.is_main)
-        self.cfg = run_config(args, self.ldm, mask_max)
-        self.vae = load_vae(self.cfg["vae_pretrained"])
-        self.train_set = make_dataset(train_samples, self.cfg, self.intensity, args.random_flip)
-        self.val_set = make_dataset(val_samples, self.cfg, self.intensity, False)
-        self.noise_scheduler = DDPMScheduler.from_config(self.ldm.scheduler_config)
-        self.build_model()
-        self.epoch, self.global_step, self.batch_in_epoch, self.best_val_loss = 0, 0, 0, float("inf")
-        self.stop_signal = None
 
-    def build_model(self):
-        """ControlNet from the LDM UNet, optimizer, LR schedule and EMA."""
-        args, device = self.args, self.accelerator.device
-        controlnet = build_controlnet(self.ldm.unet, args.mask_channels, self.cfg["vae_downsample"])
-        self.ldm.unet.requires_grad_(not args.freeze_unet)
-        self.ldm.class_embedder.requires_grad_(False).to(device)
-        self.model = ControlledUNet(controlnet, self.ldm.unet).to(device)
-        self.wrapped = self.model  # the DDP-wrapped module once train() prepares it; eval uses the bare one
-        if args.gradient_checkpointing:
-            controlnet.enable_gradient_checkpointing()
-            self.ldm.unet.enable_gradient_checkpointing()
-        if args.compile:  # in place, so state_dict keys stay those of the plain modules
-            controlnet.compile()
-            self.ldm.unet.compile()
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            self.accelerator.mixed_precision, torch.float32
+class Emas:
+    """diffusers EMAModel per trained module (ControlNet, and the UNet when it trains).
+
+    Kept rather than core.training.EMA: its decay warms up ((1 + n) / (10 + n) until it reaches
+    --ema_decay), which short fine-tuning runs rely on, and it holds the parameters only.
+    """
+
+    def __init__(self, trainable, decay):
+        self.modules = trainable
+        self.emas = {name: EMAModel(m.parameters(), decay=decay) for name, m in trainable.items()}
+
+    def step(self):
+        for name, ema in self.emas.items():
+            ema.step(self.modules[name].parameters())
+
+    def weights(self, name):
+        """The EMA weights of one module as a state_dict (None for a module that does not train)."""
+        if name not in self.emas:
+            return None
+        named = self.modules[name].named_parameters()
+        shadows = self.emas[name].shadow_params
+        return {key: s.detach().cpu().clone() for (key, _), s in zip(named, shadows, strict=True)}
+
+    def steps(self):
+        return {name: ema.optimization_step for name, ema in self.emas.items()}
+
+    def load(self, ckpt):
+        for name, ema in self.emas.items():
+            weights = ckpt[f"ema_{name}"]
+            named = self.modules[name].named_parameters()
+            ema.shadow_params = [weights[key].to(p.device).clone() for key, p in named]
+            ema.optimization_step = ckpt["ema_steps"][name]
+
+    def swapped_in(self, fn):
+        """fn() with the EMA weights in the modules, the trained ones back afterwards."""
+        for name, ema in self.emas.items():
+            ema.store(self.modules[name].parameters())
+            ema.copy_to(self.modules[name].parameters())
+        try:
+            return fn()
+        finally:
+            for name, ema in self.emas.items():
+                ema.restore(self.modules[name].parameters())
+
+
+def build_model(args, cfg, ldm, vae, accelerator):
+    """ControlNet copied from the LDM UNet, joined to it; (model, trained modules, compute dtype)."""
+    device = accelerator.device
+    controlnet = build_controlnet(ldm.unet, args.mask_channels, cfg["vae_downsample"])
+    ldm.unet.requires_grad_(not args.freeze_unet)
+    ldm.class_embedder.requires_grad_(False).to(device)
+    model = ControlledUNet(controlnet, ldm.unet).to(device)
+    if args.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        ldm.unet.enable_gradient_checkpointing()
+    if args.compile:  # in place, so state_dict keys stay those of the plain modules
+        controlnet.compile()
+        ldm.unet.compile()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(device)
+    if dtype != torch.float32:  # frozen parts run in half precision to save memory
+        vae.to(dtype=dtype)
+        if args.freeze_unet:
+            ldm.unet.to(dtype=dtype)
+    trainable = {"controlnet": controlnet} | ({} if args.freeze_unet else {"unet": ldm.unet})
+    return model, trainable, dtype
+
+
+def build_optimizer(args, trainable, steps_per_epoch):
+    params = [p for m in trainable.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    total = args.num_epochs * steps_per_epoch
+    schedule = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=total
+    )
+    return optimizer, schedule
+
+
+# --------------------------------------------------------------------------- loss, validation, samples
+
+
+class Diffusion:
+    """The frozen parts around the trained model: VAE latents, noising, class tokens, autocast."""
+
+    def __init__(self, ldm, vae, cfg, accelerator, dtype):
+        self.ldm, self.vae, self.cfg, self.accelerator, self.dtype = ldm, vae, cfg, accelerator, dtype
+        self.scheduler = DDPMScheduler.from_config(ldm.scheduler_config)
+        self.num_t = self.scheduler.config.num_train_timesteps
+
+    def tokens(self, labels, dropout=0.0):
+        """Class tokens (N, 1, D); each class is replaced by the null class with probability dropout."""
+        if dropout:
+            drop = torch.rand(labels.shape, device=labels.device) < dropout
+            labels = torch.where(drop, torch.full_like(labels, self.ldm.null_label), labels)
+        return self.ldm.class_embedder(labels).to(self.dtype)
+
+    def loss(self, model, batch, tokens, noise=None, timesteps=None):
+        """Per-sample diffusion loss (N,); fresh noise and timesteps unless both are given."""
+        with torch.no_grad():
+            latents = encode(self.vae, batch["pixel_values"], self.cfg)
+        if noise is None:
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, self.num_t, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            pred = model(noisy, timesteps, tokens, batch["conditioning"])
+        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def latent_shape(self, n):
+        side = self.cfg["image_size"] // self.cfg["vae_downsample"]
+        return (n, self.ldm.unet.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def validation_loss(self, model, val_set, per_sample=4):
+        """Deterministic held-out loss: noise seeded per pair, evenly spaced timesteps."""
+        acc, device, seed = self.accelerator, self.accelerator.device, self.cfg["seed"]
+        grid = torch.tensor(
+            [int(self.num_t * (k + 0.5) / per_sample) for k in range(per_sample)], device=device
         )
-        self.vae.to(device)
-        if self.weight_dtype != torch.float32:  # frozen parts run in half precision to save memory
-            self.vae.to(dtype=self.weight_dtype)
-            if args.freeze_unet:
-                self.ldm.unet.to(dtype=self.weight_dtype)
-        self.trainable = {"controlnet": controlnet} | ({} if args.freeze_unet else {"unet": self.ldm.unet})
-        self.ema = {
-            name: EMAModel(m.parameters(), decay=args.ema_decay) for name, m in self.trainable.items()
-        }
-        params = [p for m in self.trainable.values() for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        total_steps = args.num_epochs * count_steps(self.num_batches(), args.gradient_accumulation_steps)
-        self.lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=args.lr_warmup_steps,
-            num_training_steps=total_steps,
+        total, count = 0.0, 0
+        for index in range(acc.process_index, len(val_set), acc.num_processes):
+            item = {
+                k: v[None] if torch.is_tensor(v) else torch.tensor([v]) for k, v in val_set[index].items()
+            }
+            batch = to_device({k: v.expand(per_sample, *v.shape[1:]) for k, v in item.items()}, device)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            noise = torch.randn(self.latent_shape(per_sample), generator=generator).to(device)
+            losses = self.loss(model, batch, self.tokens(batch["label"]), noise, grid)
+            total, count = total + losses.sum().item(), count + len(losses)
+        total, count = training.sum_across(acc, total, count)
+        return total / count
+
+    @torch.no_grad()
+    def sample_grid(self, model, val_set, count, steps):
+        """Rows of mask | generated (fixed noise) | ground truth for the first validation pairs, in [0, 1]."""
+        items = [val_set[i] for i in range(min(count, len(val_set)))]
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        batch = to_device(batch, self.accelerator.device)
+        generator = torch.Generator().manual_seed(self.cfg["seed"])
+        noise = torch.randn(self.latent_shape(len(items)), generator=generator).to(self.accelerator.device)
+        scheduler = make_scheduler("unipc", self.ldm.scheduler_config)
+        with self.accelerator.autocast():
+            tokens = self.tokens(batch["label"])
+            latents = sample_latents(model, scheduler, noise, batch["conditioning"], tokens, steps=steps)
+        generated = decode(self.vae, latents, self.cfg)
+        rows = [to_rgb(batch["conditioning"] * 2 - 1), to_rgb(generated), to_rgb(batch["pixel_values"])]
+        return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, normalize=True, value_range=(-1, 1))
+
+
+def to_rgb(images):
+    """(N, C, H, W) -> (N, 3, H, W) so masks and images of any channel count share one grid."""
+    return images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Run:
+    """What a checkpoint holds and restores: the trained modules, optimizer state and counters."""
+
+    def __init__(self, args, cfg, intensity, ldm, model, emas, optimizer, lr_scheduler, accelerator):
+        self.args, self.cfg, self.intensity, self.ldm, self.model = args, cfg, intensity, ldm, model
+        self.emas, self.optimizer, self.lr_scheduler, self.accelerator = (
+            emas,
+            optimizer,
+            lr_scheduler,
+            accelerator,
         )
+        self.epoch, self.batch_in_epoch, self.global_step, self.best_val_loss = 0, 0, 0, math.inf
 
-    def num_batches(self):
-        """Batches per epoch on one process."""
-        return math.ceil(len(self.train_set) / self.accelerator.num_processes / self.args.batch_size)
-
-    def print_parameters(self):
-        """Parameter table per component."""
-        components = {
-            "VAE": self.vae,
-            "UNet": self.ldm.unet,
-            "ControlNet": self.model.controlnet,
-            "embedder": self.ldm.class_embedder,
-        }
-        if self.is_main:
-            print("\n".join(parameter_table(components)))
-            print(
-                f"train pairs: {len(self.train_set)}, validation pairs: {len(self.val_set)}, "
-                f"mask labels scaled by 1/{self.cfg['mask_max_value']}"
-            )
-
-    # ---- checkpoints -------------------------------------------------------------------------
-
-    def rng_state(self):
-        """This process's RNG states as plain types."""
-        np_state = np.random.get_state()
-        return {
-            "python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-
-    def set_rng_state(self, state):
-        """Restore RNG states saved by rng_state()."""
-        random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-        np.random.set_state(
-            (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
-        )
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-    def ema_weights(self, name):
-        """The EMA weights of one trainable module as a state_dict."""
-        module = self.trainable[name]
-        return {
-            key: shadow.detach().cpu().clone()
-            for (key, _), shadow in zip(module.named_parameters(), self.ema[name].shadow_params, strict=True)
-        }
-
-    def checkpoint(self, rng_states):
-        """Everything needed to resume or to sample, as plain types."""
-        unet_trained = not self.args.freeze_unet
-        scaler = self.accelerator.scaler
+    def state(self, rng_states):
+        """Everything needed to resume or to sample, as weights_only-loadable values."""
+        unet_trained, scaler = not self.args.freeze_unet, self.accelerator.scaler
         return {
             "model_type": "controlnet",
             "format_version": 1,
-            "controlnet_config": plain(dict(self.model.controlnet.config)),
+            "controlnet_config": checkpoints.plain(dict(self.model.controlnet.config)),
             "controlnet": self.model.controlnet.state_dict(),
-            "ema_controlnet": self.ema_weights("controlnet"),
+            "ema_controlnet": self.emas.weights("controlnet"),
             "unet_config": self.ldm.unet_config,
             "unet": self.ldm.unet.state_dict() if unet_trained else None,
-            "ema_unet": self.ema_weights("unet") if unet_trained else None,
+            "ema_unet": self.emas.weights("unet"),
             "class_embedder": self.ldm.class_embedder.state_dict(),
             "class_names": self.ldm.class_names,
-            "scheduler_config": plain(self.ldm.scheduler_config),
-            "ldm_config": plain(self.ldm.config),
+            "scheduler_config": checkpoints.plain(self.ldm.scheduler_config),
+            "ldm_config": checkpoints.plain(self.ldm.config),
             "config": self.cfg,
             "intensity": self.intensity,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema_steps": {name: ema.optimization_step for name, ema in self.ema.items()},
+            "ema_steps": self.emas.steps(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
             "best_val_loss": self.best_val_loss,
-            "rng": rng_states,
+            "rng": rng_states,  # one entry per process
         }
 
     def save(self, *names):
-        """Write the checkpoint under each name (atomically) from the main process."""
-        rng_states = gather_object([self.rng_state()])
-        if self.is_main:
-            out = Path(self.args.output_dir)
-            ckpt = self.checkpoint(rng_states)
+        """Write the checkpoint under each name (atomically) from the main process; all processes call it."""
+        rng_states = gather_object([checkpoints.rng_state()])
+        if self.accelerator.is_main_process:
+            state = self.state(rng_states)
             for name in names:
-                files.atomic_save(ckpt, out / name)
+                checkpoints.save(state, Path(self.args.output_dir) / name)
+            checkpoints.prune(self.args.output_dir, PERIODIC, self.args.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
-    def prune_epoch_checkpoints(self):
-        """Keep only the newest --checkpoints_total_limit epoch checkpoints."""
-        limit = self.args.checkpoints_total_limit
-        if not self.is_main or not limit:
-            return
-        files = sorted(
-            Path(self.args.output_dir).glob("checkpoint_epoch_*.pt"),
-            key=lambda p: int(p.stem.rsplit("_", 1)[1]),
-        )
-        for old in files[:-limit]:
-            old.unlink()
-
     def resume(self, path):
-        """Restore model, EMA, optimizer, schedules, scaler, counters and RNG states."""
+        """Restore weights, EMA, optimizer, schedule, scaler, counters and RNG states."""
         ckpt = load_checkpoint(path, "controlnet", "--resume")
         if ckpt["unet_config"] != self.ldm.unet_config:
             raise UserError(f"--resume {path} was trained on another LDM than --ldm_checkpoint")
@@ -498,286 +519,144 @@ class Trainer:
         load_weights(self.model.controlnet, ckpt["controlnet"], f"--resume {path}")
         if ckpt["unet"] is not None:
             load_weights(self.ldm.unet, ckpt["unet"], f"--resume {path}")
-        for name, ema in self.ema.items():
-            weights = ckpt[f"ema_{name}"]
-            named = self.trainable[name].named_parameters()
-            ema.shadow_params = [weights[key].to(p.device).clone() for key, p in named]
-            ema.optimization_step = ckpt["ema_steps"][name]
+        self.emas.load(ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.global_step, self.best_val_loss = ckpt["global_step"], ckpt["best_val_loss"]
-        rank = self.accelerator.process_index
+        # another process count draws other streams anyway: reseed by step instead
         if len(ckpt["rng"]) == self.accelerator.num_processes:
-            self.set_rng_state(ckpt["rng"][rank])
+            checkpoints.set_rng_state(ckpt["rng"][self.accelerator.process_index])
         else:
             set_seed(self.args.seed + self.global_step, device_specific=True)
-        if self.is_main:
+        if self.accelerator.is_main_process:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
 
-    # ---- signals -----------------------------------------------------------------------------
 
-    def install_signal_handlers(self):
-        """SIGINT/SIGTERM ask the loop to stop after the current step."""
+def epoch_checkpoints(done, improved, args):
+    """The names saved after epoch `done`: latest last, so a run killed in between redoes the epoch."""
+    names = ["checkpoint_best.pt"] if improved else []
+    if done % args.save_every == 0 or done == args.num_epochs:
+        names.append(f"checkpoint_epoch_{done}.pt")
+    return [*names, LATEST]
 
-        def request_stop(signum, _frame):
-            self.stop_signal = signum
 
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+# --------------------------------------------------------------------------- training
 
-    def should_stop(self):
-        """True on every process once any process got a signal."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        return bool(flag.item())
 
-    # ---- training ----------------------------------------------------------------------------
-
-    def tokens(self, labels):
-        """Class tokens (N, 1, D); in class mode the class is replaced by the null class with cfg_dropout."""
-        if self.args.use_class_labels:
-            drop = torch.rand(labels.shape, device=labels.device) < self.cfg["cfg_dropout"]
-            labels = torch.where(drop, torch.full_like(labels, self.ldm.null_label), labels)
-        return self.ldm.class_embedder(labels)
-
-    def loss(self, model, batch, tokens, noise=None, timesteps=None):
-        """Per-sample diffusion loss (N,); fresh noise and timesteps unless both are given."""
-        with torch.no_grad():
-            latents = encode(self.vae, batch["pixel_values"], self.cfg)
-        if noise is None:
-            noise = torch.randn_like(latents)
-            num_t = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, num_t, (latents.shape[0],), device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with self.accelerator.autocast():
-            pred = model(noisy, timesteps, tokens.to(self.weight_dtype), batch["conditioning"])
-        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (N,)
-
-    def to_device(self, batch):
-        """Move a batch to this process's device."""
-        device = self.accelerator.device
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def train_step(self, batch):
-        """One forward/backward; returns (loss, grad norm or None)."""
-        with self.accelerator.accumulate(self.wrapped):
-            loss = self.loss(self.wrapped, batch, self.tokens(batch["label"])).mean()
-            mean_loss = self.accelerator.reduce(loss.detach(), "mean")
-            if not torch.isfinite(mean_loss):
-                raise FloatingPointError(f"loss became {mean_loss.item()} at step {self.global_step}")
-            self.accelerator.backward(loss)
-            grad_norm = None
-            if self.accelerator.sync_gradients:
-                grad_norm = self.accelerator.clip_grad_norm_(
-                    self.wrapped.parameters(), self.args.max_grad_norm
-                )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.accelerator.sync_gradients:
-            self.lr_scheduler.step()
-            for name, ema in self.ema.items():
-                ema.step(self.trainable[name].parameters())
-            self.global_step += 1
-        return mean_loss.item(), grad_norm
-
-    def train_loader(self):
-        """This epoch's loader for this process, skipping batches already done before a resume."""
-        self.train_set.set_epoch(self.epoch)
-        sampler = DistributedSampler(
-            self.train_set,
-            num_replicas=self.accelerator.num_processes,
-            rank=self.accelerator.process_index,
-            shuffle=True,
-            seed=self.args.seed,
+def train_step(net, batch, diffusion, run, dropout):
+    """One forward/backward under accumulation; (mean loss over processes, grad norm or None)."""
+    acc = run.accelerator
+    with acc.accumulate(net):
+        loss = diffusion.loss(net, batch, diffusion.tokens(batch["label"], dropout)).mean()
+        mean_loss = acc.reduce(loss.detach(), "mean")
+        training.check_finite(mean_loss, f"step {run.global_step}")
+        acc.backward(loss)
+        grad_norm = (
+            acc.clip_grad_norm_(net.parameters(), run.args.max_grad_norm) if acc.sync_gradients else None
         )
-        sampler.set_epoch(self.epoch)
-        loader = DataLoader(
-            self.train_set,
-            batch_size=self.args.batch_size,
-            sampler=sampler,
-            num_workers=self.args.num_workers,
-            drop_last=False,
-            generator=torch.Generator().manual_seed(self.args.seed + self.epoch),
-        )
-        return skip_first_batches(loader, self.batch_in_epoch) if self.batch_in_epoch else loader
-
-    # ---- validation and samples --------------------------------------------------------------
-
-    def with_ema(self, fn):
-        """Call fn() with the EMA weights swapped in."""
-        for name, ema in self.ema.items():
-            ema.store(self.trainable[name].parameters())
-            ema.copy_to(self.trainable[name].parameters())
-        try:
-            return fn()
-        finally:
-            for name, ema in self.ema.items():
-                ema.restore(self.trainable[name].parameters())
-
-    @torch.no_grad()
-    def validation_loss(self, timesteps_per_sample=4):
-        """Deterministic held-out loss: latent means, noise seeded per sample, evenly spaced timesteps."""
-        device, total = self.accelerator.device, torch.zeros(2, device=self.accelerator.device)
-        num_t = self.noise_scheduler.config.num_train_timesteps
-        grid = torch.tensor(
-            [int(num_t * (k + 0.5) / timesteps_per_sample) for k in range(timesteps_per_sample)]
-        )
-        for index in range(self.accelerator.process_index, len(self.val_set), self.accelerator.num_processes):
-            batch = {
-                k: v[None] if torch.is_tensor(v) else torch.tensor([v])
-                for k, v in self.val_set[index].items()
-            }
-            batch = self.to_device(
-                {k: v.expand(timesteps_per_sample, *v.shape[1:]) for k, v in batch.items()}
-            )
-            generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + index)
-            latent_shape = self.latent_shape(timesteps_per_sample)
-            noise = torch.randn(latent_shape, generator=generator).to(device)
-            tokens = self.ldm.class_embedder(batch["label"])
-            losses = self.loss(self.model, batch, tokens, noise, grid.to(device))
-            total += torch.stack([losses.sum(), torch.tensor(float(len(losses)), device=device)])
-        total = self.accelerator.reduce(total, "sum")
-        return (total[0] / total[1]).item()
-
-    def latent_shape(self, n):
-        """(n, c, h, w) of the latents at the training resolution."""
-        side = self.cfg["image_size"] // self.cfg["vae_downsample"]
-        return (n, self.ldm.unet.config.in_channels, side, side)
-
-    @torch.no_grad()
-    def sample_grid(self):
-        """Rows of mask | generated (EMA, fixed noise) | ground truth for the first validation pairs."""
-        count = min(self.args.num_sample_masks, len(self.val_set))
-        items = [self.val_set[i] for i in range(count)]
-        batch = self.to_device({k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]})
-        noise = torch.randn(self.latent_shape(count), generator=torch.Generator().manual_seed(self.args.seed))
-        scheduler = make_scheduler("unipc", self.ldm.scheduler_config)
-        with self.accelerator.autocast():
-            latents = sample_latents(
-                self.model,
-                scheduler,
-                noise.to(self.accelerator.device),
-                batch["conditioning"],
-                self.ldm.class_embedder(batch["label"]).to(self.weight_dtype),
-                steps=self.args.sample_steps,
-            )
-        generated = decode(self.vae, latents, self.cfg)
-        rows = [to_rgb(batch["conditioning"] * 2 - 1), to_rgb(generated), to_rgb(batch["pixel_values"])]
-        return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, normalize=True, value_range=(-1, 1))
-
-    def end_of_epoch(self, writer):
-        """Validation, best/periodic checkpoints and sample grid after a finished epoch."""
-        done = self.epoch  # epochs completed so far
-        val_loss = self.with_ema(self.validation_loss)
-        names = []
-        if val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss
-            names.append("checkpoint_best.pt")
-        if done % self.args.save_every == 0 or done == self.args.num_epochs:
-            names.append(f"checkpoint_epoch_{done}.pt")
-        # latest last: killed in between, a resume from the previous latest redoes this epoch and its saves
-        self.save(*names, "checkpoint_latest.pt")
-        self.prune_epoch_checkpoints()
-        if self.is_main:
-            print(f"epoch {done}: validation loss {val_loss:.5f} (best {self.best_val_loss:.5f})")
-            writer.add_scalar("val/loss", val_loss, self.global_step)
-            if done % self.args.sample_every == 0 or done == self.args.num_epochs:
-                grid = self.with_ema(self.sample_grid).cpu()
-                path = Path(self.args.output_dir) / "samples" / f"epoch_{done:04d}.png"
-                files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-                writer.add_image("samples/mask_generated_truth", grid, self.global_step)
-        self.accelerator.wait_for_everyone()
-
-    def run_epoch(self, writer):
-        """Train over one epoch; returns False when a signal asked to stop."""
-        loader = self.train_loader()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {self.epoch + 1}/{self.args.num_epochs}",
-            disable=not self.is_main,
-            initial=self.batch_in_epoch,
-            total=self.num_batches(),
-        )
-        tick = time.perf_counter()
-        for batch in bar:
-            loss, grad_norm = self.train_step(self.to_device(batch))
-            self.batch_in_epoch += 1
-            if self.is_main:
-                images_per_s = (
-                    len(batch["index"]) * self.accelerator.num_processes / (time.perf_counter() - tick)
-                )
-                self.log(writer, loss, grad_norm, images_per_s)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            tick = time.perf_counter()
-            if self.accelerator.sync_gradients and self.should_stop():
-                return False
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        return True
-
-    def log(self, writer, loss, grad_norm, images_per_s):
-        """TensorBoard scalars of one step."""
-        writer.add_scalar("train/loss", loss, self.global_step)
-        writer.add_scalar("train/lr", self.lr_scheduler.get_last_lr()[0], self.global_step)
-        writer.add_scalar("train/images_per_s", images_per_s, self.global_step)
-        if grad_norm is not None:
-            writer.add_scalar("train/grad_norm", float(grad_norm), self.global_step)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    if acc.sync_gradients:
+        run.lr_scheduler.step()
+        run.emas.step()
+        run.global_step += 1
+    return mean_loss.item(), grad_norm
 
 
-def to_rgb(images):
-    """(N, C, H, W) -> (N, 3, H, W) so masks and images of any channel count share one grid."""
-    return images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+def end_of_epoch(run, diffusion, val_set, writer):
+    """Validation (EMA weights), best/periodic/latest checkpoints and the sample grid."""
+    args, done, is_main = run.args, run.epoch, run.accelerator.is_main_process
+    val_loss = run.emas.swapped_in(lambda: diffusion.validation_loss(run.model, val_set))
+    improved = val_loss < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, val_loss)
+    run.save(*epoch_checkpoints(done, improved, args))
+    writer.scalars(run.global_step, **{"val/loss": val_loss})
+    if is_main:
+        print(f"epoch {done}: validation loss {val_loss:.5f} (best {run.best_val_loss:.5f})")
+    if is_main and (done % args.sample_every == 0 or done == args.num_epochs):
+        count, steps = args.num_sample_masks, args.sample_steps
+        grid = run.emas.swapped_in(lambda: diffusion.sample_grid(run.model, val_set, count, steps)).cpu()
+        path = Path(args.output_dir) / "samples" / f"epoch_{done:04d}.png"
+        files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+        writer.image("samples/mask_generated_truth", grid, run.global_step)
+    run.accelerator.wait_for_everyone()
 
 
-def train(args):
-    """Set up, optionally resume, then run epochs with checkpoints, validation and samples."""
-    if not args.ldm_checkpoint:
-        raise UserError(
-            "--ldm_checkpoint is required: train the LDM first (ldm/train.py) and pass its checkpoint"
-        )
-    check_output_dir(args)
-    trainer = Trainer(args)
-    if trainer.is_main:  # partial files of a run killed while saving
-        for folder in (Path(args.output_dir), Path(args.output_dir) / "samples"):
+def train(args, accelerator):
+    is_main, out = accelerator.is_main_process, Path(args.output_dir)
+    set_seed(args.seed, device_specific=True)
+    if is_main:  # partial files of a run killed while saving
+        for folder in (out, out / "samples"):
             files.clean_temporaries(folder)
-    trainer.install_signal_handlers()
-    trainer.print_parameters()
+
+    # Data: every pair decoded once (bit depth, mask scale) before any model is built.
+    ldm = load_ldm(args.ldm_checkpoint)
+    train_set, val_set, intensity, cfg = build_datasets(args, ldm, is_main)
+    vae = load_vae(cfg["vae_pretrained"])
+
+    # Model: a ControlNet copied from the LDM's UNet; only it (and the UNet if unfrozen) trains.
+    model, trainable, dtype = build_model(args, cfg, ldm, vae, accelerator)
+    batches = math.ceil(len(train_set) / accelerator.num_processes / args.batch_size)
+    optimizer, lr_scheduler = build_optimizer(
+        args, trainable, math.ceil(batches / args.gradient_accumulation_steps)
+    )
+    emas = Emas(trainable, args.ema_decay)
+    run = Run(args, cfg, intensity, ldm, model, emas, optimizer, lr_scheduler, accelerator)
+    diffusion = Diffusion(ldm, vae, cfg, accelerator, dtype)
+    if is_main:
+        parts = {"VAE": vae, "UNet": ldm.unet, "ControlNet": model.controlnet, "embedder": ldm.class_embedder}
+        print(training.parameter_table(parts))
+        sizes = f"train pairs: {len(train_set)}, validation pairs: {len(val_set)}"
+        print(f"{sizes}, mask labels scaled by 1/{cfg['mask_max_value']}")
     if args.resume:
-        trainer.resume(args.resume)
-    trainer.wrapped, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
-    if trainer.is_main:
-        (Path(args.output_dir) / "samples").mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(Path(args.output_dir) / "logs")) if trainer.is_main else None
-    while trainer.epoch < args.num_epochs:
-        if not trainer.run_epoch(writer):
-            trainer.save("checkpoint_latest.pt")
-            if trainer.is_main:
-                print(
-                    f"stopped by signal {trainer.stop_signal}; saved checkpoint_latest.pt (--resume latest)"
-                )
-            sys.exit(128 + (trainer.stop_signal or signal.SIGTERM))
-        trainer.end_of_epoch(writer)
-    trainer.save("checkpoint_final.pt", "checkpoint_latest.pt")
-    if trainer.is_main:
-        writer.close()
-        print(
-            f"done: {args.output_dir}/checkpoint_final.pt (best validation loss {trainer.best_val_loss:.5f})"
-        )
-    trainer.accelerator.end_training()
+        run.resume(args.resume)
+    net, run.optimizer = accelerator.prepare(model, optimizer)  # net: DDP-wrapped; evaluation uses model
+    dropout = cfg["cfg_dropout"] if args.use_class_labels else 0.0
+
+    # The handlers go in before the log folder appears, so a signal after that is always caught.
+    stop = training.StopSignal("checkpoint_latest.pt")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    writer = training.Writer(out / "logs", is_main)
+    while run.epoch < args.num_epochs:
+        loader = train_loader(train_set, args, accelerator, run.epoch, run.batch_in_epoch)
+        desc = f"epoch {run.epoch + 1}/{args.num_epochs}"
+        bar = tqdm(loader, desc=desc, disable=not is_main, initial=run.batch_in_epoch, total=batches)
+        for batch in bar:
+            loss, grad_norm = train_step(net, to_device(batch, accelerator.device), diffusion, run, dropout)
+            run.batch_in_epoch += 1
+            lr = run.lr_scheduler.get_last_lr()[0]
+            norm = {} if grad_norm is None else {"train/grad_norm": float(grad_norm)}
+            writer.scalars(run.global_step, **{"train/loss": loss, "train/lr": lr}, **norm)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            signum = accelerator.sync_gradients and stop.agreed(accelerator)
+            if signum:
+                run.save(LATEST)
+                if is_main:
+                    print(f"stopped by signal {signum}; saved {LATEST} (--resume latest)")
+                writer.close()
+                return 128 + signum
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        end_of_epoch(run, diffusion, val_set, writer)
+    run.save("checkpoint_final.pt", LATEST)
+    writer.close()
+    if is_main:
+        print(f"done: {out}/checkpoint_final.pt (best validation loss {run.best_val_loss:.5f})")
+    return 0
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = training.make_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
     try:
-        train(args)
-    except FloatingPointError as err:
-        print(f"error: {err}; training stopped, the last good checkpoint is kept", file=sys.stderr)
-        sys.exit(1)
+        code = train(args, accelerator)
+    finally:
+        accelerator.end_training()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,9 @@
-"""Small helpers of the ControlNet scripts: a parser accepting both flag spellings, image files, checkpoints.
+"""Small helpers of the ControlNet scripts: the intensity flags and project checkpoints of a known type."""
 
-User errors, the CLI runner, image decoding and atomic files are the shared core's (core/), so that
-one exception class is caught everywhere and every folder decodes images by one rule.
-"""
-
-import argparse
 from pathlib import Path
 
-from core import cli, files
-from core.errors import UserError, run_cli, warn  # noqa: F401 (re-exported)
-from core.images import IMAGE_EXTENSIONS, open_image  # noqa: F401 (re-exported)
-
-
-class Parser(cli.Parser):
-    """The core parser (one-line errors, exit 2); every multi-word flag as --snake_case and --kebab-case."""
-
-    def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def add_argument(self, *names, **kwargs):
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--") and "_" in name:
-                spellings.append(name.replace("_", "-"))
-        return super().add_argument(*spellings, **kwargs)
+from core import checkpoints, cli
+from core.errors import UserError
 
 
 def add_intensity_flags(parser):
@@ -50,17 +29,12 @@ def check_intensity_flags(parser, args):
         parser.error(f"--intensity_range needs LOW < HIGH, got {low:g} {high:g}")
 
 
-def list_images(folder):
-    """Sorted image files (any supported extension, any case) directly inside folder."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def load_checkpoint(path, expected_type, flag):
     """Load a project checkpoint (weights only) and check its model_type, with user-level errors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path} does not exist; give the path of a .pt checkpoint file")
-    ckpt = files.load_weights_only(path, f"{flag}")
+    ckpt = checkpoints.load(path, flag)
     found = ckpt.get("model_type") if isinstance(ckpt, dict) else None
     if found != expected_type:
         writer = "ldm/train.py" if expected_type == "ldm" else "controlnet/train.py"

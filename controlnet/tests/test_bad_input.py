@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import HERE, run_many, train_args, write_pairs
-from dataset import split_indices
+from core.training import split_heldout
 
 TRAIN_CASES = {
     "no_ldm": "--ldm_checkpoint is required",
@@ -14,15 +14,16 @@ TRAIN_CASES = {
     "existing_run": "--resume latest",
     "offline_vae": "--vae_pretrained",
     "bad_image_size": "--image_size 18",
-    "num_epochs_zero": "--num_epochs/--num-epochs: must be an integer >= 1, got 0",
+    "num_epochs_zero": "--num_epochs/--num-epochs/--epochs: must be an integer >= 1, got 0",
     "save_every_zero": "--save_every/--save-every: must be an integer >= 1, got 0",
     "batch_size_negative": "--batch_size/--batch-size: must be an integer >= 1, got -2",
-    "learning_rate_negative": "--learning_rate/--learning-rate: must be a number > 0, got -1",
-    "learning_rate_nan": "--learning_rate/--learning-rate: expected a finite number, got 'nan'",
+    "learning_rate_negative": "--learning_rate/--learning-rate/--lr: must be a number > 0, got -1",
+    "learning_rate_nan": "--learning_rate/--learning-rate/--lr: expected a finite number, got 'nan'",
     "ema_decay_one": "--ema_decay/--ema-decay: must be a fraction in [0, 1), got 1",
     "ema_decay_two": "--ema_decay/--ema-decay: must be a fraction in [0, 1), got 2",
     "num_workers_negative": "--num_workers/--num-workers: must be an integer >= 0, got -1",
-    "val_fraction_one": "--val_fraction/--val-fraction: must be a fraction in [0, 1), got 1",
+    "val_fraction_one": "--val_fraction/--val-fraction/--val_split/--val-split: "
+    "must be a fraction in [0, 1), got 1",
     "lr_scheduler_unknown": "--lr_scheduler/--lr-scheduler: invalid choice: 'warmup'",
     "bit_depth_zero": "--bit_depth/--bit-depth: must be a bit depth from 1 to 32, got 0",
     "intensity_range_reversed": "--intensity_range needs LOW < HIGH, got 1 0",
@@ -41,7 +42,8 @@ INFERENCE_CASES = {
     "mask_and_mask_folder": "give exactly one of --mask and --mask_folder",
     "controlnet_scale_nan": "--controlnet_scale/--controlnet-scale: expected a finite number, got 'nan'",
     "controlnet_scale_inf": "--controlnet_scale/--controlnet-scale: expected a finite number, got 'inf'",
-    "guidance_scale_nan": "--guidance_scale/--cfg-scale/--guidance-scale: expected a finite number",
+    "guidance_scale_nan": "--cfg_scale/--cfg-scale/--guidance_scale/--guidance-scale: "
+    "expected a finite number",
     "cfg_scale_inf": "expected a finite number, got '-inf'",
     "num_images_zero": "--num_images/--num-images: must be an integer >= 1, got 0",
     "inference_batch_size_negative": "--batch_size/--batch-size: must be an integer >= 1, got -2",
@@ -63,7 +65,7 @@ def train_cases(tmp, pair_data, ldm, run_dir):
     (empty / "masks").mkdir()
     (broken / "images" / "001.png").write_bytes(b"\x89PNG truncated")
     bad_val, bad_mask = write_pairs(tmp / "bad_val", 8), write_pairs(tmp / "bad_mask", 8)
-    assert 3 in split_indices(8, 0.25, 42)[1]  # 003 is a validation pair of train_args' split
+    assert 3 in split_heldout(8, 0.25, 42)[1]  # 003 is a validation pair of train_args' split
     truncated(bad_val / "images" / "003.png")
     truncated(bad_mask / "masks" / "006.png")
     floats = write_pairs(tmp / "floats", 2, depth="float")

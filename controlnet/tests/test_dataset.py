@@ -7,9 +7,11 @@ from PIL import Image
 
 from conftest import FLOAT_RANGE, IMAGE_SIZE, save_at_depth, write_pairs
 from core import images
-from dataset import MaskPairDataset, find_pairs, load_mask, mask_array, scan_mask_max, split_indices
+from core.errors import UserError
+from core.masks import find_pairs, mask_array, scan_mask_max
+from core.training import split_heldout
+from dataset import MaskPairDataset, load_mask
 from mask_metrics import score
-from utils import UserError
 
 
 def test_pairs_by_stem_and_reports_unpaired(tmp_path, capsys):
@@ -139,10 +141,10 @@ def test_unreadable_image_is_a_user_error(tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint():
-    train, val = split_indices(10, 0.2, seed=1)
-    assert (train, val) == split_indices(10, 0.2, seed=1)
+    train, val = split_heldout(10, 0.2, seed=1)
+    assert (train, val) == split_heldout(10, 0.2, seed=1)
     assert len(val) == 2 and not set(train) & set(val) and len(train) + len(val) == 10
-    assert split_indices(2, 0.01, 0)[1] != [] and split_indices(1, 0.5, 0) == ([0], [])
+    assert split_heldout(2, 0.01, 0)[1] != [] and split_heldout(1, 0.5, 0) == ([0], [])
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from PIL import Image
 
 from conftest import IMAGE_SIZE
 from core import images
+from core.errors import UserError
+from core.training import parameter_table
 from mask_metrics import dice_iou, otsu_threshold, score
 from models import (
     SCHEDULERS,
@@ -15,10 +17,8 @@ from models import (
     guided_prediction,
     load_ldm,
     make_scheduler,
-    parameter_table,
     sample_latents,
 )
-from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,10 @@ def test_every_scheduler_samples_with_the_ldm_schedule(ldm, inputs, name):
 
 def test_parameter_table_counts_frozen_and_trainable():
     frozen, trainable = torch.nn.Linear(2, 3).requires_grad_(False), torch.nn.Linear(3, 1)
-    rows = parameter_table({"frozen": frozen, "trained": trainable})
+    rows = parameter_table({"frozen": frozen, "trained": trainable}).splitlines()
     assert rows[1].split() == ["frozen", "9", "0", "9"]
     assert rows[2].split() == ["trained", "4", "4", "0"]
-    assert rows[3].split() == ["all", "13", "4", "9"]
+    assert rows[3].split() == ["total", "13", "4", "9"]
 
 
 def test_otsu_dice_iou():
