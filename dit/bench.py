@@ -7,21 +7,14 @@ Stable Diffusion VAE's architecture with random weights unless --vae names a loc
     cd dit && ../.venv/bin/python bench.py
 """
 
-import argparse
-import os
-import sys
-import time
-from types import SimpleNamespace
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-
-from core.cli import Parser, positive_int  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
-from train import latent_batch, train_step, update_ema  # noqa: E402
-from utils import add_flag, load_vae, run_cli  # noqa: E402
+from core import cli, training
+from core.errors import run_cli
+from diffusion import create_diffusion
+from models import DiT_models
+from train import latent_batch, train_step
+from utils import load_vae
 
 SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
     block_out_channels=(128, 256, 512, 512),
@@ -33,54 +26,45 @@ SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
 )
 
 
-def parse_args():
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flag(
-        parser,
-        "--batch-size",
-        type=positive_int,
-        default=None,
-        help="images per step (default: 1 on CPU, 32 on CUDA)",
+def build_parser():
+    parser = cli.Parser(description=__doc__)
+    parser.add_argument(
+        "--batch_size", type=cli.positive_int, help="images per step (default: 1 on CPU, 32 on CUDA)"
     )
-    add_flag(
-        parser,
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="timed steps per setting (default: 2 on CPU, 20 on CUDA)",
+    parser.add_argument(
+        "--steps", type=cli.positive_int, help="timed steps per setting (default: 2 on CPU, 20 on CUDA)"
     )
-    add_flag(
-        parser, "--vae", default=None, help="local diffusers VAE folder (default: random SD-VAE weights)"
-    )
-    return parser.parse_args()
+    parser.add_argument("--vae", help="local diffusers VAE folder (default: random SD-VAE weights)")
+    return parser
 
 
-def time_steps(model, vae, diffusion, batch, cached, steps, device):
+def time_steps(model, vae, diffusion, batch, cached, steps, accelerator):
     """Steps per second of the training step (one untimed warm-up step first)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    ema = DiT_models["DiT-S/2"](input_size=32, num_classes=8).to(device).requires_grad_(False)
-    settings = SimpleNamespace(class_dropout_prob=0.1, precision="bf16" if device.type == "cuda" else "fp32")
-    generator = torch.Generator(device).manual_seed(0)
+    ema = training.EMA(model, 0.9999)
+    net, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator(accelerator.device).manual_seed(0)
+    batch = [b.to(accelerator.device) for b in batch]
     for i in range(steps + 1):
         if i == 1:
-            synchronize(device)
-            start = time.perf_counter()
-        x0, y = latent_batch(batch, vae, 0.18215, cached, generator, device)
-        train_step(model, diffusion, optimizer, x0, y, model.null_class, settings, generator, device)
-        update_ema(ema, model, 0.9999)
-    synchronize(device)
-    return steps / (time.perf_counter() - start)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            timer = training.Timer(accelerator.device)
+        x0, y = latent_batch(batch, vae, 0.18215, cached, generator)
+        train_step(net, diffusion, optimizer, x0, y, 0.1, generator, accelerator)
+        ema.update(model)
+    return steps / timer.elapsed()
 
 
 def main():
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    args = build_parser().parse_args()
+    accelerator = training.make_accelerator("bf16" if torch.cuda.is_available() else "no")
+    try:
+        bench(args, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def bench(args, accelerator):
+    device = accelerator.device
     n = args.batch_size or (32 if device.type == "cuda" else 1)
     steps = args.steps or (20 if device.type == "cuda" else 2)
     if args.vae:
@@ -104,7 +88,7 @@ def main():
                 DiT_models["DiT-S/2"](input_size=32, num_classes=8, attention=attention).to(device).train()
             )
             speeds[attention, cached] = time_steps(
-                model, vae, diffusion, batches[cached], cached, steps, device
+                model, vae, diffusion, batches[cached], cached, steps, accelerator
             )
             name = "cached latents" if cached else "VAE every step"
             print(f"  {attention:<6} {name:<16} {speeds[attention, cached]:8.3f} steps/s")

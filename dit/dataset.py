@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from core import images
-from utils import UserError
+from core.errors import UserError
 
 
 def find_images(root):

@@ -4,17 +4,13 @@ python download.py                 # both 256x256 and 512x512
 python download.py --image-size 256
 """
 
-import argparse
 import os
 import socket
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from core.cli import Parser, ensure_writable_dir  # noqa: E402
-from utils import UserError, add_flag, run_cli  # noqa: E402
+from core.cli import Parser, ensure_writable_dir
+from core.errors import UserError, run_cli
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 OFFICIAL_FILES = {256: "DiT-XL-2-256x256.pt", 512: "DiT-XL-2-512x512.pt"}
@@ -46,21 +42,24 @@ def fetch(url, path):
         raise UserError(f"cannot download {url} ({err}): {by_hand}") from None
 
 
-def main():
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flag(
-        parser,
-        "--image-size",
+def build_parser():
+    parser = Parser(description=__doc__)
+    parser.add_argument(
+        "--image_size",
         type=int,
         nargs="+",
         default=sorted(OFFICIAL_FILES),
         choices=sorted(OFFICIAL_FILES),
-        help="which official DiT-XL/2 files to fetch (default: 256 512)",
+        help="which official DiT-XL/2 files to fetch (default: %(default)s)",
     )
-    add_flag(
-        parser, "--dir", default="pretrained_models", help="destination folder (default: pretrained_models)"
+    parser.add_argument(
+        "--dir", default="pretrained_models", help="destination folder (default: %(default)s)"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     for size in args.image_size:
         print(f"DiT-XL/2 {size}x{size}: {official_checkpoint(size, args.dir)}")
 

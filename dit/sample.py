@@ -8,34 +8,24 @@ architecture, image size, classes and decoding rule are read from the checkpoint
 it are an error.
 """
 
-import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from core import images  # noqa: E402
-from core.cli import Parser, finite_float, nonnegative_float, positive_int  # noqa: E402
-from core.files import TEMP_MARK, atomic_write, clean_temporaries  # noqa: E402
-from diffusion import classifier_free_guidance, create_diffusion  # noqa: E402
-from download import official_checkpoint  # noqa: E402
-from utils import (  # noqa: E402
-    UserError,
+from core import cli, images, training
+from core.errors import UserError, run_cli
+from core.files import TEMP_MARK, atomic_write, clean_temporaries
+from diffusion import classifier_free_guidance, create_diffusion
+from download import official_checkpoint
+from utils import (
     add_architecture_flags,
-    add_flag,
     architecture,
-    autocast,
     build_dit,
-    check_output_folder,
-    check_precision,
     checkpoint_mismatch,
     class_counts,
     data_rule,
@@ -44,8 +34,6 @@ from utils import (  # noqa: E402
     load_checkpoint,
     load_vae,
     other_model,
-    run_cli,
-    setup_distributed,
     state_dict_facts,
     vae_downsample,
     variant_name,
@@ -54,157 +42,130 @@ from utils import (  # noqa: E402
 MAX_STEPS = 1000  # the diffusion schedule of every DiT
 
 
-def build_parser(ddp):
+def build_parser(ddp=False):
     """Flags of sample.py, or of sample_ddp.py (other defaults, FID sample counts, .npz always)."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__)
     add_architecture_flags(parser, None)
-    add_flag(
-        parser,
+    parser.add_argument(
+        "--checkpoint",
         "--ckpt",
-        default=None,
         help="checkpoint .pt (default: the official DiT-XL/2 file for --image-size, downloaded if missing)",
     )
-    add_flag(
-        parser,
-        "--image-size",
-        type=positive_int,
-        default=None,
-        help="image side in pixels (default: from the checkpoint)",
+    parser.add_argument(
+        "--image_size", type=cli.positive_int, help="image side in pixels (default: from the checkpoint)"
     )
-    add_flag(
-        parser,
-        "--num-classes",
-        type=positive_int,
-        default=None,
-        help="number of classes (default: from the checkpoint)",
+    parser.add_argument(
+        "--num_classes", type=cli.positive_int, help="number of classes (default: from the checkpoint)"
     )
-    add_flag(
-        parser,
+    parser.add_argument(
         "--vae",
-        default=None,
         help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder "
         "(default: the training VAE, else ema)",
     )
-    add_flag(
-        parser,
-        "--cfg-scale",
-        type=finite_float,
-        default=1.5 if ddp else 4.0,
-        help=f"classifier-free guidance scale; 1 = none, 0 = unconditional (default: {1.5 if ddp else 4.0})",
+    cfg = 1.5 if ddp else 4.0
+    parser.add_argument(
+        "--cfg_scale",
+        "--guidance_scale",
+        type=cli.finite_float,
+        default=cfg,
+        help="classifier-free guidance scale; 1 = none, 0 = unconditional (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--cfg-channels",
-        type=positive_int,
-        default=None,
+    parser.add_argument(
+        "--cfg_channels",
+        type=cli.positive_int,
         help="guide only the first N latent channels; 3 reproduces the published FID protocol (default: all)",
     )
-    add_flag(
-        parser,
-        "--num-sampling-steps",
-        type=positive_int,
+    parser.add_argument(
+        "--num_inference_steps",
+        "--num_sampling_steps",
+        type=cli.positive_int,
         default=250,
-        help=f"respaced diffusion steps, 1..{MAX_STEPS} (default: 250)",
+        help=f"respaced diffusion steps, 1..{MAX_STEPS} (default: %(default)s)",
     )
-    add_flag(
-        parser,
+    parser.add_argument(
         "--sampler",
         choices=["ddpm", "ddim"],
         default="ddpm",
-        help="ancestral DDPM or DDIM (default: ddpm)",
+        help="ancestral DDPM or DDIM (default: %(default)s)",
     )
-    add_flag(
-        parser,
+    parser.add_argument(
         "--eta",
-        type=nonnegative_float,
+        type=cli.nonnegative_float,
         default=0.0,
-        help="DDIM noise; 0 = deterministic (default: 0)",
+        help="DDIM noise; 0 = deterministic (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--class-labels",
+    parser.add_argument(
+        "--class_labels",
         nargs="+",
-        default=None,
         help="class indices or names to sample, counts spread evenly over them (default: all classes)",
     )
     if ddp:
-        add_flag(
-            parser,
-            "--num-fid-samples",
-            type=positive_int,
+        parser.add_argument(
+            "--num_fid_samples",
+            type=cli.positive_int,
             default=50000,
-            help="exact total number of images (default: 50000)",
+            help="exact total number of images (default: %(default)s)",
         )
-        add_flag(
-            parser,
-            "--per-proc-batch-size",
-            "--batch-size",
-            type=positive_int,
+        parser.add_argument(
+            "--batch_size",
+            "--per_proc_batch_size",
+            type=cli.positive_int,
             default=32,
-            help="images per process per batch (default: 32)",
+            help="images per process per batch (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--output_dir",
+            help="output folder (default: SAMPLE_DIR/<model>-<ckpt>-size-<S>-cfg-<scale>-seed-<seed>)",
+        )
+        parser.add_argument(
+            "--sample_dir",
+            default="samples",
+            help="parent of the default output folder and .npz, as in the original DiT",
         )
     else:
-        add_flag(
-            parser, "--num-samples", type=positive_int, default=8, help="total number of images (default: 8)"
+        parser.add_argument(
+            "--num_samples",
+            type=cli.positive_int,
+            default=8,
+            help="total number of images (default: %(default)s)",
         )
-        add_flag(parser, "--batch-size", type=positive_int, default=8, help="images per batch (default: 8)")
-    add_flag(
-        parser,
-        "--output-dir",
-        default=None if ddp else "samples",
-        help="output folder (default: "
-        + ("SAMPLE_DIR/<model>-<ckpt>-size-<S>-cfg-<scale>-seed-<seed>" if ddp else "samples")
-        + ")",
-    )
-    if ddp:
-        add_flag(
-            parser,
-            "--sample-dir",
-            default="samples",
-            help="parent of the default output folder and .npz, as in the original DiT (default: samples)",
+        parser.add_argument(
+            "--batch_size", type=cli.positive_int, default=8, help="images per batch (default: %(default)s)"
         )
-    add_flag(
-        parser,
+        parser.add_argument("--output_dir", default="samples", help="output folder (default: %(default)s)")
+    parser.add_argument(
         "--npz",
-        default=None,
         help="also write all images as an .npz (arr_0 uint8 NxHxWx3, arr_1 labels, class_names) for the "
         "ADM evaluator" + (" (default: <output-dir>.npz)" if ddp else ""),
     )
-    add_flag(parser, "--seed", "--global-seed", type=int, default=0, help="random seed (default: 0)")
-    add_flag(
-        parser,
+    parser.add_argument(
+        "--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)"
+    )
+    parser.add_argument(
         "--weights",
         choices=["ema", "model"],
         default="ema",
-        help="which weights of a train.py checkpoint to use (default: ema)",
+        help="which weights of a train.py checkpoint to use (default: %(default)s)",
     )
-    add_flag(
-        parser,
+    parser.add_argument(
+        "--mixed_precision",
         "--precision",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="fp32 (as published) or bf16 autocast on CUDA (default: fp32)",
+        type=cli.mixed_precision,
+        default="no",
+        help="no (fp32, as published), fp16 or bf16 autocast; CUDA only (default: %(default)s)",
     )
-    add_flag(parser, "--overwrite", action="store_true", help="regenerate images that already exist")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
     return parser
 
 
 def parse_args(ddp, argv=None):
-    """Flags, checked before anything is loaded: counts, steps and writable output locations."""
+    """Flags, checked before anything is loaded."""
     parser = build_parser(ddp)
     args = parser.parse_args(argv)
-    if args.num_sampling_steps > MAX_STEPS:
+    if args.num_inference_steps > MAX_STEPS:
         parser.error(
-            f"argument --num-sampling-steps: must be at most {MAX_STEPS}, got {args.num_sampling_steps}"
+            f"argument --num-sampling-steps: must be at most {MAX_STEPS}, got {args.num_inference_steps}"
         )
-    if args.output_dir:
-        check_output_folder(args.output_dir, "--output-dir")
-    elif ddp:  # the default output folder goes under it
-        check_output_folder(args.sample_dir, "--sample-dir")
-    if args.npz:
-        if os.path.isdir(args.npz):
-            raise UserError(f"--npz {args.npz} is a folder: pass a file path such as samples.npz")
-        check_output_folder(Path(args.npz).absolute().parent, "--npz")
     return args
 
 
@@ -252,7 +213,7 @@ def resolve_config(args, facts, saved, vae):
 
 def load_model(args, device):
     """DiT (strictly loaded), its config (with the data's decoding rule and channels) and the VAE."""
-    path = args.ckpt or official_path(args)
+    path = args.checkpoint
     ckpt = load_checkpoint(path)
     state, saved = checkpoint_weights(ckpt, path, args.weights)
     vae = load_vae(args.vae or saved.get("vae") or "ema", device)
@@ -331,14 +292,15 @@ def clean_stale_temporaries(plan, output_dir, npz_path):
                 stale.unlink(missing_ok=True)
 
 
-def sample_batch(model, vae, diffusion, config, args, labels, seed, device):
+def sample_batch(model, vae, diffusion, config, args, labels, seed, accelerator):
     """Decoded images (N, channels, H, W) in [0, 1] for one batch; its noise depends only on the seed."""
+    device = accelerator.device
     generator = torch.Generator(device).manual_seed(seed)
     size = config["input_size"]
     noise = torch.randn(len(labels), config["in_channels"], size, size, generator=generator, device=device)
     y = torch.tensor(labels, device=device)
     model_fn = classifier_free_guidance(model, args.cfg_scale, model.null_class, args.cfg_channels)
-    with autocast(device, args.precision):
+    with accelerator.autocast():
         latents = diffusion.sample_loop(model_fn, noise, y, args.sampler, args.eta, generator)
     return images_from_latents(vae, latents.float(), config["latent_scale"], config["channels"])
 
@@ -368,88 +330,86 @@ def write_npz(plan, path, intensity, channels, class_names):
     return arr.shape
 
 
-def check_args(args, config):
-    """Reject guidance settings that do not fit the model."""
+def check_outputs(args, config, output_dir, npz_path):
+    """Reject guidance settings that do not fit the model and output paths that cannot be written."""
     if args.cfg_channels is not None and args.cfg_channels > config["in_channels"]:
         raise UserError(
             f"--cfg-channels {args.cfg_channels}: the latents have {config['in_channels']} channels"
         )
-
-
-def summed(values, world, device):
-    """Each of the integers summed over all ranks."""
-    counts = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(counts)
-    return [int(c) for c in counts]
+    if not args.output_dir and hasattr(args, "sample_dir"):  # the default output folder goes under it
+        cli.ensure_writable_dir(args.sample_dir, "--sample-dir")
+    cli.check_creatable_dir(output_dir, "--output-dir")  # "under the file ..." names the culprit
+    cli.ensure_writable_dir(output_dir, "--output-dir")
+    if npz_path:
+        cli.ensure_writable_file(npz_path, "--npz")
 
 
 def main(ddp=False):
     args = parse_args(ddp)
-    rank, world, device = setup_distributed()
+    accelerator = training.make_accelerator(args.mixed_precision)
+    try:
+        sample(args, ddp, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def sample(args, ddp, accelerator):
     torch.set_grad_enabled(False)
-    if args.ckpt is None and world > 1:
-        if rank == 0:
-            official_path(args)  # download once, before the other ranks look for the file
-        dist.barrier()
-    model, config, vae, ckpt_path = load_model(args, device)
-    if rank == 0:
-        check_precision(args.precision, device)
-    total = args.num_fid_samples if ddp else args.num_samples
-    batch_size = args.per_proc_batch_size if ddp else args.batch_size
-    check_args(args, config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if args.checkpoint is None:
+        with accelerator.main_process_first():  # the official file is downloaded once, by the main process
+            args.checkpoint = official_path(args)
+    model, config, vae, ckpt_path = load_model(args, accelerator.device)
     output_dir = args.output_dir or default_output_dir(args, config, ckpt_path)
-    check_output_folder(output_dir, "--output-dir")
     npz_path = args.npz or (f"{output_dir.rstrip('/')}.npz" if ddp else None)
+    check_outputs(args, config, output_dir, npz_path)
+    total = args.num_fid_samples if ddp else args.num_samples
     plan = sampling_plan(parse_labels(args.class_labels, config), total, config, output_dir)
     rule = output_rule(config)
-    if rank == 0:
+    if accelerator.is_main_process:
         clean_stale_temporaries(plan, output_dir, npz_path)
-    if world > 1:
-        dist.barrier()  # no rank writes before the stale files are gone
-    diffusion = create_diffusion(args.num_sampling_steps)
-    batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
-    # A file counts as done only if it decodes completely: a truncated one from a killed run is redone.
+    accelerator.wait_for_everyone()  # no process writes before the stale files are gone
+
+    # Batch j goes to process j % world and its noise depends only on the seed and j, so the images do
+    # not depend on the number of processes. A file counts as done only if it decodes completely: a
+    # truncated one from a killed run is made again.
+    diffusion = create_diffusion(args.num_inference_steps)
+    batches = [plan[i : i + args.batch_size] for i in range(0, len(plan), args.batch_size)]
     mine = [(j, b) for j, b in enumerate(batches) if j % world == rank]
     todo = [(j, b) for j, b in mine if args.overwrite or not all(images.is_readable_image(p) for _, p in b)]
-    (done,) = summed([len(mine) - len(todo)], world, device)
-    if rank == 0:
+    (done,) = training.sum_across(accelerator, len(mine) - len(todo))
+    if accelerator.is_main_process:
         print(
             f"Sampling {len(plan)} images of {config['model']} ({ckpt_path}) into {output_dir}: "
-            f"{args.sampler} {args.num_sampling_steps} steps, cfg {args.cfg_scale}, "
-            f"{world} process(es) on {device}; {config['channels']}-channel {images.describe(rule)}; "
-            f"{done} of {len(batches)} batches already done"
+            f"{args.sampler} {args.num_inference_steps} steps, cfg {args.cfg_scale}, "
+            f"{world} process(es) on {accelerator.device}; {config['channels']}-channel "
+            f"{images.describe(rule)}; {int(done)} of {len(batches)} batches already done"
         )
-    start, generated = time.time(), 0
-    for j, batch in tqdm(todo, disable=rank != 0, desc="batches", file=sys.stdout):
+    timer, generated = training.Timer(accelerator.device), 0
+    for j, batch in tqdm(todo, disable=not accelerator.is_main_process, desc="batches", file=sys.stdout):
         labels = [label for label, _ in batch]
-        samples = sample_batch(model, vae, diffusion, config, args, labels, args.seed * 1_000_003 + j, device)
-        for (_, path), sample in zip(batch, samples, strict=True):
+        samples = sample_batch(
+            model, vae, diffusion, config, args, labels, args.seed * 1_000_003 + j, accelerator
+        )
+        for (_, path), sample_image in zip(batch, samples, strict=True):
             if args.overwrite or not images.is_readable_image(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                images.save(sample, path, rule)
+                images.save(sample_image, path, rule)
         generated += len(batch)
-    report_timing(generated, len(todo), args.num_sampling_steps, time.time() - start, world, device, rank)
-    if world > 1:
-        dist.barrier()
-    if rank == 0 and npz_path:
-        class_names = [class_folder(config, label) for label in range(config["num_classes"])]
-        shape = write_npz(plan, npz_path, rule, config["channels"], class_names)
-        print(f"Wrote {npz_path} with arr_0 of shape {shape}")
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def report_timing(count, batches, steps, seconds, world, device, rank):
-    """Images, steps, total seconds, seconds per image, ms per denoising step, images per second."""
-    count, batches = summed([count, batches], world, device)
-    if rank == 0:
-        per_image = seconds / count if count else math.nan
-        per_step = 1000 * seconds * world / (batches * steps) if batches else math.nan
+    seconds = timer.elapsed()
+    count, batch_count = training.sum_across(accelerator, generated, len(todo))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # ms/step is per batch of one process: the processes run their batches side by side.
         print(
-            f"Timing: {count} images, {steps} steps, {seconds:.2f} s total, {per_image:.3f} s/image, "
-            f"{per_step:.1f} ms/step (per batch), {count / seconds if seconds else 0:.2f} images/s"
+            training.timing_line(
+                int(count), args.num_inference_steps, math.ceil(batch_count / world), seconds, "Timing"
+            )
         )
+        if npz_path:
+            class_names = [class_folder(config, label) for label in range(config["num_classes"])]
+            shape = write_npz(plan, npz_path, rule, config["channels"], class_names)
+            print(f"Wrote {npz_path} with arr_0 of shape {shape}")
 
 
 if __name__ == "__main__":

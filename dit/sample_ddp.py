@@ -1,4 +1,4 @@
-"""Sample many images over several processes for FID (torchrun; NCCL on CUDA, gloo on CPU).
+"""Sample many images over several processes for FID (torchrun or accelerate launch; gloo on CPU).
 
 Exactly --num-fid-samples images, spread evenly over the classes, go to
 OUTPUT/<class_name>/<index:06d>.png and into OUTPUT.npz (arr_0 uint8 NxHxWx3, arr_1 labels) for the
@@ -8,13 +8,13 @@ on the number of processes, and a rerun only generates the missing ones.
     torchrun --nnodes=1 --nproc_per_node=N sample_ddp.py --ckpt CKPT --num-fid-samples 50000 --cfg-scale 1.5
 """
 
-import os
-import sys
+import sample
+from core.errors import run_cli
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sample import main  # noqa: E402
-from utils import run_cli  # noqa: E402
+def build_parser():
+    return sample.build_parser(ddp=True)
+
 
 if __name__ == "__main__":
-    run_cli(lambda: main(ddp=True))
+    run_cli(lambda: sample.main(ddp=True))

@@ -1,314 +1,366 @@
 """Train a class-conditional DiT in the latent space of a frozen VAE.
 
-Runs as a plain `python train.py ...` process or under torchrun (DDP: NCCL on CUDA, gloo on CPU).
-Data layout: DATA/<class_name>/<images>; classes are the sorted folder names.
+Runs as `python train.py ...`, under `torchrun` or under `accelerate launch` (one process per GPU; gloo
+on CPU). Data layout: DATA/<class_name>/<images>; classes are the sorted folder names.
 """
 
-import argparse
 import contextlib
 import glob
 import hashlib
 import io
-import itertools
 import json
 import logging
 import math
 import os
-import random
-import signal
 import sys
-import time
-from copy import deepcopy
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
+from tqdm.auto import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from core import images  # noqa: E402
-from core.cli import (  # noqa: E402
-    Parser,
-    bit_depth,
-    finite_float,
-    fraction,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-)
-from core.errors import warn  # noqa: E402
-from core.files import atomic_save, clean_temporaries  # noqa: E402
-from dataset import ImageFolderDataset  # noqa: E402
-from diffusion import classifier_free_guidance, create_diffusion  # noqa: E402
-from utils import (  # noqa: E402
-    UserError,
+from core import checkpoints, cli, files, images, training
+from core.errors import UserError, run_cli, warn
+from dataset import ImageFolderDataset
+from diffusion import classifier_free_guidance, create_diffusion
+from utils import (
     add_architecture_flags,
-    add_flag,
     architecture,
-    autocast,
     build_dit,
-    check_output_folder,
-    check_precision,
     images_from_latents,
     latent_size,
     load_checkpoint,
     load_vae,
     other_model,
-    print_parameter_table,
-    run_cli,
-    setup_distributed,
     vae_downsample,
 )
 
+NUMBERED = "[0-9]" * 7 + ".pt"  # RESULTS/NNN-<model>/checkpoints/NNNNNNN.pt, as the original DiT names them
 GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
+# Checkpoints written before the shared flag vocabulary store their flags under the seed's names.
+SEED_NAMES = {
+    "data_path": "data_root", "epochs": "num_epochs", "max_steps": "max_train_steps", "lr": "learning_rate",
+    "class_dropout_prob": "cfg_dropout", "global_seed": "seed", "ckpt_every": "save_every",
+    "precision": "mixed_precision", "grad_checkpointing": "gradient_checkpointing",
+}  # fmt: skip
 
 
-def parse_args(argv=None):
-    """Flags (with --resume, unset ones default to the resumed run's) and the checkpoint to resume."""
-    parser = Parser(
+def build_parser():
+    parser = cli.Parser(
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Data layout: DATA/<class_name>/*.{png,jpg,jpeg,bmp,tif,tiff,webp}; grayscale data is "
         "trained through the RGB VAE and sampled back as grayscale. Integer images are scaled by the data "
         "set's bit depth (one scan: the largest value rounded up to 2^k - 1), float images by "
         "--intensity-range; the rule is stored in the checkpoint and samples are written at that depth.",
     )
     add_architecture_flags(parser, "DiT-B/2")
-    add_flag(
-        parser, "--data-path", default=None, help="folder with one sub-folder of images per class (required)"
+    parser.add_argument(
+        "--data_root", "--data_path", help="folder with one sub-folder of images per class (required)"
     )
-    add_flag(
-        parser, "--results-dir", default="results", help="runs go to RESULTS/NNN-<model>/ (default: results)"
+    parser.add_argument(
+        "--results_dir", default="results", help="runs go to RESULTS/NNN-<model>/ (default: %(default)s)"
     )
-    add_flag(
-        parser,
-        "--image-size",
-        type=positive_int,
+    parser.add_argument(
+        "--image_size",
+        type=cli.positive_int,
         default=256,
-        help="image side in pixels, a multiple of 8 x patch size (default: 256)",
+        help="image side in pixels, a multiple of 8 x patch size (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--num-classes",
-        type=positive_int,
-        default=None,
-        help="label-table size (default: the number of class folders)",
+    parser.add_argument(
+        "--num_classes", type=cli.positive_int, help="label-table size (default: the number of class folders)"
     )
-    add_flag(
-        parser,
-        "--global-batch-size",
-        type=positive_int,
+    parser.add_argument(
+        "--global_batch_size",
+        type=cli.positive_int,
         default=256,
-        help="batch size over all processes (default: 256)",
+        help="batch size over all processes (default: %(default)s)",
     )
-    add_flag(parser, "--epochs", type=positive_int, default=1400, help="training epochs (default: 1400)")
-    add_flag(
-        parser,
-        "--max-steps",
-        type=positive_int,
-        default=None,
+    parser.add_argument(
+        "--num_epochs",
+        "--epochs",
+        type=cli.positive_int,
+        default=1400,
+        help="training epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_train_steps",
+        "--max_steps",
+        type=cli.positive_int,
         help="stop after this many steps (default: no limit)",
     )
-    add_flag(
-        parser, "--lr", type=positive_float, default=1e-4, help="constant AdamW learning rate (default: 1e-4)"
+    parser.add_argument(
+        "--learning_rate",
+        "--lr",
+        type=cli.positive_float,
+        default=1e-4,
+        help="constant AdamW learning rate (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--ema-decay",
-        type=fraction,
+    parser.add_argument(
+        "--ema_decay",
+        type=cli.fraction,
         default=0.9999,
-        help="EMA decay per step, in [0, 1) (default: 0.9999)",
+        help="EMA decay per step, in [0, 1) (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--class-dropout-prob",
-        type=fraction,
+    parser.add_argument(
+        "--cfg_dropout",
+        "--class_dropout_prob",
+        type=cli.fraction,
         default=0.1,
-        help="probability of training on the null class, for guidance (default: 0.1)",
+        help="probability of training on the null class, for guidance (default: %(default)s)",
     )
-    add_flag(
-        parser,
+    parser.add_argument(
         "--vae",
         default="ema",
-        help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder",
+        help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--bit-depth",
-        type=bit_depth,
-        default=None,
-        help="bits per pixel of integer images, e.g. 12 for CT stored in 16-bit files (default: found by "
-        "scanning the data set)",
+    parser.add_argument(
+        "--bit_depth",
+        type=cli.bit_depth,
+        help="bits per pixel of integer images, e.g. 12 for CT in 16-bit files (default: scan the data set)",
     )
-    add_flag(
-        parser,
-        "--intensity-range",
-        type=finite_float,
+    parser.add_argument(
+        "--intensity_range",
+        type=cli.finite_float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        default=None,
         help="value range of float ('F') images, mapped onto [0, 1] (default: 0 1)",
     )
-    add_flag(parser, "--global-seed", type=int, default=0, help="random seed (default: 0)")
-    add_flag(
-        parser,
-        "--num-workers",
-        type=nonnegative_int,
+    parser.add_argument(
+        "--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=cli.nonnegative_int,
         default=4,
-        help="data loader workers per process (default: 4)",
+        help="data loader workers per process (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--log-every",
-        type=positive_int,
+    parser.add_argument(
+        "--log_every",
+        type=cli.positive_int,
         default=100,
-        help="log the loss every N steps (default: 100)",
+        help="log the loss every N steps (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--ckpt-every",
-        type=positive_int,
+    parser.add_argument(
+        "--save_every",
+        "--ckpt_every",
+        type=cli.positive_int,
         default=50000,
-        help="save a checkpoint every N steps (default: 50000)",
+        help="save a checkpoint every N steps (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--checkpoints-total-limit",
-        type=positive_int,
-        default=None,
-        help="keep only the newest N checkpoints (default: keep all)",
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=cli.positive_int,
+        help="keep only the newest N numbered checkpoints (default: keep all)",
     )
-    add_flag(
-        parser,
-        "--sample-every",
-        type=nonnegative_int,
+    parser.add_argument(
+        "--sample_every",
+        type=cli.nonnegative_int,
         default=10000,
-        help="write an EMA sample grid every N steps, 0 = never (default: 10000)",
+        help="write an EMA sample grid every N steps, 0 = never (default: %(default)s)",
     )
-    add_flag(
-        parser,
+    parser.add_argument(
+        "--mixed_precision",
         "--precision",
-        choices=["bf16", "fp32"],
-        default="bf16",
-        help="bf16 autocast on CUDA; CPU always runs fp32 (default: bf16)",
+        type=cli.mixed_precision,
+        default="auto",
+        help="no, fp16, bf16 (fp32 = no) or auto (bf16 where the GPU has it, else no); CUDA only, "
+        "the CPU runs fp32 (default: %(default)s)",
     )
-    add_flag(
-        parser,
-        "--cache-latents",
+    parser.add_argument(
+        "--cache_latents",
         action="store_true",
         help="encode the data set once (both flips, latent mean and std) instead of every step",
     )
-    add_flag(parser, "--compile", action="store_true", help="torch.compile the model")
-    add_flag(parser, "--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    add_flag(
-        parser,
-        "--val-fraction",
-        type=fraction,
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute activations to save memory",
+    )
+    parser.add_argument(
+        "--val_fraction",
+        "--val_split",
+        type=cli.fraction,
         default=0.0,
         help="hold out this fraction of the images; their EMA loss at each checkpoint picks "
         "checkpoints/best.pt (default: 0, train on everything as published)",
     )
-    add_flag(
-        parser,
-        "--resume",
-        default=None,
-        help="checkpoint file, or a run folder (resumes its newest checkpoint)",
-    )
+    parser.add_argument("--resume", help="checkpoint file, or a run folder (resumes its newest checkpoint)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Flags and the checkpoint to resume; with --resume, flags not typed keep the resumed run's values."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     resume = None
     if args.resume:
-        path = resolve_resume(args.resume)
-        resume = load_checkpoint(path)
-        what = other_model(resume)
-        if what:
-            raise UserError(
-                f"--resume {path} is {what}, not a DiT checkpoint: resume that run with its own trainer, "
-                "or pass a dit/train.py run folder or checkpoint"
-            )
-        if not isinstance(resume, dict) or not {"config", "args", "model", "ema"} <= resume.keys():
-            raise UserError(
-                f"--resume {path} is not a checkpoint of dit/train.py (no config): it cannot be resumed; "
-                "pass a file from RESULTS/NNN-<model>/checkpoints"
-            )
-        parser.set_defaults(**{k: v for k, v in resume["args"].items() if k != "resume"})
+        path = find_checkpoint(args.resume)
+        resume = load_resume(path)
+        dests = {action.dest for action in parser._actions} - {"resume"}
+        saved = {SEED_NAMES.get(k, k): v for k, v in resume["args"].items()}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
         args = parser.parse_args(argv)
+        args.resume = str(path)
     if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
         parser.error(f"--intensity-range needs LOW < HIGH, got {' '.join(map(str, args.intensity_range))}")
-    if args.data_path is None:
+    if args.data_root is None:
         raise UserError("--data-path is required: a folder with one sub-folder of images per class")
     if resume:
-        check_output_folder(run_folder_of(args.resume), "--resume")
+        cli.check_creatable_dir(Path(args.resume).absolute().parent.parent / "checkpoints", "--resume")
     else:
-        check_output_folder(args.results_dir, "--results-dir")
+        cli.check_creatable_dir(args.results_dir, "--results-dir")
     return args, resume
 
 
-def create_run_folder(results_dir, model_name):
-    """results/NNN-<model>/ with the next free index."""
-    os.makedirs(results_dir, exist_ok=True)
-    indices = [
-        int(os.path.basename(p).split("-")[0])
-        for p in glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*"))
-    ]
-    run_dir = os.path.join(results_dir, f"{max(indices, default=-1) + 1:03d}-{model_name.replace('/', '-')}")
-    os.makedirs(os.path.join(run_dir, "checkpoints"))
-    return run_dir
-
-
-def run_folder_of(resume):
-    """The run folder RESULTS/NNN-<model> of a --resume path."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(resolve_resume(resume))))
-
-
-def resolve_resume(path):
-    """Checkpoint file to resume: the path itself, or the newest checkpoint of a run folder."""
+def find_checkpoint(path):
+    """The file --resume means: the path itself, or the newest numbered checkpoint of a run folder."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "[0-9]" * 7 + ".pt")))
+        found = checkpoints.periodic(Path(path) / "checkpoints", NUMBERED)
         if not found:
-            raise UserError(f"no checkpoints in {path}/checkpoints to resume from")
+            raise UserError(
+                f"--resume {path} holds no checkpoints/NNNNNNN.pt: pass a checkpoint or run folder"
+            )
         return found[-1]
-    return path
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {path} does not exist: pass a checkpoint file or a run folder")
+    return Path(path)
 
 
-def make_logger(run_dir, rank):
-    """Logger writing to log.txt and the console on rank 0, silent elsewhere."""
-    logger = logging.getLogger("dit-train")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    if rank == 0:
-        for handler in (
-            logging.StreamHandler(sys.stdout),
-            logging.FileHandler(os.path.join(run_dir, "log.txt")),
-        ):
-            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
-            logger.addHandler(handler)
-    return logger
+def load_resume(path):
+    """A train.py checkpoint; files of the project's other trainers and official ones are user errors."""
+    ckpt = load_checkpoint(path, "--resume checkpoint")
+    what = other_model(ckpt)
+    if what:
+        raise UserError(
+            f"--resume {path} is {what}, not a DiT checkpoint: resume that run with its own trainer, "
+            "or pass a dit/train.py run folder or checkpoint"
+        )
+    if not isinstance(ckpt, dict) or not {"config", "args", "model", "ema"} <= ckpt.keys():
+        raise UserError(
+            f"--resume {path} is not a checkpoint of dit/train.py (no config): it cannot be resumed; "
+            "pass a file from RESULTS/NNN-<model>/checkpoints"
+        )
+    return ckpt
 
 
-def broadcast(value, world):
-    """Rank 0's value on every rank."""
-    if world == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+# --------------------------------------------------------------------------- data
 
 
-class ResumableSampler(DistributedSampler):
-    """Distributed shuffling that can start part-way into an epoch, so resumed runs see the same batches."""
+def prepare_data(args, resume, accelerator):
+    """Data set, VAE, model config and the data's decoding rule.
 
-    skip = 0
+    The cheap checks (classes, VAE, sizes) come before the scan that decodes every image, and all of
+    them before the run folder exists, so a run that fails on its input leaves nothing behind.
+    """
+    saved = resume["config"] if resume else None
+    dataset = ImageFolderDataset(args.data_root, saved["image_size"] if saved else args.image_size)
+    vae = load_vae(args.vae, accelerator.device)
+    if saved and saved["class_names"] != dataset.class_names:
+        raise UserError(
+            f"--data-path classes {dataset.class_names} differ from the checkpoint's {saved['class_names']}"
+        )
+    config = saved or model_config(args, dataset, vae)
+    rule = data_rule(dataset, args, resume, accelerator)
+    dataset.intensity = rule["intensity"]
+    return dataset, vae, config, rule
+
+
+def model_config(args, dataset, vae):
+    """Architecture, class and VAE facts, saved with every checkpoint (a resumed run keeps its own)."""
+    arch = architecture(args.model, {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads")})
+    num_classes = args.num_classes or len(dataset.class_names)
+    if num_classes < len(dataset.class_names):
+        raise UserError(
+            f"--num-classes {num_classes} is less than the {len(dataset.class_names)} class folders "
+            f"in {args.data_root}"
+        )
+    downsample = vae_downsample(vae)
+    return dict(
+        model=args.model,
+        **arch,
+        image_size=args.image_size,
+        num_classes=num_classes,
+        input_size=latent_size(args.image_size, downsample, arch["patch_size"]),
+        in_channels=vae.config.latent_channels,
+        vae=args.vae,
+        vae_downsample=downsample,
+        latent_scale=float(vae.config.scaling_factor),
+        class_names=dataset.class_names,
+        num_timesteps=1000,
+    )
+
+
+def data_rule(dataset, args, resume, accelerator):
+    """{"channels", "intensity"} of the data set, found before any training by decoding every file once.
+
+    Each process scans its share of the files; the main process alone prints the scan's warnings, since
+    its share, every world-th file, shows what the set mixes. A resumed run keeps the rule it was trained
+    with (a checkpoint written before rules were stored takes the scan's).
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = None
+    if dataset.samples[rank::world]:
+        quiet = (
+            contextlib.nullcontext()
+            if accelerator.is_main_process
+            else contextlib.redirect_stderr(io.StringIO())
+        )
+        try:
+            with quiet:
+                mine = dataset.scan(args.bit_depth, args.intensity_range, rank, world)
+        except UserError as error:  # every process must stop with it, not wait for the others forever
+            mine = {"error": str(error)}
+    scans = [scan for scan in gather_object([mine]) if scan is not None]
+    for scan in scans:
+        if "error" in scan:
+            raise UserError(scan["error"])
+    found = images.combine(scans)
+    if resume and "intensity" in resume:
+        kept = {"channels": resume["channels"], "intensity": resume["intensity"]}
+        if kept != found and accelerator.is_main_process:
+            warn(
+                f"the data now scans as {found['channels']}-channel {images.describe(found['intensity'])}, "
+                f"the checkpoint was trained on {kept['channels']}-channel "
+                f"{images.describe(kept['intensity'])}: keeping the checkpoint's rule"
+            )
+        return kept
+    return found
+
+
+class EpochShuffle(Sampler):
+    """A shuffle that depends only on the seed and the epoch, so a resumed run sees the same batches."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
     def __len__(self):
-        return super().__len__() - self.skip
+        return self.size
+
+
+def make_loader(data, args, world):
+    """Per-process batches of the global batch; accelerate.prepare shards them over the processes."""
+    sampler, generator = EpochShuffle(len(data), args.seed), torch.Generator().manual_seed(args.seed)
+    return DataLoader(data, args.global_batch_size // world, sampler=sampler, drop_last=True,
+                      num_workers=args.num_workers, worker_init_fn=training.ignore_sigint,
+                      pin_memory=torch.cuda.is_available(), generator=generator)  # fmt: skip
+
+
+def epoch_batches(loader, step, steps_per_epoch, accelerator):
+    """The batches of the epoch that `step` is in, from that step on (a resumed run continues mid-epoch)."""
+    loader.set_epoch(step // steps_per_epoch)
+    done = step % steps_per_epoch
+    return accelerator.skip_first_batches(loader, done) if done else loader
 
 
 def encode(vae, pixels, scale):
@@ -316,6 +368,34 @@ def encode(vae, pixels, scale):
     with torch.no_grad():
         posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
     return posterior.mean.float() * scale, posterior.std.float() * scale
+
+
+def encode_images(dataset, indices, vae, scale, device):
+    """Posterior mean and std of images (stacked as [plain, mirrored]) for the given indices."""
+    pixels = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (B, 3, H, W)
+    mean, std = encode(vae, torch.cat([pixels, pixels.flip(-1)]), scale)
+    return {
+        "mean": torch.stack(mean.chunk(2), 1).cpu(),
+        "std": torch.stack(std.chunk(2), 1).cpu(),
+    }  # (B, 2, C, h, w)
+
+
+def latent_batch(batch, vae, scale, cached, generator):
+    """Training latents with random horizontal flips: x_0 ~ q(z | image), drawn from `generator`."""
+    device = generator.device
+    if cached:
+        mean, std, y = batch
+        flip = (torch.rand(len(y), generator=generator, device=device) < 0.5).long()
+        rows = torch.arange(len(y), device=device)
+        mean, std = mean[rows, flip], std[rows, flip]  # (N, C, h, w)
+    else:
+        pixels, y = batch
+        flip = torch.rand(len(y), generator=generator, device=device) < 0.5
+        mean, std = encode(vae, torch.where(flip[:, None, None, None], pixels.flip(-1), pixels), scale)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=device), y
+
+
+# --------------------------------------------------------------------------- latent cache
 
 
 def file_stats(paths):
@@ -342,44 +422,35 @@ def latent_cache_path(dataset, vae, config, run_dir):
     return os.path.join(run_dir, f"latents-{len(dataset)}-{digest}.pt")
 
 
-def cache_latents(dataset, vae, config, run_dir, rank, world, device, logger):
-    """Latent mean and std of every image and its mirror image, shared by all ranks through run_dir."""
+def cache_latents(dataset, vae, config, run_dir, accelerator, logger):
+    """Latent mean and std of every image and its mirror image, shared by all processes through run_dir."""
     path = latent_cache_path(dataset, vae, config, run_dir)
-    scale = config["latent_scale"]
+    rank, world = accelerator.process_index, accelerator.num_processes
     if not os.path.exists(path):
         logger.info(f"Caching latents of {len(dataset)} images (both flips) to {path}")
-        if rank == 0:  # caches of other files, sizes or VAEs are stale: they would only fill the disk
+        if accelerator.is_main_process:  # caches of other files or VAEs are stale: they only fill the disk
             for stale in glob.glob(os.path.join(run_dir, "latents-*.pt")):
                 os.remove(stale)
         shard = list(range(rank, len(dataset), world))
         parts = [
-            encode_images(dataset, indices, vae, scale, device)
+            encode_images(dataset, indices, vae, config["latent_scale"], accelerator.device)
             for indices in np.array_split(shard, max(1, len(shard) // 32))
         ]
-        atomic_save(
-            {"index": torch.tensor(shard), **{k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")}},
-            f"{path}.rank{rank}",
-        )
-        barrier(world)
-        if rank == 0:
-            atomic_save(merge_shards(path, world, dataset), path)
-        barrier(world)
+        shard_table = {
+            "index": torch.tensor(shard),
+            **{k: torch.cat([p[k] for p in parts]) for k in ("mean", "std")},
+        }
+        files.atomic_save(shard_table, f"{path}.rank{rank}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files.atomic_save(merge_shards(path, world, dataset), path)
+        accelerator.wait_for_everyone()
     cache = torch.load(path, weights_only=True)
     return TensorDataset(cache["mean"], cache["std"], cache["label"])
 
 
-def encode_images(dataset, indices, vae, scale, device):
-    """Posterior mean and std of images (stacked as [plain, mirrored]) for the given indices."""
-    pixels = torch.stack([dataset[int(i)][0] for i in indices]).to(device)  # (B, 3, H, W)
-    mean, std = encode(vae, torch.cat([pixels, pixels.flip(-1)]), scale)
-    return {
-        "mean": torch.stack(mean.chunk(2), 1).cpu(),
-        "std": torch.stack(std.chunk(2), 1).cpu(),
-    }  # (B, 2, C, h, w)
-
-
 def merge_shards(path, world, dataset):
-    """Combine per-rank latent shards into one table ordered like the data set."""
+    """Combine the per-process latent shards into one table ordered like the data set."""
     shards = [torch.load(f"{path}.rank{r}", weights_only=True) for r in range(world)]
     order = torch.cat([s["index"] for s in shards]).argsort()
     merged = {k: torch.cat([s[k] for s in shards])[order] for k in ("mean", "std")}
@@ -389,106 +460,20 @@ def merge_shards(path, world, dataset):
     return merged
 
 
-def barrier(world):
-    """Wait for every rank (no-op in a single process)."""
-    if world > 1:
-        dist.barrier()
-
-
-def latent_batch(batch, vae, scale, cached, generator, device):
-    """Training latents with random horizontal flips: x_0 ~ q(z | image), drawn from `generator`."""
-    if cached:
-        mean, std, y = (b.to(device) for b in batch)
-        flip = torch.rand(len(y), generator=generator, device=device) < 0.5
-        rows = torch.arange(len(y), device=device)
-        mean, std = mean[rows, flip.long()], std[rows, flip.long()]  # (N, C, h, w)
-    else:
-        pixels, y = batch[0].to(device), batch[1].to(device)
-        flip = torch.rand(len(y), generator=generator, device=device) < 0.5
-        mean, std = encode(vae, torch.where(flip[:, None, None, None], pixels.flip(-1), pixels), scale)
-    return mean + std * torch.randn(mean.shape, generator=generator, device=device), y
-
-
-def train_step(net, diffusion, optimizer, x0, y, null_class, args, generator, device):
-    """One AdamW step on the hybrid loss; label dropout trains the null class for guidance."""
-    n = len(y)
-    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=device)
-    drop = torch.rand(n, generator=generator, device=device) < args.class_dropout_prob
-    y = torch.where(drop, torch.full_like(y, null_class), y)
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    with autocast(device, args.precision):
-        losses = diffusion.training_losses(net, x0, t, y, noise)
-    loss = losses["loss"].mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
-    optimizer.step()
-    return loss.detach(), grad_norm
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model."""
-    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
-        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
-
-
-def rng_state(generator):
-    """Every random state this process uses, as plain types."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state(),
-    }
-
-
-def set_rng_state(state, generator):
-    random.setstate(state["python"])
-    np.random.set_state(
-        (state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:])
+def training_data(dataset, vae, config, args, run_dir, accelerator, logger, resume):
+    """(training set, held-out evaluator or None): cached latents or images, minus the held-out images."""
+    data = (
+        cache_latents(dataset, vae, config, run_dir, accelerator, logger) if args.cache_latents else dataset
     )
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
-
-
-def gather(value, world):
-    """List of every rank's value (all ranks call this)."""
-    if world == 1:
-        return [value]
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def save_checkpoint(paths, modules, meta, generator, world):
-    """State dicts, plain-type metadata and every rank's random state, written atomically by rank 0 to
-    each of paths in turn."""
-    rng = gather(rng_state(generator), world)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    state = {**{k: m.state_dict() for k, m in modules.items()}, **meta, "rng": rng, "world_size": world}
-    for path in paths:
-        atomic_save(state, path)
-
-
-def prune_checkpoints(folder, limit):
-    """Keep only the newest `limit` numbered checkpoints (best.pt is not among them)."""
-    for old in sorted(glob.glob(os.path.join(folder, "[0-9]" * 7 + ".pt")))[:-limit]:
-        os.remove(old)
-
-
-def split_holdout(n, fraction, seed):
-    """(training, held-out) indices: a fixed random `fraction` of the images, at least one, is held out."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    k = max(1, round(n * fraction)) if fraction > 0 else 0
-    if k >= n:
-        raise UserError(f"--val-fraction {fraction} leaves no training images out of {n}")
-    return sorted(order[k:]), sorted(order[:k])
+    train_indices, heldout_indices = training.split_heldout(len(dataset), args.val_fraction, args.seed)
+    if not heldout_indices:
+        return data, None
+    heldout = None
+    if accelerator.is_main_process:  # only the main process evaluates and writes best.pt
+        heldout = HeldOut(
+            dataset, heldout_indices, vae, config["latent_scale"], accelerator.device, args.seed
+        )
+    return Subset(data, train_indices), heldout
 
 
 class HeldOut:
@@ -503,8 +488,7 @@ class HeldOut:
         generator = torch.Generator().manual_seed(seed)
         self.t = torch.randint(0, 1000, (len(indices),), generator=generator)
         self.noise = torch.randn(self.latents.shape, generator=generator)
-        self.device = device
-        self.best = math.inf
+        self.device, self.best = device, math.inf
 
     @torch.no_grad()
     def loss(self, ema, diffusion):
@@ -512,335 +496,244 @@ class HeldOut:
         total = 0.0
         for i in range(0, len(self.t), 64):
             part = [x[i : i + 64].to(self.device) for x in (self.latents, self.t, self.labels, self.noise)]
-            total += diffusion.training_losses(ema, part[0], part[1], part[2], part[3])["loss"].sum().item()
+            total += diffusion.training_losses(ema, *part)["loss"].sum().item()
         return total / len(self.t)
 
-    def update(self, ema, diffusion, step, logger, writer):
+    def improved(self, ema, diffusion, step, logger, writer):
         """Evaluate, log, and say whether this is the best EMA model so far."""
         value = self.loss(ema, diffusion)
         logger.info(f"(step={step:07d}) Held-out loss (EMA): {value:.4f} (best so far {self.best:.4f})")
-        writer.add_scalar("val/loss_ema", value, step)
-        if value < self.best:
-            self.best = value
-            return True
-        return False
+        writer.scalars(step, **{"val/loss_ema": value})
+        improved = value < self.best
+        self.best = min(self.best, value)
+        return improved
 
 
-@torch.no_grad()
-def sample_grid(ema, vae, config, noise, labels, channels):
-    """EMA samples from fixed noise, as a (3, H, W) grid in [0, 1] (gray data shown gray)."""
-    diffusion = create_diffusion(GRID_STEPS)
-    model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
-    latents = diffusion.sample_loop(model_fn, noise, labels)
-    samples = images_from_latents(vae, latents, config["latent_scale"], channels)
-    return make_grid(samples, nrow=int(math.sqrt(len(samples))))
+# --------------------------------------------------------------------------- run folder, logs, grids
 
 
-class StopSignal:
-    """Remember SIGINT/SIGTERM so the loop can finish its step, save and exit."""
-
-    def __init__(self):
-        self.received = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        self.received = signum
-
-
-def check_stop(loss, stop, world, device):
-    """(stop requested on any rank, loss non-finite on any rank)."""
-    flags = torch.tensor(
-        [stop.received is not None, not torch.isfinite(loss).item()], device=device, dtype=torch.float32
-    )
-    if world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
-
-
-def model_config(args, dataset, vae, resume_config):
-    """Architecture, class and VAE facts saved with every checkpoint (taken from the checkpoint on resume)."""
-    if resume_config is not None:
-        if resume_config["class_names"] != dataset.class_names:
-            raise UserError(
-                f"--data-path classes {dataset.class_names} differ from the checkpoint's "
-                f"{resume_config['class_names']}"
-            )
-        return resume_config
-    name = args.model
-    arch = architecture(
-        name, {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads}
-    )
-    num_classes = args.num_classes or len(dataset.class_names)
-    if num_classes < len(dataset.class_names):
-        raise UserError(
-            f"--num-classes {num_classes} is less than the {len(dataset.class_names)} class folders "
-            f"in {args.data_path}"
-        )
-    downsample = vae_downsample(vae)
-    return dict(
-        model=name,
-        **arch,
-        image_size=args.image_size,
-        num_classes=num_classes,
-        input_size=latent_size(args.image_size, downsample, arch["patch_size"]),
-        in_channels=vae.config.latent_channels,
-        vae=args.vae,
-        vae_downsample=downsample,
-        latent_scale=float(vae.config.scaling_factor),
-        class_names=dataset.class_names,
-        num_timesteps=1000,
-    )
+def start_run(args, resume, config, accelerator):
+    """RESULTS/NNN-<model>/ with the next free index (the checkpoint's own run folder on resume), its logger
+    and TensorBoard writer."""
+    run_dir = Path(args.resume).absolute().parent.parent if resume else None
+    if resume:
+        cli.ensure_writable_dir(run_dir / "checkpoints", "--resume")
+    else:
+        cli.ensure_writable_dir(args.results_dir, "--results-dir")
+    if accelerator.is_main_process:
+        if not resume:
+            taken = [int(p.name.split("-")[0]) for p in Path(args.results_dir).glob("[0-9][0-9][0-9]-*")]
+            name = f"{max(taken, default=-1) + 1:03d}-{config['model'].replace('/', '-')}"
+            run_dir = Path(args.results_dir) / name
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+            folder.mkdir(parents=True, exist_ok=True)
+            files.clean_temporaries(folder)  # left by a run killed while writing
+    run_dir = Path(broadcast_object_list([run_dir])[0])
+    logger = create_logger(run_dir, accelerator.is_main_process)
+    where = f"{accelerator.num_processes} process(es) on {accelerator.device}"
+    logger.info(f"Run folder {run_dir}; {where}; config {config}")
+    return run_dir, logger, training.Writer(run_dir / "tensorboard", accelerator.is_main_process)
 
 
-class GridWriter:
-    """EMA sample grids from fixed noise, to TensorBoard and run_dir/samples/NNNNNNN.png (8-bit previews)."""
-
-    def __init__(self, run_dir, config, channels, seed, device):
-        n = min(GRID_IMAGES, max(4, config["num_classes"]))
-        size = config["input_size"]
-        generator = torch.Generator().manual_seed(seed)
-        self.noise = torch.randn(n, config["in_channels"], size, size, generator=generator).to(device)
-        self.labels = (torch.arange(n) % config["num_classes"]).to(device)
-        self.folder = os.path.join(run_dir, "samples")
-        self.config, self.channels = config, channels
-
-    def write(self, ema, vae, writer, step):
-        grid = sample_grid(ema, vae, self.config, self.noise, self.labels, self.channels)
-        writer.add_image("samples/ema", grid, step)
-        os.makedirs(self.folder, exist_ok=True)
-        images.save(grid, os.path.join(self.folder, f"{step:07d}.png"), images.EIGHT_BIT)
+def create_logger(run_dir, enabled):
+    """Logger writing to RUN/log.txt and the console on the main process, silent elsewhere."""
+    logger = logging.getLogger("dit-train")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if enabled:
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "log.txt")):
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+            logger.addHandler(handler)
+    return logger
 
 
 class LossMeter:
-    """Running loss and throughput between log lines; the loss is averaged over ranks."""
+    """Running loss and throughput between log lines; the loss is averaged over processes."""
 
-    def __init__(self, args, world, device, logger, writer):
-        self.args, self.world, self.device, self.logger, self.writer = args, world, device, logger, writer
+    def __init__(self, args, accelerator, logger, writer):
+        self.args, self.accelerator, self.logger, self.writer = args, accelerator, logger, writer
         self.reset()
 
     def reset(self):
-        self.total, self.steps, self.start = 0.0, 0, time.time()
+        self.total, self.steps, self.timer = 0.0, 0, training.Timer(self.accelerator.device)
 
     def update(self, loss):
         self.total += loss.item()
         self.steps += 1
 
     def log(self, step, grad_norm):
-        elapsed = time.time() - self.start
-        avg = torch.tensor(self.total / self.steps, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(avg)
-            avg /= self.world
-        steps_per_sec = self.steps / elapsed
-        self.logger.info(
-            f"(step={step:07d}) Train Loss: {avg.item():.4f}, Train Steps/Sec: {steps_per_sec:.2f}"
-        )
-        if self.writer:
-            scalars = {"loss": avg.item(), "lr": self.args.lr, "grad_norm": grad_norm.item(),
-                       "steps_per_sec": steps_per_sec,
-                       "images_per_sec": steps_per_sec * self.args.global_batch_size}  # fmt: skip
-            for tag, value in scalars.items():
-                self.writer.add_scalar(f"train/{tag}", value, step)
+        (total,) = training.sum_across(self.accelerator, self.total / self.steps)
+        loss, steps_per_sec = total / self.accelerator.num_processes, self.steps / self.timer.elapsed()
+        self.logger.info(f"(step={step:07d}) Train Loss: {loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
+        images_per_sec = steps_per_sec * self.args.global_batch_size
+        self.writer.scalars(step, **{"train/loss": loss, "train/lr": self.args.learning_rate,
+                                     "train/grad_norm": grad_norm, "train/steps_per_sec": steps_per_sec,
+                                     "train/images_per_sec": images_per_sec})  # fmt: skip
         self.reset()
 
 
-def data_rule(dataset, args, resume, rank, world):
-    """{"channels", "intensity"} of the data set, found before any training by decoding every file once.
+class Grids:
+    """EMA samples from fixed noise, to TensorBoard and RUN/samples/NNNNNNN.png (8-bit previews)."""
 
-    Each rank scans its share of the files (fast, and no rank waits on a collective for a long scan);
-    rank 0 alone prints the scan's warnings, since its share, every world-th file, shows what the set
-    mixes. A resumed run keeps the rule its checkpoint was trained with (one written before rules were
-    stored takes the scan's rule).
-    """
-    mine = None
-    if dataset.samples[rank::world]:
-        quiet = contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext()
-        try:
-            with quiet:
-                mine = dataset.scan(args.bit_depth, args.intensity_range, rank, world)
-        except UserError as error:  # every rank must stop with it, not wait for the others forever
-            mine = {"error": str(error)}
-    found = merge_scans(gather(mine, world))
-    if resume and "intensity" in resume:
-        kept = {"channels": resume["channels"], "intensity": resume["intensity"]}
-        if kept != found and rank == 0:
-            warn(
-                f"the data now scans as {found['channels']}-channel {images.describe(found['intensity'])}, "
-                f"the checkpoint was trained on {kept['channels']}-channel "
-                f"{images.describe(kept['intensity'])}: keeping the checkpoint's rule"
-            )
-        return kept
-    return found
+    def __init__(self, run_dir, config, channels, vae, writer, seed, device):
+        n = min(GRID_IMAGES, max(4, config["num_classes"]))
+        size = config["input_size"]
+        generator = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(n, config["in_channels"], size, size, generator=generator).to(device)
+        self.labels = (torch.arange(n) % config["num_classes"]).to(device)
+        self.folder, self.scale, self.channels = run_dir / "samples", config["latent_scale"], channels
+        self.vae, self.writer = vae, writer
+
+    @torch.no_grad()
+    def write(self, ema, step):
+        model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
+        latents = create_diffusion(GRID_STEPS).sample_loop(model_fn, self.noise, self.labels)
+        samples = images_from_latents(self.vae, latents, self.scale, self.channels)
+        grid = training.save_grid(samples, self.folder / f"{step:07d}.png", images.EIGHT_BIT)
+        self.writer.image("samples/ema", grid, step)
 
 
-def merge_scans(scans):
-    """One rule from the scans of every rank's share of the files (a rank without files sends None)."""
-    scans = [scan for scan in scans if scan is not None]
-    for scan in scans:
-        if "error" in scan:
-            raise UserError(scan["error"])
-    return images.combine(scans)
+# --------------------------------------------------------------------------- checkpoints
 
 
-def prepare_run(args, resume, rank, world, device):
-    """Data set, VAE, model config, data rule, run folder and logger (the checkpoint's run folder on resume).
-
-    The cheap checks (classes, VAE, sizes) come before the scan that decodes every image.
-    """
-    dataset = ImageFolderDataset(
-        args.data_path, resume["config"]["image_size"] if resume else args.image_size
-    )
-    vae = load_vae(resume["config"]["vae"] if resume else args.vae, device)
-    config = model_config(args, dataset, vae, resume["config"] if resume else None)
-    rule = data_rule(dataset, args, resume, rank, world)
-    dataset.intensity = rule["intensity"]
-    run_dir = None
-    if rank == 0:
-        run_dir = (
-            run_folder_of(args.resume) if resume else create_run_folder(args.results_dir, config["model"])
+def restore(resume, model, ema, optimizer, generator, accelerator, logger):
+    """Weights, optimizer and this process's random streams of the checkpoint; returns its step."""
+    if resume is None:
+        return 0
+    model.load_state_dict(resume["model"])
+    ema.load_state_dict(resume["ema"])
+    optimizer.load_state_dict(resume["opt"])
+    if len(resume["rng"]) == accelerator.num_processes:
+        checkpoints.set_rng_state(resume["rng"][accelerator.process_index], generator)
+    else:
+        saved = len(resume["rng"])
+        logger.info(
+            f"Resuming with {accelerator.num_processes} processes instead of {saved}: new random streams"
         )
-        for folder in (run_dir, os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples")):
-            clean_temporaries(folder)  # left by a run killed while writing
-    run_dir = broadcast(run_dir, world)
-    logger = make_logger(run_dir, rank)
-    logger.info(f"Run folder {run_dir}; {world} process(es) on {device}; config {config}")
-    logger.info(
-        f"Data: {len(dataset)} images, {rule['channels']} channel(s), {images.describe(rule['intensity'])}"
-    )
-    return dataset, vae, config, rule, run_dir, logger
+    return resume["train_steps"]
 
 
-def build_training(args, config, resume, rank, world, device, logger):
-    """Model, EMA, optimizer and this rank's random generator, restored from the checkpoint on resume."""
-    torch.manual_seed(args.global_seed)
-    model = build_dit(config).to(device)
-    model.gradient_checkpointing = args.grad_checkpointing
-    ema = deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    generator = torch.Generator(device).manual_seed(args.global_seed * world + rank)
-    if resume:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["opt"])
-        if len(resume["rng"]) == world:
-            set_rng_state(resume["rng"][rank], generator)
-        else:
-            logger.info(
-                f"Resuming with {world} processes instead of {len(resume['rng'])}: new random streams"
-            )
-    return model, ema, optimizer, generator
+def save_checkpoint(run_dir, step, state, generator, accelerator, logger, best=False, limit=None):
+    """RUN/checkpoints/NNNNNNN.pt (and best.pt) with every process's random state, written by the main one."""
+    rng = gather_object([checkpoints.rng_state(generator)])
+    if not accelerator.is_main_process:
+        return
+    state = {**state, "rng": rng, "world_size": accelerator.num_processes}
+    folder = run_dir / "checkpoints"
+    # The numbered file is what --resume picks, so it goes last: a run killed before it resumes from the
+    # previous one and writes best.pt again.
+    if best:
+        checkpoints.save(state, folder / "best.pt")
+    checkpoints.save(state, folder / f"{step:07d}.pt")
+    checkpoints.prune(folder, NUMBERED, limit)
+    logger.info(f"Saved checkpoint to {folder / f'{step:07d}.pt'}")
 
 
-def make_loader(data, args, rank, world, device, step):
-    """Loader whose shuffling depends only on the seed and epoch, positioned at `step`."""
-    local_batch = args.global_batch_size // world
-    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.global_seed)
-    steps_per_epoch = len(sampler) // local_batch
-    if steps_per_epoch == 0:
+def create_model(config, args, accelerator):
+    """DiT, its EMA, AdamW (the published constant rate, no weight decay) and this process's generator."""
+    torch.manual_seed(args.seed)
+    model = build_dit(config).to(accelerator.device)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    ema = training.EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0)
+    seed = args.seed * accelerator.num_processes + accelerator.process_index
+    return model, ema, optimizer, torch.Generator(accelerator.device).manual_seed(seed)
+
+
+def count_steps(loader, data, args, world):
+    """(steps per epoch, steps of the whole run)."""
+    if len(loader) == 0:
         raise UserError(
-            f"{args.data_path} has {len(data)} images, fewer than the {local_batch} "
-            "that each process needs per step"
+            f"{args.data_root} has {len(data)} training images, fewer than the "
+            f"{args.global_batch_size // world} that each process needs per step"
         )
-    sampler.skip = (step % steps_per_epoch) * local_batch
-    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(args.global_seed))  # fmt: skip
-    return loader, sampler, steps_per_epoch
+    return len(loader), min(args.max_train_steps or math.inf, args.num_epochs * len(loader))
+
+
+def train_step(net, diffusion, optimizer, x0, y, dropout, generator, accelerator):
+    """One AdamW step on the hybrid loss; label dropout trains the null class for guidance."""
+    n, device = len(y), x0.device
+    null_class = accelerator.unwrap_model(net).null_class
+    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=device)
+    drop = torch.rand(n, generator=generator, device=device) < dropout
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    loss = diffusion.training_losses(net, x0, t, y, noise)["loss"].mean()
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(net.parameters(), float("inf"))  # measured, not clipped
+    optimizer.step()
+    return loss.detach(), grad_norm
 
 
 def main():
     args, resume = parse_args()
-    rank, world, device = setup_distributed()
+    accelerator = training.make_accelerator(args.mixed_precision)
+    try:
+        train(args, resume, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def train(args, resume, accelerator):
+    world = accelerator.num_processes
     if args.global_batch_size % world:
-        raise UserError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes"
-        )
-    dataset, vae, config, rule, run_dir, logger = prepare_run(args, resume, rank, world, device)
-    if rank == 0:
-        check_precision(args.precision, device)
-    model, ema, optimizer, generator = build_training(args, config, resume, rank, world, device, logger)
-    if rank == 0:
-        print_parameter_table({"DiT": model, "EMA": ema, "VAE": vae})
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
-    diffusion = create_diffusion()
-    scale = config["latent_scale"]
-    data = (
-        cache_latents(dataset, vae, config, run_dir, rank, world, device, logger)
-        if args.cache_latents
-        else dataset
-    )
-    train_indices, holdout_indices = split_holdout(len(dataset), args.val_fraction, args.global_seed)
-    data = Subset(data, train_indices) if holdout_indices else data
-    holdout = None
-    if holdout_indices and rank == 0:
-        holdout = HeldOut(dataset, holdout_indices, vae, scale, device, args.global_seed)
-        holdout.best = (resume or {}).get("best_val_loss") or math.inf
-    step = resume["train_steps"] if resume else 0
-    loader, sampler, steps_per_epoch = make_loader(data, args, rank, world, device, step)
-    max_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard")) if rank == 0 else None
-    grids, meter, stop = (
-        GridWriter(run_dir, config, rule["channels"], args.global_seed, device),
-        LossMeter(args, world, device, logger, writer),
-        StopSignal(),
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    dataset, vae, config, rule = prepare_data(args, resume, accelerator)
+    run_dir, logger, writer = start_run(args, resume, config, accelerator)
+    logger.info(
+        f"Data: {len(dataset)} images, {rule['channels']} channel(s), {images.describe(rule['intensity'])}"
     )
 
-    def save(step):
-        folder = os.path.join(run_dir, "checkpoints")
-        improved = holdout is not None and rank == 0 and holdout.update(ema, diffusion, step, logger, writer)
-        meta = {"model_type": "dit", "args": vars(args), "config": config, **rule, "train_steps": step,
-                "epoch": step // steps_per_epoch,
-                "best_val_loss": holdout.best if holdout else None}  # fmt: skip
-        path = os.path.join(folder, f"{step:07d}.pt")
-        # The numbered file is what --resume picks, so it goes last: a run killed before it resumes from
-        # the previous one and writes best.pt again.
-        paths = ([os.path.join(folder, "best.pt")] if improved else []) + [path]
-        save_checkpoint(paths, {"model": model, "ema": ema, "opt": optimizer}, meta, generator, world)
-        if rank == 0:
-            logger.info(f"Saved checkpoint to {path}")
-            if args.checkpoints_total_limit:
-                prune_checkpoints(folder, args.checkpoints_total_limit)
+    # Create model: the EMA is a full copy whose state_dict loads straight into a DiT, as published.
+    model, ema, optimizer, generator = create_model(config, args, accelerator)
+    step = restore(resume, model, ema, optimizer, generator, accelerator, logger)
+    logger.info("Parameters:\n" + training.parameter_table({"DiT": model, "EMA": ema.model, "VAE": vae}))
+
+    # Setup data: each process draws its share of every global batch; prepare() wraps the model in DDP.
+    data, heldout = training_data(dataset, vae, config, args, run_dir, accelerator, logger, resume)
+    net, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data, args, world))
+    net = torch.compile(net) if args.compile else net
+    steps_per_epoch, max_steps = count_steps(loader, data, args, world)
+    diffusion, stop = create_diffusion(), training.StopSignal()
+    meter = LossMeter(args, accelerator, logger, writer)
+    grids = Grids(run_dir, config, rule["channels"], vae, writer, args.seed, accelerator.device)
+    meta = {"args": checkpoints.plain(vars(args)), "model_type": "dit", "config": config, **rule}
 
     logger.info(f"Training for {max_steps} steps from step {step} ({steps_per_epoch} steps per epoch)")
     model.train()
-    progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
-    epoch = step // steps_per_epoch
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, file=sys.stdout)
     while step < max_steps:
-        sampler.set_epoch(epoch)
-        for batch in itertools.islice(loader, max_steps - step):
-            x0, y = latent_batch(batch, vae, scale, args.cache_latents, generator, device)
+        for batch in epoch_batches(loader, step, steps_per_epoch, accelerator):
+            x0, y = latent_batch(batch, vae, config["latent_scale"], args.cache_latents, generator)
             loss, grad_norm = train_step(
-                net, diffusion, optimizer, x0, y, model.null_class, args, generator, device
+                net, diffusion, optimizer, x0, y, args.cfg_dropout, generator, accelerator
             )
-            update_ema(ema, model, args.ema_decay)
+            ema.update(model)
             step += 1
             progress.update()
-            stopping, diverged = check_stop(loss, stop, world, device)
-            if diverged:
-                print(
-                    f"error: the loss became non-finite at step {step}; the last checkpoint is kept",
-                    file=sys.stderr,
-                )
-                sys.exit(1)
+            training.check_finite(loss, f"step {step}", accelerator)
+            signum = stop.agreed(accelerator)
             meter.update(loss)
             if step % args.log_every == 0 or step == max_steps:
                 meter.log(step, grad_norm)
-            if step % args.ckpt_every == 0 or step == max_steps or stopping:
-                save(step)
-            if args.sample_every and step % args.sample_every == 0 and rank == 0:
-                grids.write(ema, vae, writer, step)
-            if stopping:
-                logger.info(f"Stopped by signal {stop.received} at step {step}")
-                sys.exit(128 + (stop.received or signal.SIGTERM))
-        epoch += 1
-        sampler.skip = 0
+            if step % args.save_every == 0 or step == max_steps or signum:
+                best = heldout is not None and heldout.improved(ema.model, diffusion, step, logger, writer)
+                state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                         **meta, "train_steps": step, "epoch": step // steps_per_epoch,
+                         "best_val_loss": heldout.best if heldout else None}  # fmt: skip
+                save_checkpoint(
+                    run_dir, step, state, generator, accelerator, logger, best, args.checkpoints_total_limit
+                )
+            if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+                grids.write(ema.model, step)
+            if signum:
+                logger.info(f"Stopped by signal {signum} at step {step}")
+                sys.exit(128 + signum)
+            if step == max_steps:
+                break
     progress.close()
     logger.info("Done.")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

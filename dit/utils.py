@@ -1,90 +1,27 @@
-"""Pieces shared by train.py, sample.py and sample_ddp.py: errors, devices, VAE, checkpoints, images."""
+"""Pieces shared by train.py, sample.py and sample_ddp.py: model flags, VAE, checkpoints, images."""
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from core import images
-from core.cli import ensure_writable_dir, positive_int
-from core.errors import UserError, run_cli  # noqa: F401  (the project's one error class and runner)
+from core import checkpoints, images
+from core.cli import positive_int
+from core.errors import UserError
 from models import VARIANTS, DiT, variant_config
 
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 
-def add_flag(parser, *names, **kwargs):
-    """Add a flag under each name (the first gives its dest) and each name's --a_b spelling of --a-b."""
-    spellings = []
-    for name in names:
-        spellings += [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
-    parser.add_argument(*spellings, **kwargs)
-
-
 def add_architecture_flags(parser, default_model):
     """Flags that pick the DiT variant, optionally shrunk for quick experiments."""
     shown = default_model or "from the checkpoint"
-    add_flag(
-        parser,
-        "--model",
-        default=default_model,
-        help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}} (default: {shown})",
+    parser.add_argument(
+        "--model", default=default_model, help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}} (default: {shown})"
     )
-    add_flag(
-        parser, "--depth", type=positive_int, default=None, help="override the variant's number of blocks"
-    )
-    add_flag(
-        parser, "--hidden-size", type=positive_int, default=None, help="override the variant's hidden size"
-    )
-    add_flag(
-        parser, "--num-heads", type=positive_int, default=None, help="override the variant's attention heads"
-    )
-
-
-def check_output_folder(path, flag):
-    """Fail now, with one line, if folder path cannot be made and written; a failed run creates nothing."""
-    path = Path(path)
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if existing == path.absolute():
-        return ensure_writable_dir(path, flag)
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path} is under the file {existing}: pass a folder path")
-    ensure_writable_dir(existing, flag)
-    return path
-
-
-def setup_distributed():
-    """Join the torchrun process group if any (NCCL on CUDA, gloo on CPU); returns rank, world, device."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def check_precision(precision, device):
-    """bf16 needs CUDA; on CPU the run continues in fp32 with a warning instead of failing."""
-    if precision == "bf16" and device.type != "cuda":
-        print("warning: bf16 mixed precision needs CUDA; running in fp32 on CPU", file=sys.stderr)
-
-
-def autocast(device, precision):
-    """bf16 autocast when asked for on CUDA, else a no-op context."""
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda"
-    )
+    parser.add_argument("--depth", type=positive_int, help="override the variant's number of blocks")
+    parser.add_argument("--hidden_size", type=positive_int, help="override the variant's hidden size")
+    parser.add_argument("--num_heads", type=positive_int, help="override the variant's attention heads")
 
 
 def load_vae(spec, device):
@@ -143,17 +80,10 @@ def build_dit(config, **kwargs):
     )
 
 
-def load_checkpoint(path):
-    """torch.load(weights_only=True); files of the original DiT train.py hold an argparse.Namespace."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+def load_checkpoint(path, what="checkpoint"):
+    """weights_only load; files of the original DiT train.py also hold an argparse.Namespace."""
     torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); is it a DiT .pt file?"
-        ) from None
+    return checkpoints.load(path, what)
 
 
 # model_type of the checkpoints the project's other trainers write, and what each file is.
@@ -236,15 +166,6 @@ def images_from_latents(vae, latents, scale, channels):
         images = vae.decode(latents.to(vae.dtype) / scale).sample
     images = (images.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W)
     return images.mean(1, keepdim=True) if channels == 1 else images
-
-
-def print_parameter_table(components):
-    """Total / trainable / frozen parameter counts per component."""
-    print(f"{'component':<12}{'total':>16}{'trainable':>16}{'frozen':>16}")
-    for name, module in components.items():
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        print(f"{name:<12}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
 
 
 def class_counts(total, num_classes):

@@ -2,6 +2,8 @@
 
 import torch
 
+from core.guidance import combine
+
 
 def classifier_free_guidance(model, scale, null_class, channels=None):
     """Wrap model(x, t, y) so its noise prediction is guided by the null class at `scale`.
@@ -25,7 +27,7 @@ def classifier_free_guidance(model, scale, null_class, channels=None):
         k = latent_channels if channels is None else channels
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null_labels(y)]))
         cond, uncond = out.chunk(2)  # (N, 2C, H, W) each
-        eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        eps = combine(cond[:, :k], uncond[:, :k], scale)
         return torch.cat([eps, cond[:, k:]], dim=1)
 
     return guided

@@ -60,7 +60,7 @@ def cases(workspace, trained, tmp):
         "resume missing": (
             "train.py",
             [*train, "--data-path", data, "--resume", tmp / "x.pt"],
-            ["not found", "x.pt"],
+            ["does not exist", "x.pt"],
         ),
         "classes mismatch": (
             "sample.py",
@@ -86,7 +86,7 @@ def cases(workspace, trained, tmp):
         "not a checkpoint": (
             "sample.py",
             ["--ckpt", data / "cat" / "0.png"],
-            ["cannot read checkpoint", "0.png"],
+            ["cannot load checkpoint", "0.png", "not a PyTorch file"],
         ),
         "offline download": (
             "download.py",

@@ -109,19 +109,20 @@ def test_sigterm_finishes_the_step_saves_and_exits_nonzero(workspace, tmp_path):
 
 def test_editing_an_image_invalidates_the_latent_cache(workspace, tmp_path):
     """The cache is keyed on the files (names, sizes, mtimes), image size, rule and VAE, not on the count."""
+    from core.training import make_accelerator
     from dataset import ImageFolderDataset
     from train import cache_latents, latent_cache_path
     from utils import load_vae
 
     shutil.copytree(workspace / "data", tmp_path / "data")
-    device, logger = torch.device("cpu"), logging.getLogger("test-cache")
-    vae = load_vae(str(workspace / "vae"), device)
+    accelerator, logger = make_accelerator("no", device="cpu"), logging.getLogger("test-cache")
+    vae = load_vae(str(workspace / "vae"), accelerator.device)
     config = {"vae": str(workspace / "vae"), "image_size": 16, "latent_scale": 0.18215}
     dataset = ImageFolderDataset(tmp_path / "data", 16)
     dataset.intensity = dataset.scan()["intensity"]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    before = cache_latents(dataset, vae, config, run_dir, 0, 1, device, logger).tensors[0]
+    before = cache_latents(dataset, vae, config, run_dir, accelerator, logger).tensors[0]
     first = latent_cache_path(dataset, vae, config, run_dir)
     assert latent_cache_path(dataset, vae, config, run_dir) == first  # nothing changed: reused
     for changed in ({"image_size": 8}, {"vae": "mse"}):
@@ -133,7 +134,7 @@ def test_editing_an_image_invalidates_the_latent_cache(workspace, tmp_path):
     index = [path for path, _ in dataset.samples].index(str(edited))
     Image.new("RGB", (20, 18), (255, 255, 255)).save(edited)  # same image count, new pixels
     os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))  # coarse clocks
-    after = cache_latents(dataset, vae, config, run_dir, 0, 1, device, logger).tensors[0]
+    after = cache_latents(dataset, vae, config, run_dir, accelerator, logger).tensors[0]
     assert latent_cache_path(dataset, vae, config, run_dir) != first
     assert sorted(os.listdir(run_dir)) == [os.path.basename(latent_cache_path(dataset, vae, config, run_dir))]
     assert not torch.allclose(after[index], before[index])
