@@ -4,20 +4,16 @@ Prints training images/s, sampling images/s with DDPM-1000 and DDIM-50 and their
 attention through scaled_dot_product_attention against a plain softmax(QK^T)V.
 """
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from core import cli  # noqa: E402
-from core.errors import UserError, run_cli  # noqa: E402
-from ddpm_conditional import Diffusion  # noqa: E402
-from modules import SelfAttention, UNet_conditional  # noqa: E402
-from utils import add_flag, pick_device  # noqa: E402
+from core import cli
+from core.errors import UserError, run_cli
+from ddpm_conditional import Diffusion
+from modules import SelfAttention, UNet_conditional
+from utils import add_flag, pick_device
 
 
 def timed(fn, repeats):

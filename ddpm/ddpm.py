@@ -1,24 +1,23 @@
 """Unconditional pixel-space DDPM.
 
-Run `python ddpm.py` to train with the values in launch(); command-line flags override them. The training
-loop, checkpoints and outputs are those of ddpm_conditional.py, without class labels.
+Run `python ddpm.py` to train with the values in build_parser(); command-line flags override them.
+The training loop, checkpoints and outputs are those of ddpm_conditional.py, without class labels.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
-
-from ddpm_conditional import Diffusion, build_parser, parse_flags, train  # noqa: E402
-from modules import UNet  # noqa: E402
-from utils import explicit_flags, run_cli  # noqa: E402
+import ddpm_conditional
+from core.cli import explicit_flags
+from ddpm_conditional import Diffusion, parse_flags, train
+from modules import UNet
+from utils import run_cli
 
 __all__ = ["Diffusion", "UNet", "launch"]
 
 
-def launch(argv=None):
-    """Train the unconditional DDPM; edit the values below or override them with flags."""
-    parser = build_parser(conditional=False, description=__doc__)
+def build_parser():
+    """The training flags without class labels; edit the defaults below or override them with flags."""
+    parser = ddpm_conditional.train_parser(conditional=False, description=__doc__)
     parser.set_defaults(
         run_name="DDPM_Uncondtional",  # spelled as in the original, so existing run folders are found
         epochs=500,
@@ -28,6 +27,12 @@ def launch(argv=None):
         device="auto",  # the original used "cuda"; auto picks the GPU when there is one
         lr=3e-4,
     )
+    return parser
+
+
+def launch(argv=None):
+    """Train the unconditional DDPM."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     train(parse_flags(parser, argv), explicit_flags(parser, argv))
 

@@ -1,6 +1,6 @@
 """Class-conditional pixel-space DDPM with classifier-free guidance: the Diffusion class and training loop.
 
-Run `python ddpm_conditional.py` to train with the values in launch(); command-line flags override them.
+Run `python ddpm_conditional.py` to train with the values in build_parser(); command-line flags override them.
 ddpm.py (unconditional) and ddpm_conditional_ddp.py (multi-GPU, sampling) reuse this training loop.
 """
 
@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
-
-from core import cli, images  # noqa: E402
-from core.files import atomic_save, clean_temporaries  # noqa: E402
-from modules import build_model, check_architecture  # noqa: E402
-from utils import (  # noqa: E402
+from core import cli, images
+from core.files import atomic_save, clean_temporaries
+from modules import build_model, check_architecture
+from utils import (
     CHECKPOINT_FORMAT,
     DistContext,
     ImageDataset,
@@ -32,7 +30,6 @@ from utils import (  # noqa: E402
     cpu_state,
     data_layout,
     enable_tf32,
-    explicit_flags,
     load_checkpoint,
     pick_device,
     print_parameter_table,
@@ -171,9 +168,24 @@ def add_train_args(parser, conditional=True):
     add_flag(
         parser, "run_name", default="DDPM_conditional", help="name of models/, results/ and runs/ subfolders"
     )
-    add_flag(parser, "dataset_path", default=None, help="training images (layout in the text below)")
+    add_flag(
+        parser,
+        "data_root",
+        "dataset-path",
+        dest="dataset_path",
+        default=None,
+        help="training images (layout in the text below)",
+    )
     add_flag(parser, "workdir", default=".", help="folder that holds models/, results/ and runs/")
-    add_flag(parser, "epochs", type=cli.positive_int, default=300, help="passes over the training images")
+    add_flag(
+        parser,
+        "num_epochs",
+        "epochs",
+        dest="epochs",
+        type=cli.positive_int,
+        default=300,
+        help="passes over the training images",
+    )
     add_flag(parser, "batch_size", type=cli.positive_int, default=14, help="images per step on each process")
     add_flag(
         parser,
@@ -207,7 +219,15 @@ def add_train_args(parser, conditional=True):
         default=None,
         help="float ('F') images: the values that map to black and white; unset: 0 1",
     )
-    add_flag(parser, "lr", type=cli.positive_float, default=3e-4, help="AdamW learning rate")
+    add_flag(
+        parser,
+        "learning_rate",
+        "lr",
+        dest="lr",
+        type=cli.positive_float,
+        default=3e-4,
+        help="AdamW learning rate",
+    )
     add_flag(
         parser,
         "lr_warmup_steps",
@@ -226,10 +246,13 @@ def add_train_args(parser, conditional=True):
     add_flag(parser, "device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N")
     add_flag(
         parser,
+        "mixed_precision",
         "precision",
+        dest="precision",
+        type=cli.mixed_precision,
         default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="autocast dtype on CUDA (auto: bf16 if supported, else fp16 with a grad scaler); CPU runs fp32",
+        help="no, fp16 (with a grad scaler), bf16 (fp32 = no) or auto (bf16 if the GPU has it, else fp16); "
+        "CUDA only, the CPU runs fp32",
     )
     add_flag(parser, "seed", type=int, default=42, help="random seed")
     add_flag(
@@ -241,7 +264,9 @@ def add_train_args(parser, conditional=True):
     )
     add_flag(
         parser,
-        "save_interval",
+        "save_every",
+        "save-interval",
+        dest="save_interval",
         type=cli.positive_int,
         default=10,
         help="every this many epochs: save checkpoints, evaluate held-out loss, write a sample grid",
@@ -255,7 +280,9 @@ def add_train_args(parser, conditional=True):
     )
     add_flag(
         parser,
-        "val_split",
+        "val_fraction",
+        "val-split",
+        dest="val_split",
         type=cli.fraction,
         default=0.05,
         help="fraction of images held out to choose ckpt_best.pt (0 disables)",
@@ -360,8 +387,8 @@ def add_train_args(parser, conditional=True):
     parser.set_defaults(conditional=conditional)
 
 
-def build_parser(conditional=True, description=__doc__):
-    """Argument parser of the training scripts."""
+def train_parser(conditional, description):
+    """Argument parser of the training scripts, before their own defaults."""
     layout = data_layout() if conditional else "any folder of images (sub-folders are searched)"
     parser = cli.Parser(
         description=description,
@@ -428,7 +455,7 @@ def validate(config, fresh):
     """Fail early, before touching any file, on settings that cannot work (single values: at parsing)."""
     pick_device(config["device"])  # an unavailable device fails now, before any data is read
     if config["dataset_path"] is None:
-        raise UserError(f"pass --dataset-path (layout: {data_layout()})")
+        raise UserError(f"pass --data_root (layout: {data_layout()})")
     if fresh and (run_dir(config, "models") / "ckpt.pt").exists() and not config["overwrite"]:
         raise UserError(
             f"{run_dir(config, 'models')} already holds a run: pass --resume to continue it, "
@@ -707,7 +734,7 @@ class Trainer:
             raise TrainingStopped(
                 f"loss became {loss} at step {self.global_step}; stopped without saving "
                 f"(last good checkpoint: {latest if latest.exists() else 'none yet'}); "
-                "lower --lr or check the data",
+                "lower --learning_rate or check the data",
                 exit_code=1,
             )
 
@@ -878,9 +905,9 @@ def train(args, explicit=frozenset(), distributed=False):
     return trainer
 
 
-def launch(argv=None):
-    """Train the class-conditional DDPM; edit the values below or override them with flags."""
-    parser = build_parser(conditional=True)
+def build_parser():
+    """The training flags; edit the defaults below or override them with flags."""
+    parser = train_parser(conditional=True, description=__doc__)
     parser.set_defaults(
         run_name="DDPM_conditional",
         epochs=300,
@@ -891,8 +918,14 @@ def launch(argv=None):
         device="auto",  # the original used "cuda"; auto picks the GPU when there is one
         lr=3e-4,
     )
+    return parser
+
+
+def launch(argv=None):
+    """Train the class-conditional DDPM."""
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    train(parse_flags(parser, argv), explicit_flags(parser, argv))
+    train(parse_flags(parser, argv), cli.explicit_flags(parser, argv))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # flat imports from any working directory
-
-from core import cli, images  # noqa: E402
-from core.files import clean_temporaries  # noqa: E402
-from ddpm_conditional import (  # noqa: E402
+from core import cli, images
+from core.files import clean_temporaries
+from ddpm_conditional import (
     ARCH_KEYS,
     Diffusion,
     add_train_args,
@@ -28,14 +26,12 @@ from ddpm_conditional import (  # noqa: E402
     parse_flags,
     train,
 )
-from modules import build_model  # noqa: E402
-from utils import (  # noqa: E402
+from modules import build_model
+from utils import (
     DistContext,
     UserError,
     add_flag,
-    boolean,
     data_layout,
-    explicit_flags,
     intensity_of,
     is_full_checkpoint,
     load_checkpoint,
@@ -58,7 +54,7 @@ def add_sample_args(parser):
         "use_ema",
         nargs="?",
         const=True,
-        type=boolean,
+        type=cli.boolean,
         default=None,
         metavar="BOOL",
         help="EMA weights (unset: EMA for a training checkpoint); --use-ema false: the raw weights",
@@ -355,7 +351,7 @@ def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_flags(parser, argv)
-    explicit = explicit_flags(parser, argv)
+    explicit = cli.explicit_flags(parser, argv)
     if not args.mode.endswith("_ddp") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"--mode {args.mode} runs one process: use --mode {args.mode}_ddp under torchrun")
     if args.mode.startswith("train"):

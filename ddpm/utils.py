@@ -1,6 +1,5 @@
 """Shared helpers of the DDPM scripts: command line, data, images, checkpoints, devices, errors."""
 
-import argparse
 import os
 import random
 from pathlib import Path
@@ -29,27 +28,15 @@ DIT_KEY = "x_embedder.proj.weight"  # in official DiT files and in the "model" o
 # ----------------------------------------------------------------------------- command line
 
 
-def add_flag(parser, name, **kwargs):
-    """Register --name with both spellings (--image-size and --image_size)."""
-    dashed, underscored = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
-    names = [dashed] if dashed == underscored else [dashed, underscored]
-    parser.add_argument(*names, dest=name.replace("-", "_"), **kwargs)
+def add_flag(parser, name, *aliases, dest=None, **kwargs):
+    """Register --name and its aliases, each in both spellings (--image-size and --image_size).
 
-
-def explicit_flags(parser, argv):
-    """Destinations of the flags the user typed, so a resumed run can tell them from defaults."""
-    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    return {a.dest for a in parser._actions if given.intersection(a.option_strings)}
-
-
-def boolean(text):
-    """An argparse type for yes/no values: true/false, yes/no, on/off, 1/0."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "on", "1"):
-        return True
-    if value in ("false", "no", "off", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    name is the folder-wide vocabulary's flag; aliases keep the seed's spellings; dest defaults to name.
+    """
+    names = []
+    for flag in (name, *aliases):
+        names += dict.fromkeys(["--" + flag.replace("_", "-"), "--" + flag.replace("-", "_")])
+    parser.add_argument(*dict.fromkeys(names), dest=dest or name.replace("-", "_"), **kwargs)
 
 
 # ----------------------------------------------------------------------------- data
@@ -66,7 +53,7 @@ def scan_dataset(root, conditional):
     extensions = " ".join(images.IMAGE_EXTENSIONS)
     if not root.is_dir():
         layout = data_layout() if conditional else "any folder of images, sub-folders included"
-        raise UserError(f"dataset folder {root} does not exist: pass --dataset-path (layout: {layout})")
+        raise UserError(f"dataset folder {root} does not exist: pass --data_root (layout: {layout})")
     if not conditional:
         files = sorted(p for p in root.rglob("*") if images.is_image_file(p))
         if not files:
@@ -279,14 +266,18 @@ def enable_tf32():
 
 
 def autocast_dtype(device, precision):
-    """The autocast dtype for --precision on this device; None means plain fp32."""
+    """The autocast dtype for --mixed_precision on this device; None means plain fp32.
+
+    precision is no / fp16 / bf16 / auto (bf16 if the GPU has it, else fp16); "fp32" (= no) is what
+    checkpoints written before the shared vocabulary hold.
+    """
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
-            warn(f"--precision {precision} needs CUDA; running in fp32 on the CPU")
+            warn(f"--mixed_precision {precision} needs CUDA; training in fp32 on CPU")
         return None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None, "fp32": None}[precision]
 
 
 def print_parameter_table(components):

@@ -149,11 +149,11 @@ def more_cases(root, trained_run, data):
     train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
     sample = (*SAMPLE, "--ckpt", ckpt)
     return {
-        "lr_negative": ((*train, "--lr", "-1"), "argument --lr: must be a number > 0, got -1"),
-        "lr_negative_unconditional": (("ddpm.py", "--lr", "-1"), "argument --lr: must be a number > 0"),
+        "lr_negative": ((*train, "--lr", "-1"), "--lr: must be a number > 0, got -1"),
+        "lr_negative_unconditional": (("ddpm.py", "--lr", "-1"), "--lr: must be a number > 0"),
         "lr_negative_ddp_script": (
             ("ddpm_conditional_ddp.py", "--mode", "train", "--lr", "-1"),
-            "argument --lr: must be a number > 0",
+            "--lr: must be a number > 0",
         ),
         "lr_nan": ((*train, "--lr", "nan"), "expected a finite number, got 'nan'"),
         "lr_not_a_number": ((*train, "--lr", "fast"), "expected a number, got 'fast'"),
