@@ -16,12 +16,11 @@ import time
 import numpy as np
 from PIL import Image
 
-FOLDER = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, FOLDER)
+from core.cli import Parser, positive_int
+from core.errors import run_cli
+from random_weights import write_random_weights
 
-from core.cli import Parser, positive_int  # noqa: E402
-from core.errors import run_cli  # noqa: E402
-from random_weights import write_random_weights  # noqa: E402
+FOLDER = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_images(folder, count, size, seed):

@@ -757,7 +757,7 @@ def default_cache_dir():
     )
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = Parser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
@@ -903,6 +903,11 @@ def parse_args(argv=None):
         default=10,
         help="Inception Score splits (default 10)",
     )
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
         parser.error(

@@ -8,23 +8,19 @@ the figures compare code paths, not trained-model quality.
 """
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from core.images import EIGHT_BIT  # noqa: E402
-from dataset import ClassImageDataset, find_class_images  # noqa: E402
-from models import (  # noqa: E402
+from core.images import EIGHT_BIT
+from dataset import ClassImageDataset, find_class_images
+from models import (
     ClassConditionalUNet,
     ClassEmbedder,
     LatentCodec,
@@ -36,7 +32,7 @@ from models import (  # noqa: E402
     noise_for,
     unet_settings,
 )
-from train import diffusion_loss, encode_moments, training_latents  # noqa: E402
+from train import diffusion_loss, encode_moments, training_latents
 
 WARMUP, ROUNDS = 1, 2
 

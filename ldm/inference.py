@@ -9,18 +9,15 @@ architecture, classes, decoding rule and VAE come from the checkpoint; EMA weigh
 """
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torchvision.utils import make_grid, save_image
 
-import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from dataset import to_unit  # noqa: E402
-from models import (  # noqa: E402
+from core import cli, files, images
+from dataset import to_unit
+from models import (
     SAMPLERS,
     LatentCodec,
     denoise,
@@ -31,7 +28,7 @@ from models import (  # noqa: E402
     model_from_checkpoint,
     noise_for,
 )
-from utils import Parser, Timer, UserError, print_timing, run_cli  # noqa: E402
+from utils import Parser, Timer, UserError, print_timing, run_cli
 
 
 def add_sampling_args(parser, default_output, default_seed):
@@ -214,7 +211,7 @@ def save_grid(rows, path):
     print(f"grid saved to {path}")
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated", default_seed=42)
     parser.add_argument(
@@ -239,7 +236,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no_save_images", action="store_true", help="do not write individual images (use with --save_grid)"
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def grid_destination(args):

@@ -8,18 +8,14 @@ the batches are shared out over them. --npz also writes <output_dir>_<N>x<H>x<W>
 sample tree (arr_0 uint8 RGB images, arr_1 labels, class_names) for evaluation tools.
 """
 
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from accelerate import PartialState
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from inference import (  # noqa: E402
+from core import cli, files, images
+from inference import (
     LDMSampler,
     add_sampling_args,
     batches,
@@ -30,11 +26,11 @@ from inference import (  # noqa: E402
     missing_indices,
     write_images,
 )
-from models import load_checkpoint  # noqa: E402
-from utils import Parser, Timer, print_timing, run_cli  # noqa: E402
+from models import load_checkpoint
+from utils import Parser, Timer, print_timing, run_cli
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated_per_class", default_seed=0)
     parser.add_argument(
@@ -48,7 +44,11 @@ def parse_args(argv=None):
         action="store_true",
         help="also write <output_dir>_<N>x<H>x<W>x3.npz of all images, labels and class names",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def per_class_counts(total, num_classes):

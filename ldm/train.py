@@ -15,22 +15,20 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import gather_object, set_seed  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from dataset import (  # noqa: E402
+from core import cli, files, images
+from dataset import (
     DATA_LAYOUT,
     ClassImageDataset,
     add_intensity_args,
@@ -40,7 +38,7 @@ from dataset import (  # noqa: E402
     split_holdout,
     to_unit,
 )
-from models import (  # noqa: E402
+from models import (
     DEFAULT_VAE,
     EMA,
     FORMAT_VERSION,
@@ -59,7 +57,7 @@ from models import (  # noqa: E402
     sample_latent,
     unet_settings,
 )
-from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli  # noqa: E402
+from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli
 
 # Settings that fix the model and data shapes: taken from the checkpoint when resuming.
 ARCHITECTURE_KEYS = (
@@ -71,7 +69,7 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = Parser(description=__doc__, epilog=DATA_LAYOUT)
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
@@ -278,6 +276,11 @@ def parse_args(argv=None):
         default=None,
         help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
     )
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_intensity_args(args)
     return args

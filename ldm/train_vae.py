@@ -17,19 +17,17 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import gather_object, set_seed  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from diffusers.optimization import get_cosine_schedule_with_warmup  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from core import cli, files, images  # noqa: E402
-from dataset import (  # noqa: E402
+from core import cli, files, images
+from dataset import (
     DATA_LAYOUT,
     ClassImageDataset,
     add_intensity_args,
@@ -38,8 +36,8 @@ from dataset import (  # noqa: E402
     find_class_images,
     split_holdout,
 )
-from models import load_vae, plain  # noqa: E402
-from train import (  # noqa: E402
+from models import load_vae, plain
+from train import (
     StopSignal,
     epoch_order,
     ignore_interrupts,
@@ -47,10 +45,10 @@ from train import (  # noqa: E402
     rng_state,
     set_rng_state,
 )
-from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli  # noqa: E402
+from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = Parser(description=__doc__, epilog=DATA_LAYOUT)
     parser.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
     parser.add_argument(
@@ -132,6 +130,11 @@ def parse_args(argv=None):
         default=None,
         help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
     )
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_intensity_args(args)
     return args
