@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from core import cli
 from core.errors import UserError, run_cli
-from ddpm_conditional import Diffusion
+from diffusion import Diffusion
 from modules import SelfAttention, UNet_conditional
 from utils import add_flag, pick_device
 

@@ -1,23 +1,25 @@
 """Unconditional pixel-space DDPM.
 
 Run `python ddpm.py` to train with the values in build_parser(); command-line flags override them.
-The training loop, checkpoints and outputs are those of ddpm_conditional.py, without class labels.
+The training loop (trainer.py), checkpoints and outputs are those of ddpm_conditional.py, without class
+labels.
 """
 
 import sys
 
-import ddpm_conditional
 from core.cli import explicit_flags
-from ddpm_conditional import Diffusion, parse_flags, train
+from core.errors import run_cli
+from diffusion import Diffusion
+from flags import parse_flags, train_parser
 from modules import UNet
-from utils import run_cli
+from trainer import train
 
 __all__ = ["Diffusion", "UNet", "launch"]
 
 
 def build_parser():
     """The training flags without class labels; edit the defaults below or override them with flags."""
-    parser = ddpm_conditional.train_parser(conditional=False, description=__doc__)
+    parser = train_parser(conditional=False, description=__doc__)
     parser.set_defaults(
         run_name="DDPM_Uncondtional",  # spelled as in the original, so existing run folders are found
         epochs=500,

@@ -18,15 +18,11 @@ import torch
 
 from core import cli, images
 from core.files import clean_temporaries
-from ddpm_conditional import (
-    ARCH_KEYS,
-    Diffusion,
-    add_train_args,
-    model_config,
-    parse_flags,
-    train,
-)
+from diffusion import Diffusion
+from flags import add_train_args, parse_flags
 from modules import build_model
+from run_config import ARCH_KEYS, model_config
+from trainer import train
 from utils import (
     DistContext,
     UserError,

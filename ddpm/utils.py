@@ -36,6 +36,8 @@ def add_flag(parser, name, *aliases, dest=None, **kwargs):
     names = []
     for flag in (name, *aliases):
         names += dict.fromkeys(["--" + flag.replace("_", "-"), "--" + flag.replace("-", "_")])
+    if kwargs.get("action") is None and "metavar" not in kwargs:
+        kwargs["metavar"] = name.upper().replace("-", "_")
     parser.add_argument(*dict.fromkeys(names), dest=dest or name.replace("-", "_"), **kwargs)
 
 

@@ -1,0 +1,111 @@
+"""The DDPM diffusion process: linear beta schedule, forward noising, the training loss, and DDPM and DDIM
+sampling with classifier-free guidance (one batched forward pass for both branches)."""
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from utils import (
+    autocast_dtype,
+    pick_device,
+    print_timing,
+    to_uint8,
+    to_unit,
+)
+
+
+class Diffusion:
+    """Linear-schedule Gaussian diffusion: noising for training, DDPM or DDIM sampling with CFG."""
+
+    def __init__(self, noise_steps=1000, beta_start=1e-4, beta_end=0.02, img_size=64, device=None):
+        # diffusers is imported on first use: it adds seconds to start-up, and input errors should be instant.
+        from diffusers import DDPMScheduler
+
+        self.noise_steps, self.img_size = noise_steps, img_size
+        self.device = pick_device(device)
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=noise_steps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule="linear",
+            clip_sample=True,
+        )
+
+    @classmethod
+    def from_config(cls, config, device=None):
+        """The diffusion a training config describes."""
+        return cls(
+            config["noise_steps"], config["beta_start"], config["beta_end"], config["image_size"], device
+        )
+
+    def sample_timesteps(self, n, generator=None):
+        """Uniform training timesteps: (n,)."""
+        return torch.randint(0, self.noise_steps, (n,), generator=generator, device=self.device)
+
+    def noise_images(self, x, t, noise):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
+        return self.scheduler.add_noise(x, noise, t)
+
+    def make_sampler(self, sampler="ddpm", steps=None):
+        """A fresh diffusers scheduler for ancestral DDPM or DDIM, set to `steps` denoising steps."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+        scheduler_cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+        scheduler = scheduler_cls.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps or (self.noise_steps if sampler == "ddpm" else 50))
+        return scheduler
+
+    @staticmethod
+    def guided_noise(model, x, t, labels, cfg_scale):
+        """Noise prediction with classifier-free guidance; both halves share one forward pass."""
+        if labels is None or cfg_scale == 1:
+            return model(x, t, labels)
+        if cfg_scale == 0:
+            return model(x, t, None)
+        null = model.null_labels(x.shape[0], x.device)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        n,
+        labels=None,
+        cfg_scale=3,
+        log_time=True,
+        sampler="ddpm",
+        steps=None,
+        eta=0.0,
+        generator=None,
+        output_type="uint8",
+    ):
+        """Generate n images (n, C, H, W); labels=None samples unconditionally.
+
+        output_type "uint8" gives 0..255; "float" gives float32 in [0, 1], for writing more than 8 bits.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if labels is not None and (model.num_classes is None or len(labels) != n):
+            raise ValueError("labels need a conditional model and one label per image")
+        scheduler = self.make_sampler(sampler, steps)
+        device = next(model.parameters()).device
+        dtype = autocast_dtype(device, "auto")
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        x = randn_tensor((n, model.c_in, self.img_size, self.img_size), generator=generator, device=device)
+        # DDIM re-derives the noise from the clipped x0, as guided-diffusion does: guided samples stay clean.
+        extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
+        for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", leave=False, disable=not log_time):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                eps = self.guided_noise(model, x, t.to(device).expand(n), labels, cfg_scale).float()
+            x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+        samples = (to_unit(x) if output_type == "float" else to_uint8(x)).cpu()
+        model.train(was_training)
+        if log_time:
+            print_timing(n, len(scheduler.timesteps), time.perf_counter() - start, 1)
+        return samples
