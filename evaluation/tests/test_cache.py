@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import precision_recall as pr
+import features
+import inputs
 from conftest import PARALLEL, Evil, blob_image, read_json, run_script
 
 FAST = ["--metrics", "fid", "--num-workers", "0"]
@@ -24,14 +25,14 @@ def labelled(tmp_path_factory, data):
 
 
 def test_cache_name_follows_the_drawn_npz_rows(labelled, weights):
-    image_set = pr.load_npz(labelled)
-    first, second = (pr.random_subset(image_set, 8, seed) for seed in (1, 2))
+    image_set = inputs.load_npz(labelled)
+    first, second = (inputs.random_subset(image_set, 8, seed) for seed in (1, 2))
     assert first.indices != second.indices
     weight = {"path": weights[0]}
-    name = pr.real_cache_name(first, "inception", weight)
-    assert name == pr.real_cache_name(pr.random_subset(image_set, 8, 1), "inception", weight)
-    assert name != pr.real_cache_name(second, "inception", weight)
-    assert name != pr.real_cache_name(image_set, "inception", weight)
+    name = features.real_cache_name(first, "inception", weight)
+    assert name == features.real_cache_name(inputs.random_subset(image_set, 8, 1), "inception", weight)
+    assert name != features.real_cache_name(second, "inception", weight)
+    assert name != features.real_cache_name(image_set, "inception", weight)
 
 
 def test_another_seed_draws_other_npz_rows_and_per_class_uses_their_labels(labelled, data, weights, tmp_path):

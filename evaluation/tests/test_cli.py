@@ -160,9 +160,11 @@ def report_value(stdout, label):
 
 
 def constants_run(data, weights, tmp):
-    """A copy of the script with edited constants, run with no flags (weights from the environment)."""
+    """A copy of the folder whose script has edited constants, run with no flags (weights from the
+    environment): what a user who copied evaluation/ and edited the top of the script runs."""
     copy = os.path.join(tmp, "constants", "precision_recall.py")
-    shutil.copytree(os.path.join(FOLDER, "core"), os.path.join(tmp, "constants", "core"))  # its vendored core
+    ignore = shutil.ignore_patterns("tests", "__pycache__", "*.npz")
+    shutil.copytree(FOLDER, os.path.dirname(copy), ignore=ignore)  # with its modules and vendored core
     with open(SCRIPT) as handle:
         source = handle.read()
     source = re.sub(r'^REAL_IMAGES_DIR = ".*"$', f'REAL_IMAGES_DIR = "{data["real"]}"', source, flags=re.M)

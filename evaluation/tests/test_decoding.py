@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import precision_recall as pr
+import inputs
 from conftest import read_json, run_script
 from core import images
 
@@ -64,8 +64,8 @@ def settings(**overrides):
 
 def decoded(folder, **overrides):
     """(rule, (N, 3, H, W) uint8) of a folder as the script decodes it."""
-    image_set = pr.open_image_set(str(folder), "real", "REAL_IMAGES_DIR")
-    image_set.intensity = pr.decoding_rule(image_set, settings(**overrides))
+    image_set = inputs.open_image_set(str(folder), "real", "REAL_IMAGES_DIR")
+    image_set.intensity = inputs.decoding_rule(image_set, settings(**overrides))
     dataset = image_set.dataset()
     return image_set.intensity, torch.stack([dataset[i][1] for i in range(len(dataset))])
 

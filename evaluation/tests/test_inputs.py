@@ -8,14 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-import precision_recall as pr
+import features
+import inputs
 from core import images
+from core.errors import UserError
 
 
 def decoded(path):
     """One file as the script decodes it, as a set of its own: (3, H, W) uint8."""
     with Image.open(path) as image:
-        return pr.pil_to_rgb8(image, images.scan([path])["intensity"])
+        return inputs.pil_to_rgb8(image, images.scan([path])["intensity"])
 
 
 def test_16bit_is_scaled_not_clipped(tmp_path):
@@ -51,28 +53,28 @@ def test_folder_listing_is_recursive_sorted_and_case_insensitive(tmp_path):
     for name in ("b/2.PNG", "a/1.jpeg", "a/x/3.TIF", "top.webp", ".hidden/4.png", "notes.txt"):
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    files = pr.list_images(str(tmp_path))
+    files = inputs.list_images(str(tmp_path))
     assert files == sorted(["a/1.jpeg", os.path.join("a", "x", "3.TIF"), "b/2.PNG", "top.webp"])
-    image_set = pr.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
+    image_set = inputs.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
     assert image_set.classes == ["a", "a", "b", None]
 
 
 def test_npz_grayscale_rgba_and_labels(tmp_path):
     gray = np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "gray.npz", gray, np.array([2, 0, 1]))
-    image_set = pr.load_npz(str(tmp_path / "gray.npz"))
+    image_set = inputs.load_npz(str(tmp_path / "gray.npz"))
     index, image = image_set.dataset()[1]
     assert index == 1 and image.shape == (3, 8, 8) and torch.equal(image[2], torch.from_numpy(gray[1]))
     assert image_set.classes == [2, 0, 1]
     rgba = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 4), dtype=np.uint8)
     np.savez(tmp_path / "rgba.npz", arr_0=rgba)
-    _, image = pr.load_npz(str(tmp_path / "rgba.npz")).dataset()[0]
+    _, image = inputs.load_npz(str(tmp_path / "rgba.npz")).dataset()[0]
     assert torch.equal(image, torch.from_numpy(rgba[0, :, :, :3]).permute(2, 0, 1))
 
 
 def test_collate_groups_mixed_sizes_and_keeps_indices():
     items = [(0, torch.zeros(3, 4, 4)), (1, torch.ones(3, 6, 6)), (2, torch.full((3, 4, 4), 2.0))]
-    errors, groups = pr.collate_by_size(items + [(3, "cannot read image x.png: broken")])
+    errors, groups = features.collate_by_size(items + [(3, "cannot read image x.png: broken")])
     assert errors == ["cannot read image x.png: broken"]
     by_size = {tuple(images.shape[2:]): (index.tolist(), images) for index, images in groups}
     assert by_size[(4, 4)][0] == [0, 2] and torch.equal(by_size[(4, 4)][1][1], items[2][1])
@@ -80,49 +82,52 @@ def test_collate_groups_mixed_sizes_and_keeps_indices():
 
 
 def test_random_subset_is_seeded_sorted_and_bounded(tmp_path):
-    image_set = pr.ImageSet(
+    image_set = inputs.ImageSet(
         str(tmp_path), files=[f"{i}.png" for i in range(20)], classes=[None] * 20, total=20
     )
-    first = pr.random_subset(image_set, 5, seed=3)
-    assert first.files == pr.random_subset(image_set, 5, seed=3).files
-    assert first.files != pr.random_subset(image_set, 5, seed=4).files
+    first = inputs.random_subset(image_set, 5, seed=3)
+    assert first.files == inputs.random_subset(image_set, 5, seed=3).files
+    assert first.files != inputs.random_subset(image_set, 5, seed=4).files
     assert len(first) == 5 and first.total == 20
     assert [int(f[:-4]) for f in first.files] == sorted(int(f[:-4]) for f in first.files)
-    assert pr.random_subset(image_set, 50, seed=3) is image_set
+    assert inputs.random_subset(image_set, 50, seed=3) is image_set
 
 
 def test_npz_labels_match_sorted_class_folders(tmp_path):
-    folder = pr.ImageSet(
+    folder = inputs.ImageSet(
         str(tmp_path), files=["cat/0.png", "dog/0.png", "dog/1.png"], classes=["cat", "dog", "dog"]
     )
-    labels = pr.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[1, 0, 1])
-    pairs = pr.match_classes(folder, labels)
+    labels = inputs.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[1, 0, 1])
+    pairs = inputs.match_classes(folder, labels)
     assert {c: (r.tolist(), g.tolist()) for c, (r, g) in pairs.items()} == {
         "cat": ([0], [1]),
         "dog": ([1, 2], [0, 2]),
     }
-    with pytest.raises(pr.InputError, match="per-class"):
-        pr.match_classes(folder, pr.ImageSet(str(tmp_path), files=["x.png"], classes=[None]))
+    with pytest.raises(UserError, match="per-class"):
+        inputs.match_classes(folder, inputs.ImageSet(str(tmp_path), files=["x.png"], classes=[None]))
 
 
 def test_cache_name_follows_files_and_weights(tmp_path, weights):
     for i in range(2):
         Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
-    image_set = pr.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
+    image_set = inputs.open_image_set(str(tmp_path), "real", "REAL_IMAGES_DIR")
     inception = {"path": weights[0]}
-    name = pr.real_cache_name(image_set, "inception", inception)
-    assert name == pr.real_cache_name(image_set, "inception", inception)
-    assert name != pr.real_cache_name(image_set, "vgg16", {"path": weights[1]})
+    name = features.real_cache_name(image_set, "inception", inception)
+    assert name == features.real_cache_name(image_set, "inception", inception)
+    assert name != features.real_cache_name(image_set, "vgg16", {"path": weights[1]})
     later = time.time() + 10
     os.utime(tmp_path / "1.png", (later, later))
-    assert name != pr.real_cache_name(image_set, "inception", inception)
+    assert name != features.real_cache_name(image_set, "inception", inception)
 
 
 def test_uncompressed_npz_is_memory_mapped_and_equal(tmp_path):
     images = np.random.default_rng(3).integers(0, 256, (4, 6, 5, 3), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", images, np.arange(4))
     np.savez_compressed(tmp_path / "packed.npz", images)
-    plain, packed = pr.load_npz(str(tmp_path / "plain.npz")), pr.load_npz(str(tmp_path / "packed.npz"))
+    plain, packed = (
+        inputs.load_npz(str(tmp_path / "plain.npz")),
+        inputs.load_npz(str(tmp_path / "packed.npz")),
+    )
     assert isinstance(plain.array, np.memmap) and not isinstance(packed.array, np.memmap)
     assert np.array_equal(plain.array, images) and np.array_equal(packed.array, images)
     assert plain.classes == [0, 1, 2, 3]
@@ -130,12 +135,12 @@ def test_uncompressed_npz_is_memory_mapped_and_equal(tmp_path):
 
 
 def test_npz_class_names_map_labels_by_name_when_the_folder_lacks_a_class(tmp_path, capsys):
-    folder = pr.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png", "c/1.png"], classes=["b", "c", "c"])
+    folder = inputs.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png", "c/1.png"], classes=["b", "c", "c"])
     arrays = np.zeros((4, 2, 2, 3), np.uint8)
     np.savez(tmp_path / "named.npz", arrays, np.array([0, 1, 2, 1]), class_names=np.array(["a", "b", "c"]))
-    named = pr.load_npz(str(tmp_path / "named.npz"))
+    named = inputs.load_npz(str(tmp_path / "named.npz"))
     assert named.classes == ["a", "b", "c", "b"] and named.names == ["a", "b", "c"]
-    pairs = pr.match_classes(folder, named)
+    pairs = inputs.match_classes(folder, named)
     assert {c: (r.tolist(), g.tolist()) for c, (r, g) in pairs.items()} == {
         "b": ([0], [1, 3]),
         "c": ([1, 2], [2]),
@@ -144,14 +149,14 @@ def test_npz_class_names_map_labels_by_name_when_the_folder_lacks_a_class(tmp_pa
 
 
 def test_npz_labels_without_names_need_equal_class_counts(tmp_path, capsys):
-    folder = pr.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png"], classes=["b", "c"])
-    bare = pr.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[0, 1, 2])
-    with pytest.raises(pr.InputError, match="ambiguous"):
-        pr.match_classes(folder, bare)
+    folder = inputs.ImageSet(str(tmp_path), files=["b/0.png", "c/0.png"], classes=["b", "c"])
+    bare = inputs.ImageSet(str(tmp_path), array=np.zeros((3, 2, 2, 3), np.uint8), classes=[0, 1, 2])
+    with pytest.raises(UserError, match="ambiguous"):
+        inputs.match_classes(folder, bare)
     # A subset keeps the count of the whole set: drawing no label 2 does not make it look unambiguous.
     assert bare.subset([0, 1]).label_count == 3
-    with pytest.raises(pr.InputError, match="ambiguous"):
-        pr.match_classes(folder, bare.subset([0, 1]))
-    two = pr.ImageSet(str(tmp_path), array=np.zeros((2, 2, 2, 3), np.uint8), classes=[1, 0])
-    assert set(pr.match_classes(folder, two)) == {"b", "c"}
+    with pytest.raises(UserError, match="ambiguous"):
+        inputs.match_classes(folder, bare.subset([0, 1]))
+    two = inputs.ImageSet(str(tmp_path), array=np.zeros((2, 2, 2, 3), np.uint8), classes=[1, 0])
+    assert set(inputs.match_classes(folder, two)) == {"b", "c"}
     assert "warning: " in capsys.readouterr().err

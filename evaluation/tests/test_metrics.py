@@ -8,7 +8,9 @@ import scipy.linalg
 import torch
 from scipy.spatial.distance import cdist
 
+import metrics
 import precision_recall as pr
+import report
 
 
 def settings(**overrides):
@@ -57,7 +59,7 @@ def test_precision_recall_matches_brute_force_with_chunks(monkeypatch, k):
         return original_cdist(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "cdist", recording_cdist)
-    values = pr.metric_values("pr", as_features(real), as_features(gen), "inception", settings(pr_k=k))
+    values = metrics.metric_values("pr", as_features(real), as_features(gen), "inception", settings(pr_k=k))
     precision, recall = reference_precision_recall(real, gen, k)
     assert 0.0 < precision < 1.0 and 0.0 < recall < 1.0  # a case where swapping the sides would show
     assert values["precision"] == pytest.approx(precision, abs=1e-6)
@@ -67,7 +69,7 @@ def test_precision_recall_matches_brute_force_with_chunks(monkeypatch, k):
 
 def test_fid_matches_scipy_sqrtm():
     real, gen = features(80, 6, 0.0, 2), features(70, 6, 0.5, 3) * 1.3
-    value = pr.metric_values("fid", as_features(real), as_features(gen), "inception", settings())["fid"]
+    value = metrics.metric_values("fid", as_features(real), as_features(gen), "inception", settings())["fid"]
     assert value == pytest.approx(reference_fid(real, gen), rel=1e-4)
     assert value > 0.5
 
@@ -75,18 +77,18 @@ def test_fid_matches_scipy_sqrtm():
 def test_failed_metric_is_reported_not_hidden():
     real, gen = features(6, 4, 0.0, 4), features(6, 4, 0.0, 5)
     gen[0, 0] = np.nan
-    values, failures = pr.compute_metrics(
+    values, failures = metrics.compute_metrics(
         ["fid", "kid"], as_features(real), as_features(gen), "inception", settings(kid_subset_size=50)
     )
     assert set(failures) == {"fid", "kid"} and values == {}
-    lines = pr.metric_lines(values, failures, ["fid", "kid"], settings())
+    lines = report.metric_lines(values, failures, ["fid", "kid"], settings())
     assert lines[0].startswith("FID (InceptionV3):") and "FAILED" in lines[0] and "FAILED" in lines[1]
 
 
 def test_report_block_matches_the_seed_layout(capsys):
     args = settings(pr_features="vgg16", real="real_images", gen="generated_images")
     result = {"metrics": {"fid": 12.34564, "precision": 0.85214, "recall": 0.78344}, "failures": {}}
-    pr.print_report(result, ["fid", "pr"], args)
+    report.print_report(result, ["fid", "pr"], args)
     assert capsys.readouterr().out.splitlines() == [
         "=" * 40,
         "FINAL EVALUATION REPORT",
