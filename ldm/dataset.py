@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
 from core import cli, images
-from utils import UserError, warn
+from core.errors import UserError, warn
 
 DATA_LAYOUT = """expected data layout (one sub-folder per class; classes are the sorted folder names):
   data_root/

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from core import cli, files, images
+from core import cli, files, images, training
+from core.errors import UserError, run_cli
 from dataset import to_unit
 from models import (
     SAMPLERS,
@@ -28,7 +29,6 @@ from models import (
     model_from_checkpoint,
     noise_for,
 )
-from utils import Parser, Timer, UserError, print_timing, run_cli
 
 
 def add_sampling_args(parser, default_output, default_seed):
@@ -212,7 +212,7 @@ def save_grid(rows, path):
 
 
 def build_parser():
-    parser = Parser(description=__doc__)
+    parser = cli.Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated", default_seed=42)
     parser.add_argument(
         "--class_label",
@@ -266,8 +266,8 @@ def main():
     sampler = LDMSampler(ckpt, args, device)
     rule, channels = sampler.intensity, sampler.codec.image_channels
     clean_sample_tree(args.output_dir, sampler.class_names)
-    timer = Timer(device)
-    start, made, num_batches, rows = timer.now(), 0, 0, []
+    timer = training.Timer(device)
+    made, num_batches, rows = 0, 0, []
     for label in classes:
         name = sampler.class_names[label]
         todo = missing_indices(args.output_dir, name, args.num_samples, rule, args.overwrite or not write)
@@ -288,7 +288,7 @@ def main():
                 for i in range(args.num_samples)
             ]
             rows.append(torch.stack(row))  # (num_samples, C, H, W)
-    print_timing(made, args.num_inference_steps, num_batches, timer.now() - start)
+    print(training.timing_line(made, args.num_inference_steps, num_batches, timer.elapsed()), flush=True)
     if grid_path is not None:
         save_grid(rows, grid_path)
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from core import cli, files, images
+from core import cli, files, images, training
+from core.errors import run_cli
 from inference import (
     LDMSampler,
     add_sampling_args,
@@ -27,11 +28,10 @@ from inference import (
     write_images,
 )
 from models import load_checkpoint
-from utils import Parser, Timer, print_timing, run_cli
 
 
 def build_parser():
-    parser = Parser(description=__doc__)
+    parser = cli.Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated_per_class", default_seed=0)
     parser.add_argument(
         "--total_samples",
@@ -117,18 +117,14 @@ def main():
             f"{len(work)} batches over {state.num_processes} process(es) | {images.describe(rule)}",
             flush=True,
         )
-    timer = Timer(state.device)
-    start = timer.now()
+    timer = training.Timer(state.device)
     for label, chunk in mine:
         write_images(args.output_dir, names[label], chunk, sampler.sample(label, chunk), rule)
     made = sum(len(chunk) for _, chunk in mine)
-    print_timing(
-        made,
-        args.num_inference_steps,
-        len(mine),
-        timer.now() - start,
-        label=f"sampling, process {state.process_index}",
+    line = training.timing_line(
+        made, args.num_inference_steps, len(mine), timer.elapsed(), f"sampling, process {state.process_index}"
     )
+    print(line, flush=True)
     state.wait_for_everyone()
     if npz_path is not None and state.is_main_process:
         write_npz(Path(npz_path), args.output_dir, names, counts, rule)

@@ -19,9 +19,9 @@ from diffusers import (
 )
 from huggingface_hub.utils import logging as hub_logging
 
+from core.errors import UserError
 from core.files import load_weights_only
 from core.images import EIGHT_BIT
-from utils import UserError
 
 FORMAT_VERSION = 1
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"

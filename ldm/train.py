@@ -6,19 +6,13 @@ Several GPUs:     accelerate launch --multi_gpu train.py --data_root DATA ...
 """
 
 import math
-import os
-import random
-import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -27,7 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from core import cli, files, images
+from core import checkpoints, cli, files, images, training
+from core.errors import UserError, run_cli
 from dataset import (
     DATA_LAYOUT,
     ClassImageDataset,
@@ -57,7 +52,6 @@ from models import (
     sample_latent,
     unet_settings,
 )
-from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli
 
 # Settings that fix the model and data shapes: taken from the checkpoint when resuming.
 ARCHITECTURE_KEYS = (
@@ -70,7 +64,7 @@ ARCHITECTURE_KEYS = (
 
 
 def build_parser():
-    parser = Parser(description=__doc__, epilog=DATA_LAYOUT)
+    parser = cli.Parser(description=__doc__, epilog=DATA_LAYOUT)
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
     data.add_argument(
@@ -286,63 +280,6 @@ def parse_args(argv=None):
     return args
 
 
-def resolve_mixed_precision(requested):
-    """fp16/bf16 only where CUDA runs them; CPU falls back to fp32 with a warning."""
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
-        "1",
-        "true",
-    )
-    if requested != "no" and on_cpu:
-        warnings.warn(f"--mixed_precision {requested} needs CUDA; training in fp32 on CPU", stacklevel=2)
-        return "no"
-    return requested
-
-
-class StopSignal:
-    """Records SIGINT/SIGTERM so the loop can finish its step, save and exit."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._record)
-
-    def _record(self, signum, frame):
-        self.signum = signum
-        print(f"\nsignal {signum} received: finishing this step and saving checkpoint_latest.pt", flush=True)
-
-    def agreed(self, accelerator):
-        """The highest signal seen by any process, so all of them stop at the same step."""
-        if accelerator.num_processes == 1:
-            return self.signum
-        return int(accelerator.gather(torch.tensor([self.signum], device=accelerator.device)).max())
-
-
-def ignore_interrupts(worker_id):
-    """Loader workers leave Ctrl-C to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def rng_state():
-    """This process's RNG states as plain data (weights_only loadable)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state):
-    """Restore what rng_state() captured."""
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def epoch_order(num_items, epoch, seed, accelerator):
     """This process's shard of the epoch's shuffled indices (same order on resume)."""
     sampler = DistributedSampler(
@@ -427,11 +364,8 @@ def validation_loss(model, noise_scheduler, latents, labels, seed, num_timesteps
 
 def main():
     args = parse_args()
-    mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    # cpu=True also makes torchrun / multi-process launches on CPU machines use gloo.
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    accelerator = training.make_accelerator(args.mixed_precision)  # gloo on CPU, NCCL on CUDA
+    mixed_precision = accelerator.mixed_precision
     device = accelerator.device
     output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
     if accelerator.is_main_process:
@@ -466,7 +400,8 @@ def main():
     )
     config = run_config(args, codec, model)
     if accelerator.is_main_process:
-        print_parameter_table({"vae": codec.vae, "unet": model.unet, "class_embedder": model.class_embedder})
+        components = {"vae": codec.vae, "unet": model.unet, "class_embedder": model.class_embedder}
+        print(training.parameter_table(components), flush=True)
         print(
             f"classes: {len(class_names)} | train images: {len(train_samples)} | val images: "
             f"{len(val_samples)} | image {args.image_size}px x {args.image_channels} ch, "
@@ -523,7 +458,7 @@ def main():
         args=args,
         progress=progress,
     )
-    stop = StopSignal()
+    stop = training.StopSignal("checkpoint_latest.pt")
     for epoch in range(progress["epoch"], args.num_epochs):
         signum = train_epoch(trainer, train_set, epoch, batches_per_epoch, stop)
         if signum:
@@ -599,7 +534,7 @@ def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_schedule
     if accelerator.scaler is not None and ckpt.get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == accelerator.num_processes:
-        set_rng_state(ckpt["rng"][accelerator.process_index])
+        checkpoints.set_rng_state(ckpt["rng"][accelerator.process_index])
     elif accelerator.is_main_process:
         print("note: process count changed since the checkpoint; random streams are re-seeded")
     return dict(ckpt["progress"])
@@ -618,7 +553,7 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed + epoch),
         pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=training.ignore_sigint,
     )
     accum = args.gradient_accumulation_steps
     window = {"loss": 0.0, "images": 0, "start": time.perf_counter()}
@@ -680,7 +615,7 @@ def check_finite(accelerator, loss, epoch, progress):
     """Mean loss over processes; stops every process together when any loss is not finite."""
     losses = accelerator.gather(loss.detach().float().reshape(1))
     if not torch.isfinite(losses).all():
-        raise TrainingHalted(
+        raise training.TrainingHalted(
             f"loss became non-finite ({losses.tolist()}) in epoch {epoch + 1} "
             f"after step {progress['global_step']}; "
             "the last good checkpoint is kept; lower --learning_rate or use --mixed_precision bf16"
@@ -774,7 +709,8 @@ def save_sample_grid(trainer, epochs_done):
 def save_checkpoints(trainer, names):
     """Write one checkpoint under each name (collective: every process must call it)."""
     accelerator = trainer["accelerator"]
-    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    rng = [checkpoints.rng_state()]
+    rng = gather_object(rng) if accelerator.num_processes > 1 else rng  # one entry per process
     if accelerator.is_main_process:
         state = checkpoint_state(trainer, rng)
         for name in names:

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core import cli, files, images
+from core import checkpoints, cli, files, images, training
+from core.errors import UserError, run_cli
 from dataset import (
     DATA_LAYOUT,
     ClassImageDataset,
@@ -37,19 +37,11 @@ from dataset import (
     split_holdout,
 )
 from models import load_vae, plain
-from train import (
-    StopSignal,
-    epoch_order,
-    ignore_interrupts,
-    resolve_mixed_precision,
-    rng_state,
-    set_rng_state,
-)
-from utils import Parser, TrainingHalted, UserError, print_parameter_table, run_cli
+from train import epoch_order
 
 
 def build_parser():
-    parser = Parser(description=__doc__, epilog=DATA_LAYOUT)
+    parser = cli.Parser(description=__doc__, epilog=DATA_LAYOUT)
     parser.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
     parser.add_argument(
         "--output_dir", default="./vae_checkpoints", help="output folder (default: %(default)s)"
@@ -275,9 +267,7 @@ def load_resume(args, latest):
 
 def main():
     args = parse_args()
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(args.mixed_precision), cpu=not torch.cuda.is_available()
-    )
+    accelerator = training.make_accelerator(args.mixed_precision)
     output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
     if accelerator.is_main_process:
         clean_stale_files(output_dir)
@@ -296,7 +286,7 @@ def main():
     vae = build_vae(args, resume)
     perceptual = PerceptualLoss().to(accelerator.device) if args.perceptual_weight > 0 else None
     if accelerator.is_main_process:
-        print_parameter_table({"vae": vae})
+        print(training.parameter_table({"vae": vae}), flush=True)
         print(
             f"images: {len(train_samples)} train / {len(val_samples)} val, {channels} channel(s), "
             f"{images.describe(intensity)}, {args.image_size}px, device {accelerator.device}, "
@@ -320,7 +310,7 @@ def main():
     state = {"epoch": 0, "best": float("inf")}
     if resume is not None:
         state = restore(resume, vae, optimizer, lr_scheduler, accelerator)
-    stop = StopSignal()
+    stop = training.StopSignal("checkpoint_latest.pt")
     for epoch in range(state["epoch"], args.num_epochs):
         signum = train_epoch(
             args, accelerator, model, optimizer, lr_scheduler, train_set, perceptual, epoch, stop
@@ -358,7 +348,7 @@ def train_epoch(args, accelerator, model, optimizer, lr_scheduler, train_set, pe
         sampler=order,
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed + epoch),
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=training.ignore_sigint,
     )
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not accelerator.is_main_process)
     for batch, _ in bar:
@@ -366,7 +356,9 @@ def train_epoch(args, accelerator, model, optimizer, lr_scheduler, train_set, pe
         with accelerator.autocast():
             loss, rec = vae_loss(model, batch, args.kl_weight, perceptual, args.perceptual_weight)
         if not torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all():
-            raise TrainingHalted(f"VAE loss became non-finite in epoch {epoch + 1}; lower --learning_rate")
+            raise training.TrainingHalted(
+                f"VAE loss became non-finite in epoch {epoch + 1}; lower --learning_rate"
+            )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -389,7 +381,8 @@ def finalise(vae, args, folder, loader):
 
 def save_state(path, accelerator, vae, optimizer, lr_scheduler, state, data):
     """Resume state at an epoch boundary, with the data rule (collective: every process calls it)."""
-    rng = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+    rng = [checkpoints.rng_state()]
+    rng = gather_object(rng) if accelerator.num_processes > 1 else rng  # one entry per process
     if accelerator.is_main_process:
         checkpoint = {
             "model_type": "vae",
@@ -417,7 +410,7 @@ def restore(ckpt, vae, optimizer, lr_scheduler, accelerator):
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if len(ckpt["rng"]) == accelerator.num_processes:
-        set_rng_state(ckpt["rng"][accelerator.process_index])
+        checkpoints.set_rng_state(ckpt["rng"][accelerator.process_index])
     return dict(ckpt["progress"])
 
 

@@ -200,7 +200,7 @@ def test_more_bad_values_are_refused_at_parse_time(script, argv, expected, capsy
 
 @pytest.mark.parametrize("script", ["train", "train_vae"])
 def test_reversed_intensity_range_is_refused_before_the_scan(script):
-    from utils import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="needs low < high"):
         __import__(script).parse_args([*TRAIN, "--intensity_range", "1", "0"])
@@ -208,7 +208,7 @@ def test_reversed_intensity_range_is_refused_before_the_scan(script):
 
 def test_other_refused_outputs_and_checkpoints(tmp_path):
     import inference
-    from utils import UserError
+    from core.errors import UserError
 
     args = inference.parse_args(
         [*SAMPLE, "--output_dir", str(tmp_path / "g"), "--grid_path", str(tmp_path), "--overwrite"]

@@ -7,8 +7,8 @@ from PIL import Image
 
 from conftest import depth_set
 from core import images
+from core.errors import UserError
 from dataset import ClassImageDataset, find_class_images, split_holdout
-from utils import UserError
 
 
 def test_modes_load_with_the_right_channels_and_range(tmp_path):

@@ -59,8 +59,8 @@ def test_vae_not_available_offline_fails_fast(rgb_data, tmp_path):
 
 
 def test_missing_vae_folder_and_checkpoint_name_the_flag(tmp_path):
+    from core.errors import UserError
     from models import load_checkpoint, load_vae
-    from utils import UserError
 
     with pytest.raises(UserError, match="--vae_pretrained .*no such folder"):
         load_vae(str(tmp_path / "no_such_vae"))
@@ -94,8 +94,8 @@ def test_inference_rejects_wrong_checkpoints_and_classes(trained_run, tmp_path):
 
 
 def test_class_index_out_of_range():
+    from core.errors import UserError
     from inference import resolve_classes
-    from utils import UserError
 
     assert resolve_classes(["b", "0"], ["a", "b"]) == [1, 0]
     assert resolve_classes(None, ["a", "b"]) == [0, 1]
@@ -125,7 +125,7 @@ RANK_CHECKSUMS = f"""
 import os, sys
 sys.path.insert(0, {str(LDM_DIR)!r})
 import train_vae
-from utils import run_cli
+from core.errors import run_cli
 
 validate = train_vae.validate
 def checked(vae, loader, device):

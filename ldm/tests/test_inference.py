@@ -76,7 +76,7 @@ def test_inference_by_name_and_index(named_run):
     # The grid lies beside the sample tree, which holds samples only (a recursive evaluation counts files).
     assert Image.open(out.with_name("gen_grid.png")).size[1] > 16
     assert sample_tree(out) == [f"{c}/00000{i}.png" for c in ("cat", "dog") for i in range(3)]
-    for figure in ("images: 6", "steps: 2", "s/image", "ms/step", "images/s"):
+    for figure in ("6 images", "2 steps", "s/image", "ms/step", "images/s"):
         assert figure in result.stdout
     # A second run skips what exists and never replaces the earlier grid.
     args = [
@@ -120,7 +120,7 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "process 0]" in two.stdout and "process 1]" in two.stdout  # both processes sampled
+    assert "process 0:" in two.stdout and "process 1:" in two.stdout  # both processes sampled
     assert len(list((out / "cat").iterdir())) == 3 and len(list((out / "dog").iterdir())) == 2
     assert len(sample_tree(out)) == 5  # the .npz lies beside the samples
     npz = np.load(tmp_path / "per_class_5x16x16x3.npz")
