@@ -59,6 +59,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	@for d in $(BENCH_DIRS); do echo "== bench: $$d"; (cd $$d && ../$(PY) bench.py) || exit 1; done
+	@echo "== bench: trainers against the code before the shared core"; $(PY) bench/trainers.py
 
 clean:
 	rm -rf demo_output .pytest_cache .ruff_cache .test-logs
