@@ -549,9 +549,11 @@ def epoch_checkpoints(done, improved, args):
 def train_step(net, batch, diffusion, run, dropout):
     """One forward/backward under accumulation; (mean loss over processes, grad norm or None)."""
     acc = run.accelerator
+    # accumulate() skips DDP's all-reduce and makes optimizer.step() a no-op on all but the last
+    # micro-batch of a group; sync_gradients says which one this is.
     with acc.accumulate(net):
         loss = diffusion.loss(net, batch, diffusion.tokens(batch["label"], dropout)).mean()
-        mean_loss = acc.reduce(loss.detach(), "mean")
+        mean_loss = acc.reduce(loss.detach(), "mean")  # every process sees it, so all stop on a NaN
         training.check_finite(mean_loss, f"step {run.global_step}")
         acc.backward(loss)
         grad_norm = (
@@ -631,6 +633,7 @@ def train(args, accelerator):
             norm = {} if grad_norm is None else {"train/grad_norm": float(grad_norm)}
             writer.scalars(run.global_step, **{"train/loss": loss, "train/lr": lr}, **norm)
             bar.set_postfix(loss=f"{loss:.4f}")
+            # Stop only between optimizer steps, agreed by all processes, so the saved state is whole.
             signum = accelerator.sync_gradients and stop.agreed(accelerator)
             if signum:
                 run.save(LATEST)

@@ -198,16 +198,19 @@ class Trainer:
         if self.config["hflip"]:  # flips drawn from the checkpointed generator keep resume exact
             flip = torch.rand(n, generator=gen, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        # Timesteps and noise come from the run's own generator too: a resumed run draws the same ones.
         t = self.diffusion.sample_timesteps(n, gen)
         noise = torch.randn(x.shape, generator=gen, device=self.device)
         x_t = self.diffusion.noise_images(x, t, noise)
         labels = None
-        if self.config["conditional"]:
+        if self.config["conditional"]:  # label dropout to the null class trains the unconditional branch
             drop = torch.rand(n, generator=gen, device=self.device) < self.config["cfg_dropout"]
             labels = torch.where(drop, self.config["num_classes"], y)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             pred = self.net(x_t, t, labels)
         loss = F.mse_loss(pred.float(), noise)
+        # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
+        # sees the same values and all ranks stop (or fail) at the same step.
         votes = torch.tensor([float(self.stop_signal is not None), self.over_budget()], device=self.device)
         stats = self.ctx.all_reduce_sum(torch.cat([loss.detach()[None], votes])).tolist()  # one sync per step
         self.check_finite(stats[0] / self.ctx.world_size)
@@ -218,8 +221,8 @@ class Trainer:
     def optimize(self, loss):
         """Backward, clip, step optimizer, LR schedule and EMA; returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
+        self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16 autocast is on
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.config["grad_clip"] if self.config["grad_clip"] > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)

@@ -704,19 +704,23 @@ def train(args, resume, accelerator):
     model.train()
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, file=sys.stdout)
     while step < max_steps:
+        # A resumed run re-enters its epoch at the batch where it stopped, with the same shuffle.
         for batch in epoch_batches(loader, step, steps_per_epoch, accelerator):
+            # Latents: encoded here (one VAE pass per batch), or drawn from the cached mean and std.
             x0, y = latent_batch(batch, vae, config["latent_scale"], args.cache_latents, generator)
             loss, grad_norm = train_step(
                 net, diffusion, optimizer, x0, y, args.cfg_dropout, generator, accelerator
             )
-            ema.update(model)
+            ema.update(model)  # the unwrapped model: DDP's module and ours share their parameters
             step += 1
             progress.update()
+            # Every process checks the same reduced loss and the same signal, so all stop at one step.
             training.check_finite(loss, f"step {step}", accelerator)
             signum = stop.agreed(accelerator)
             meter.update(loss)
             if step % args.log_every == 0 or step == max_steps:
                 meter.log(step, grad_norm)
+            # A signal saves too, so Ctrl-C never loses more than the current step.
             if step % args.save_every == 0 or step == max_steps or signum:
                 best = heldout is not None and heldout.improved(ema.model, diffusion, step, logger, writer)
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),

@@ -544,6 +544,8 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
     accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
     model = trainer["model"]
+    # The epoch's order is a function of (seed, epoch) alone, so a resumed run skips exactly the
+    # batches it had trained and sees the rest in the same order.
     skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0
     order = epoch_order(len(train_set), epoch, args.seed, accelerator)[skip * args.batch_size :]
     loader = DataLoader(
@@ -562,6 +564,8 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
         total=batches_per_epoch, initial=skip, desc=desc, disable=not accelerator.is_main_process
     ) as bar:
         for index, (inputs, labels) in enumerate(loader, start=skip):
+            # Gradient accumulation: DDP's all-reduce runs only on the last micro-batch of a group,
+            # and the epoch's last group may be shorter, so each loss is scaled by its own group size.
             group_end = (index + 1) % accum == 0 or index + 1 == batches_per_epoch
             group_size = min(accum, batches_per_epoch - (index // accum) * accum)
             with nullcontext() if group_end else accelerator.no_sync(model):
@@ -575,7 +579,7 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
             grad_norm = optimizer_step(trainer)
             progress.update(epoch=epoch, step_in_epoch=index + 1, global_step=progress["global_step"] + 1)
             log_step(trainer, window, grad_norm, bar)
-            signum = stop.agreed(accelerator)
+            signum = stop.agreed(accelerator)  # the same answer on every process: all stop together
             if signum:
                 return signum
     progress.update(epoch=epoch + 1, step_in_epoch=0)
@@ -607,7 +611,7 @@ def optimizer_step(trainer):
     optimizer.step()
     trainer["lr_scheduler"].step()
     optimizer.zero_grad(set_to_none=True)
-    trainer["ema"].update(accelerator.unwrap_model(model))
+    trainer["ema"].update(accelerator.unwrap_model(model))  # the EMA follows the plain module, not DDP
     return grad_norm
 
 
