@@ -9,6 +9,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -365,31 +366,17 @@ def validation_loss(model, noise_scheduler, latents, labels, seed, num_timesteps
 def main():
     args = parse_args()
     accelerator = training.make_accelerator(args.mixed_precision)  # gloo on CPU, NCCL on CUDA
-    mixed_precision = accelerator.mixed_precision
     device = accelerator.device
     output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
     if accelerator.is_main_process:
         files.clean_temporaries(output_dir)  # left by a run killed while saving
 
-    resume = find_resume(args, output_dir)
-    if resume is not None:
-        for key in ARCHITECTURE_KEYS:
-            setattr(args, key, resume["config"][key])
-        if args.vae_pretrained == DEFAULT_VAE:  # a VAE given on the command line wins (e.g. a moved folder)
-            args.vae_pretrained = resume["config"]["vae_pretrained"]
+    resume = find_resume(args, output_dir)  # with it, the architecture comes from the checkpoint
 
-    class_names, samples = find_class_images(args.data_root)
-    if resume is not None and resume["class_names"] != class_names:
-        raise UserError(
-            f"--data_root classes {class_names} differ from the resumed checkpoint's "
-            f"{resume['class_names']}; resume with the same data"
-        )
-    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
-    if args.image_channels is None:
-        args.image_channels = data["channels"]
-    intensity = data["intensity"]
-    train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
+    # Data: one scan decides the data set's bit depth; the held-out split is fixed by the seed.
+    class_names, train_samples, val_samples, intensity = load_data(args, resume)
 
+    # Model: a class-conditional UNet on the frozen VAE's latents, identical on every process.
     codec = LatentCodec(load_vae(args.vae_pretrained).to(device), args.image_channels)
     set_seed(args.seed)  # identical initial weights (and so EMA) on every process
     model = build_model(args, codec, len(class_names), resume)
@@ -400,38 +387,14 @@ def main():
     )
     config = run_config(args, codec, model)
     if accelerator.is_main_process:
-        components = {"vae": codec.vae, "unet": model.unet, "class_embedder": model.class_embedder}
-        print(training.parameter_table(components), flush=True)
-        print(
-            f"classes: {len(class_names)} | train images: {len(train_samples)} | val images: "
-            f"{len(val_samples)} | image {args.image_size}px x {args.image_channels} ch, "
-            f"{images.describe(intensity)} | latents "
-            f"{codec.latent_channels}x{config['latent_size']}x{config['latent_size']} | device {device} "
-            f"| processes {accelerator.num_processes} | precision {mixed_precision}",
-            flush=True,
+        describe(
+            args, accelerator, codec, model, config, class_names, (train_samples, val_samples), intensity
         )
+    train_set, val_latents, val_labels = datasets(args, codec, train_samples, val_samples, intensity, device)
 
-    train_set = ClassImageDataset(train_samples, args.image_size, args.image_channels, intensity)
-    labels = torch.tensor([label for _, label in train_samples])
-    if args.cache_latents:
-        train_set = TensorDataset(
-            encode_moments(codec, train_set, args.batch_size, device, not args.no_flip), labels
-        )
-    val_set = ClassImageDataset(val_samples, args.image_size, args.image_channels, intensity)
-    val_latents = (
-        encode_moments(codec, val_set, args.batch_size, device, False)[:, 0, 0] if val_samples else None
-    )
-    val_labels = torch.tensor([label for _, label in val_samples])
-
+    # Optimisation: AdamW on a cosine schedule over all epochs; the EMA stays outside DDP.
     ema = EMA(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    batches_per_epoch = math.ceil(
-        len(epoch_order(len(train_set), 0, args.seed, accelerator)) / args.batch_size
-    )
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    lr_scheduler = get_cosine_schedule_with_warmup(
-        optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
-    )
+    optimizer, lr_scheduler, batches_per_epoch = optimization(args, model, len(train_set), accelerator)
     if args.compile:
         model.unet.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -439,44 +402,91 @@ def main():
     set_seed(args.seed + accelerator.process_index)  # different noise and flips per process
 
     progress = dict(epoch=0, step_in_epoch=0, global_step=0, best_val_loss=float("inf"), val_history=[])
-    if resume is not None:
+    if resume is not None:  # weights, EMA, optimizer, schedule, RNG and position in the epoch
         progress = restore_training_state(resume, accelerator, model, ema, optimizer, lr_scheduler)
     writer = SummaryWriter(str(output_dir / "logs")) if accelerator.is_main_process else None
-    trainer = dict(
-        accelerator=accelerator,
-        model=model,
-        ema=ema,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        noise_scheduler=noise_scheduler,
-        codec=codec,
-        config=config,
-        class_names=class_names,
-        intensity=intensity,
-        output_dir=output_dir,
-        writer=writer,
-        args=args,
-        progress=progress,
-    )
+    run = Run(accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, codec, config)
+    run.class_names, run.intensity, run.output_dir, run.writer = class_names, intensity, output_dir, writer
+    run.args, run.progress = args, progress
+
+    # The loop: an epoch at a time; a signal saves checkpoint_latest.pt and exits 128 + signal.
     stop = training.StopSignal("checkpoint_latest.pt")
     for epoch in range(progress["epoch"], args.num_epochs):
-        signum = train_epoch(trainer, train_set, epoch, batches_per_epoch, stop)
+        signum = train_epoch(run, train_set, epoch, batches_per_epoch, stop)
         if signum:
-            save_checkpoints(trainer, ["checkpoint_latest.pt"])
+            save_checkpoints(run, ["checkpoint_latest.pt"])
             if accelerator.is_main_process:
                 print(
                     f"stopped by signal {signum}; resume with --resume {output_dir / 'checkpoint_latest.pt'}"
                 )
             sys.exit(128 + signum)
-        end_of_epoch(trainer, epoch + 1, val_latents, val_labels)
+        end_of_epoch(run, epoch + 1, val_latents, val_labels)
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
+def load_data(args, resume):
+    """Class names, training and held-out (path, label) lists and the data's decoding rule."""
+    class_names, samples = find_class_images(args.data_root)
+    if resume is not None and resume["class_names"] != class_names:
+        raise UserError(
+            f"--data_root classes {class_names} differ from the resumed checkpoint's "
+            f"{resume['class_names']}; resume with the same data"
+        )
+    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
+    if args.image_channels is None:
+        args.image_channels = data["channels"]
+    train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
+    return class_names, train_samples, val_samples, data["intensity"]
+
+
+def describe(args, accelerator, codec, model, config, class_names, splits, intensity):
+    """The parameter table and one line of what this run trains on (main process)."""
+    components = {"vae": codec.vae, "unet": model.unet, "class_embedder": model.class_embedder}
+    print(training.parameter_table(components), flush=True)
+    side = config["latent_size"]
+    print(
+        f"classes: {len(class_names)} | train images: {len(splits[0])} | val images: {len(splits[1])} | "
+        f"image {args.image_size}px x {args.image_channels} ch, {images.describe(intensity)} | latents "
+        f"{codec.latent_channels}x{side}x{side} | device {accelerator.device} "
+        f"| processes {accelerator.num_processes} | precision {accelerator.mixed_precision}",
+        flush=True,
+    )
+
+
+def optimization(args, model, num_train, accelerator):
+    """AdamW, its cosine schedule with warm-up (in optimizer steps) and the batches per epoch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    batches_per_epoch = math.ceil(len(epoch_order(num_train, 0, args.seed, accelerator)) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    lr_scheduler = get_cosine_schedule_with_warmup(
+        optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
+    )
+    return optimizer, lr_scheduler, batches_per_epoch
+
+
+def datasets(args, codec, train_samples, val_samples, intensity, device):
+    """The training set (images, or their cached latent moments) and the held-out latents and labels."""
+    train_set = ClassImageDataset(train_samples, args.image_size, args.image_channels, intensity)
+    labels = torch.tensor([label for _, label in train_samples])
+    if args.cache_latents:  # both flips, mean and std: sampling the posterior each epoch stays exact
+        train_set = TensorDataset(
+            encode_moments(codec, train_set, args.batch_size, device, not args.no_flip), labels
+        )
+    val_set = ClassImageDataset(val_samples, args.image_size, args.image_channels, intensity)
+    val_latents = (
+        encode_moments(codec, val_set, args.batch_size, device, False)[:, 0, 0] if val_samples else None
+    )
+    return train_set, val_latents, torch.tensor([label for _, label in val_samples])
+
+
 def find_resume(args, output_dir):
-    """The checkpoint to resume from, or None; refuses to overwrite another run's files."""
+    """The checkpoint to resume from, or None; refuses to overwrite another run's files.
+
+    A resumed run takes its architecture (and, unless one is given, its VAE) from the checkpoint.
+    """
     if args.resume is None:
         if (output_dir / "checkpoint_latest.pt").exists():
             raise UserError(
@@ -485,7 +495,12 @@ def find_resume(args, output_dir):
             )
         return None
     path = output_dir / "checkpoint_latest.pt" if args.resume == "latest" else Path(args.resume)
-    return load_checkpoint(path, flag="--resume")
+    resume = load_checkpoint(path, flag="--resume")
+    for key in ARCHITECTURE_KEYS:
+        setattr(args, key, resume["config"][key])
+    if args.vae_pretrained == DEFAULT_VAE:  # a VAE given on the command line wins (e.g. a moved folder)
+        args.vae_pretrained = resume["config"]["vae_pretrained"]
+    return resume
 
 
 def build_model(args, codec, num_classes, resume):
@@ -540,10 +555,30 @@ def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_schedule
     return dict(ckpt["progress"])
 
 
-def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
+@dataclass
+class Run:
+    """What one training run holds, passed to the loop's steps; progress is saved with every checkpoint."""
+
+    accelerator: object
+    model: object  # prepared (DDP-wrapped when several processes run)
+    ema: EMA
+    optimizer: object
+    lr_scheduler: object
+    noise_scheduler: object
+    codec: LatentCodec
+    config: dict
+    class_names: list = None
+    intensity: dict = None
+    output_dir: Path = None
+    writer: object = None  # TensorBoard on the main process, None elsewhere
+    args: object = None
+    progress: dict = None
+
+
+def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
-    accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
-    model = trainer["model"]
+    accelerator, args, progress = run.accelerator, run.args, run.progress
+    model = run.model
     # The epoch's order is a function of (seed, epoch) alone, so a resumed run skips exactly the
     # batches it had trained and sees the rest in the same order.
     skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0
@@ -569,16 +604,14 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
             group_end = (index + 1) % accum == 0 or index + 1 == batches_per_epoch
             group_size = min(accum, batches_per_epoch - (index // accum) * accum)
             with nullcontext() if group_end else accelerator.no_sync(model):
-                window["loss"] += (
-                    backward_micro_batch(trainer, inputs, labels, epoch, group_size) / group_size
-                )
+                window["loss"] += backward_micro_batch(run, inputs, labels, epoch, group_size) / group_size
             window["images"] += inputs.shape[0] * accelerator.num_processes
             bar.update(1)
             if not group_end:
                 continue
-            grad_norm = optimizer_step(trainer)
+            grad_norm = optimizer_step(run)
             progress.update(epoch=epoch, step_in_epoch=index + 1, global_step=progress["global_step"] + 1)
-            log_step(trainer, window, grad_norm, bar)
+            log_step(run, window, grad_norm, bar)
             signum = stop.agreed(accelerator)  # the same answer on every process: all stop together
             if signum:
                 return signum
@@ -586,32 +619,32 @@ def train_epoch(trainer, train_set, epoch, batches_per_epoch, stop):
     return 0
 
 
-def backward_micro_batch(trainer, inputs, labels, epoch, group_size):
+def backward_micro_batch(run, inputs, labels, epoch, group_size):
     """Gradients of one micro-batch, scaled by its accumulation group's size; returns the mean loss."""
-    accelerator, args = trainer["accelerator"], trainer["args"]
-    latents = training_latents(inputs, trainer["codec"], args.cache_latents, not args.no_flip)
+    accelerator, args = run.accelerator, run.args
+    latents = training_latents(inputs, run.codec, args.cache_latents, not args.no_flip)
     with accelerator.autocast():
         loss = diffusion_loss(
-            trainer["model"],
-            trainer["noise_scheduler"],
+            run.model,
+            run.noise_scheduler,
             latents,
             labels.to(latents.device),
             args.cfg_dropout,
-            len(trainer["class_names"]),
+            len(run.class_names),
         )
-    mean_loss = check_finite(accelerator, loss, epoch, trainer["progress"])
+    mean_loss = check_finite(accelerator, loss, epoch, run.progress)
     accelerator.backward(loss / group_size)
     return mean_loss
 
 
-def optimizer_step(trainer):
+def optimizer_step(run):
     """Clip, step optimizer and LR schedule, update the EMA; returns the gradient norm."""
-    accelerator, model, optimizer = trainer["accelerator"], trainer["model"], trainer["optimizer"]
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), trainer["args"].max_grad_norm)
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
     optimizer.step()
-    trainer["lr_scheduler"].step()
+    run.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    trainer["ema"].update(accelerator.unwrap_model(model))  # the EMA follows the plain module, not DDP
+    run.ema.update(accelerator.unwrap_model(model))  # the EMA follows the plain module, not DDP
     return grad_norm
 
 
@@ -627,10 +660,10 @@ def check_finite(accelerator, loss, epoch, progress):
     return losses.mean().item()
 
 
-def log_step(trainer, window, grad_norm, bar):
+def log_step(run, window, grad_norm, bar):
     """Loss, learning rate, grad norm and throughput to tqdm and TensorBoard (main process)."""
-    writer, step = trainer["writer"], trainer["progress"]["global_step"]
-    lr = trainer["lr_scheduler"].get_last_lr()[0]
+    writer, step = run.writer, run.progress["global_step"]
+    lr = run.lr_scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{window['loss']:.4f}", lr=f"{lr:.2e}")
     if writer is not None:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -641,16 +674,16 @@ def log_step(trainer, window, grad_norm, bar):
     window.update(loss=0.0, images=0, start=time.perf_counter())
 
 
-def end_of_epoch(trainer, epochs_done, val_latents, val_labels):
+def end_of_epoch(run, epochs_done, val_latents, val_labels):
     """Validate, draw sample grids and write best / periodic / final checkpoints, then latest.
 
     latest comes last: a run killed in between resumes from the previous latest and redoes the
     epoch, writing the others again."""
-    accelerator, args, progress = trainer["accelerator"], trainer["args"], trainer["progress"]
+    accelerator, args, progress = run.accelerator, run.args, run.progress
     last = epochs_done == args.num_epochs
     names = []
     if val_latents is not None and (epochs_done % args.val_every == 0 or last):
-        val_loss = evaluate(trainer, val_latents, val_labels)
+        val_loss = evaluate(run, val_latents, val_labels)
         progress["val_history"].append([epochs_done, val_loss])
         if val_loss < progress["best_val_loss"]:
             progress["best_val_loss"] = val_loss
@@ -662,18 +695,18 @@ def end_of_epoch(trainer, epochs_done, val_latents, val_labels):
     if last:
         names.append("checkpoint_final.pt")
     if epochs_done % args.sample_every == 0 and accelerator.is_main_process:
-        save_sample_grid(trainer, epochs_done)
-    save_checkpoints(trainer, [*names, "checkpoint_latest.pt"])
+        save_sample_grid(run, epochs_done)
+    save_checkpoints(run, [*names, "checkpoint_latest.pt"])
     if accelerator.is_main_process:
-        prune_periodic(trainer["output_dir"], args.checkpoints_total_limit)
+        prune_periodic(run.output_dir, args.checkpoints_total_limit)
 
 
-def evaluate(trainer, val_latents, val_labels):
+def evaluate(run, val_latents, val_labels):
     """Deterministic validation loss of the EMA weights, shared out over processes."""
-    accelerator, args = trainer["accelerator"], trainer["args"]
+    accelerator, args = run.accelerator, run.args
     loss_sum, count = validation_loss(
-        trainer["ema"].model,
-        trainer["noise_scheduler"],
+        run.ema.model,
+        run.noise_scheduler,
         val_latents,
         val_labels,
         args.seed,
@@ -685,47 +718,47 @@ def evaluate(trainer, val_latents, val_labels):
         torch.stack([loss_sum, torch.tensor(float(count), device=loss_sum.device)]), "sum"
     )
     val_loss = (total[0] / total[1]).item()
-    if trainer["writer"] is not None:
-        trainer["writer"].add_scalar("val/loss", val_loss, trainer["progress"]["global_step"])
+    if run.writer is not None:
+        run.writer.add_scalar("val/loss", val_loss, run.progress["global_step"])
         print(f"validation loss (EMA, fixed noise): {val_loss:.5f}", flush=True)
     return val_loss
 
 
 @torch.no_grad()
-def save_sample_grid(trainer, epochs_done):
+def save_sample_grid(run, epochs_done):
     """EMA samples from fixed noise, one row per class, to disk and TensorBoard."""
-    args, codec, device = trainer["args"], trainer["codec"], trainer["accelerator"].device
-    classes = range(min(len(trainer["class_names"]), 16))
-    shape = (codec.latent_channels, trainer["config"]["latent_size"], trainer["config"]["latent_size"])
+    args, codec, device = run.args, run.codec, run.accelerator.device
+    classes = range(min(len(run.class_names), 16))
+    shape = (codec.latent_channels, run.config["latent_size"], run.config["latent_size"])
     noise = torch.cat([noise_for(args.seed, c, range(args.grid_samples_per_class), shape) for c in classes])
     labels = torch.tensor(classes, device=device).repeat_interleave(args.grid_samples_per_class)
-    sampler = make_sampler("ddim", trainer["noise_scheduler"].config)
-    with trainer["accelerator"].autocast():
+    sampler = make_sampler("ddim", run.noise_scheduler.config)
+    with run.accelerator.autocast():
         latents = denoise(
-            trainer["ema"].model, sampler, noise.to(device), labels, args.sample_cfg_scale, args.sample_steps
+            run.ema.model, sampler, noise.to(device), labels, args.sample_cfg_scale, args.sample_steps
         )
     grid = make_grid(to_unit(codec.decode(latents)), nrow=args.grid_samples_per_class)
-    (trainer["output_dir"] / "samples").mkdir(exist_ok=True)
-    save_image(grid, trainer["output_dir"] / "samples" / f"epoch_{epochs_done:04d}.png")
-    trainer["writer"].add_image("samples/ema", grid, trainer["progress"]["global_step"])
+    (run.output_dir / "samples").mkdir(exist_ok=True)
+    save_image(grid, run.output_dir / "samples" / f"epoch_{epochs_done:04d}.png")
+    run.writer.add_image("samples/ema", grid, run.progress["global_step"])
 
 
-def save_checkpoints(trainer, names):
+def save_checkpoints(run, names):
     """Write one checkpoint under each name (collective: every process must call it)."""
-    accelerator = trainer["accelerator"]
+    accelerator = run.accelerator
     rng = [checkpoints.rng_state()]
     rng = gather_object(rng) if accelerator.num_processes > 1 else rng  # one entry per process
     if accelerator.is_main_process:
-        state = checkpoint_state(trainer, rng)
+        state = checkpoint_state(run, rng)
         for name in names:
-            files.atomic_save(state, trainer["output_dir"] / name)
+            files.atomic_save(state, run.output_dir / name)
     accelerator.wait_for_everyone()
 
 
-def checkpoint_state(trainer, rng):
+def checkpoint_state(run, rng):
     """Everything needed to sample, to build a ControlNet on, or to resume bit for bit."""
-    accelerator, ema = trainer["accelerator"], trainer["ema"]
-    model = accelerator.unwrap_model(trainer["model"])
+    accelerator, ema = run.accelerator, run.ema
+    model = accelerator.unwrap_model(run.model)
     return {
         "model_type": "ldm",
         "format_version": FORMAT_VERSION,
@@ -734,19 +767,19 @@ def checkpoint_state(trainer, rng):
         "ema_unet": ema.model.unet.state_dict(),
         "class_embedder": model.class_embedder.state_dict(),
         "ema_class_embedder": ema.model.class_embedder.state_dict(),
-        "class_names": list(trainer["class_names"]),
-        "intensity": trainer["intensity"],
-        "channels": trainer["config"]["image_channels"],
-        "scheduler_config": plain(trainer["noise_scheduler"].config),
-        "config": trainer["config"],
-        "optimizer": trainer["optimizer"].state_dict(),
-        "lr_scheduler": trainer["lr_scheduler"].state_dict(),
+        "class_names": list(run.class_names),
+        "intensity": run.intensity,
+        "channels": run.config["image_channels"],
+        "scheduler_config": plain(run.noise_scheduler.config),
+        "config": run.config,
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "ema": ema.state_dict(),
-        "progress": dict(trainer["progress"]),
-        "epoch": trainer["progress"]["epoch"],
-        "global_step": trainer["progress"]["global_step"],
-        "best_val_loss": trainer["progress"]["best_val_loss"],
+        "progress": dict(run.progress),
+        "epoch": run.progress["epoch"],
+        "global_step": run.progress["global_step"],
+        "best_val_loss": run.progress["best_val_loss"],
         "rng": rng,
     }
 
