@@ -217,26 +217,31 @@ def prune_checkpoints(folder, pattern, keep):
 
 
 class DistContext:
-    """Rank, world size and device of this process; a single process when not under torchrun."""
+    """Rank, world size and device of this process; a single process when not launched as several.
+
+    The process group comes from accelerate's PartialState, the multi-process stack of every folder:
+    torchrun and accelerate launch alike, NCCL on CUDA, gloo on CPU (also with --device cpu).
+    """
 
     def __init__(self, distributed, device=None):
         self.distributed = distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.rank = int(os.environ.get("RANK", "0")) if self.distributed else 0
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if self.distributed else 1
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.distributed else 0
-        self.device = pick_device(device, local_rank)
+        self.state = None
         if self.distributed:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            from accelerate import PartialState
+
+            cpu = device == "cpu" or not torch.cuda.is_available()
+            self.state = PartialState(cpu=cpu)
+        self.rank = self.state.process_index if self.state else 0
+        self.world_size = self.state.num_processes if self.state else 1
+        self.device = pick_device(device, self.state.local_process_index if self.state else 0)
 
     @property
     def is_main(self):
         return self.rank == 0
 
     def barrier(self):
-        if self.distributed:
-            dist.barrier()
+        if self.state:
+            self.state.wait_for_everyone()
 
     def all_reduce_sum(self, tensor):
         """Sum a tensor over ranks (identity on one process)."""
@@ -245,8 +250,8 @@ class DistContext:
         return tensor
 
     def close(self):
-        if self.distributed:
-            dist.destroy_process_group()
+        if self.state:
+            self.state.destroy_process_group()
 
 
 def pick_device(name=None, local_rank=0):
