@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import skip_first_batches
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -497,7 +497,7 @@ class Run:
 
     def save(self, *names):
         """Write the checkpoint under each name (atomically) from the main process; all processes call it."""
-        rng_states = gather_object([checkpoints.rng_state()])
+        rng_states = training.rng_states(self.accelerator)
         if self.accelerator.is_main_process:
             state = self.state(rng_states)
             for name in names:

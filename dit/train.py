@@ -615,7 +615,7 @@ def restore(resume, model, ema, optimizer, generator, accelerator, logger):
 
 def save_checkpoint(run_dir, step, state, generator, accelerator, logger, best=False, limit=None):
     """RUN/checkpoints/NNNNNNN.pt (and best.pt) with every process's random state, written by the main one."""
-    rng = gather_object([checkpoints.rng_state(generator)])
+    rng = training.rng_states(accelerator, generator)
     if not accelerator.is_main_process:
         return
     state = {**state, "rng": rng, "world_size": accelerator.num_processes}

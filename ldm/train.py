@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -405,9 +405,8 @@ def main():
     if resume is not None:  # weights, EMA, optimizer, schedule, RNG and position in the epoch
         progress = restore_training_state(resume, accelerator, model, ema, optimizer, lr_scheduler)
     writer = SummaryWriter(str(output_dir / "logs")) if accelerator.is_main_process else None
-    run = Run(accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, codec, config)
-    run.class_names, run.intensity, run.output_dir, run.writer = class_names, intensity, output_dir, writer
-    run.args, run.progress = args, progress
+    run = Run(accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, codec, config,
+              class_names, intensity, output_dir, writer, args, progress)  # fmt: skip
 
     # The loop: an epoch at a time; a signal saves checkpoint_latest.pt and exits 128 + signal.
     stop = training.StopSignal("checkpoint_latest.pt")
@@ -567,12 +566,12 @@ class Run:
     noise_scheduler: object
     codec: LatentCodec
     config: dict
-    class_names: list = None
-    intensity: dict = None
-    output_dir: Path = None
-    writer: object = None  # TensorBoard on the main process, None elsewhere
-    args: object = None
-    progress: dict = None
+    class_names: list
+    intensity: dict
+    output_dir: Path
+    writer: object  # TensorBoard on the main process, None elsewhere
+    args: object
+    progress: dict
 
 
 def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
@@ -746,8 +745,7 @@ def save_sample_grid(run, epochs_done):
 def save_checkpoints(run, names):
     """Write one checkpoint under each name (collective: every process must call it)."""
     accelerator = run.accelerator
-    rng = [checkpoints.rng_state()]
-    rng = gather_object(rng) if accelerator.num_processes > 1 else rng  # one entry per process
+    rng = training.rng_states(accelerator)  # one entry per process
     if accelerator.is_main_process:
         state = checkpoint_state(run, rng)
         for name in names:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader
@@ -381,8 +381,7 @@ def finalise(vae, args, folder, loader):
 
 def save_state(path, accelerator, vae, optimizer, lr_scheduler, state, data):
     """Resume state at an epoch boundary, with the data rule (collective: every process calls it)."""
-    rng = [checkpoints.rng_state()]
-    rng = gather_object(rng) if accelerator.num_processes > 1 else rng  # one entry per process
+    rng = training.rng_states(accelerator)  # one entry per process
     if accelerator.is_main_process:
         checkpoint = {
             "model_type": "vae",

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import images
+from . import checkpoints, images
 from .errors import UserError, warn
 
 # --------------------------------------------------------------------------- devices and processes
@@ -42,6 +42,14 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, device
         gradient_accumulation_steps=gradient_accumulation_steps,
         cpu=on_cpu,
     )
+
+
+def rng_states(accelerator, generator=None):
+    """Every process's random states, in process order, for a checkpoint (collective: all call it)."""
+    from accelerate.utils import gather_object
+
+    mine = [checkpoints.rng_state(generator)]
+    return gather_object(mine) if accelerator.num_processes > 1 else mine
 
 
 def sum_across(accelerator, *values):
