@@ -144,6 +144,20 @@ def test_flag_table_lists_canonical_names_aliases_and_defaults():
     assert "--help" not in table
 
 
+def test_help_shows_each_default_once_and_none_for_unset_flags():
+    parser = cli.Parser(prog="p")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--eta", type=float, default=0.0, help="noise (default: %(default)s)")
+    parser.add_argument("--resume", default=None, help="checkpoint")
+    parser.add_argument("--compile", action="store_true", help="torch.compile")
+    text = " ".join(parser.format_help().split())
+    assert "sampling steps (default: 50)" in text
+    assert text.count("(default: 0.0)") == 1
+    assert "checkpoint (default" not in text and "torch.compile (default" not in text
+    table = cli.flag_table(parser)
+    assert "| `--steps` | `--steps` |" not in table and "| `50` | sampling steps |" in table
+
+
 def test_flagdocs_rewrites_and_checks_tables(tmp_path):
     (tmp_path / "tool.py").write_text(
         textwrap.dedent(

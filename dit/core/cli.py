@@ -23,16 +23,27 @@ def spellings(names):
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description as written and appends "(default: X)" to every flag that has a default,
+    so each flag's definition fits on one line and --help still shows every default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one 'error: ...' line and exit code 2 (no usage block).
 
     Every flag is accepted as --snake_case and --kebab-case; the first name given is the canonical
     one (it gives the dest), the others are aliases, such as the seed's spellings:
-    parser.add_argument("--data_root", "--dataset_path", help=...).
+    parser.add_argument("--data_root", "--dataset_path", help=...). --help shows every default.
     """
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)  # a typo never silently means another flag
         super().__init__(**kwargs)
 
