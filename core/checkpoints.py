@@ -29,6 +29,7 @@ def load(path, what="checkpoint"):
 
 def rng_state(generator=None):
     """Every random state of this process as weights_only-loadable values."""
+    # numpy's state holds a uint32 array that weights_only cannot unpickle: stored as an int64 tensor.
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -37,10 +38,12 @@ def rng_state(generator=None):
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     if generator is not None:
+        # A loader's own generator decides the shuffle order: without it a resumed epoch would differ.
         state["generator"] = generator.get_state()
     return state
 
 
+# random.setstate wants nested tuples; a checkpoint round trip may hand back lists.
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
@@ -52,12 +55,14 @@ def set_rng_state(state, generator=None):
     keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
     np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
+    # A checkpoint written on a GPU still resumes on a CPU-only machine; only the CUDA part is lost.
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
 
 
+# The step or epoch in a periodic file's name (checkpoint-1200.pt -> 1200): -1 when there is none.
 def _number(path):
     found = re.findall(r"\d+", path.stem)
     return int(found[-1]) if found else -1
@@ -65,6 +70,7 @@ def _number(path):
 
 def periodic(folder, pattern):
     """The files matching pattern in folder, oldest first by the number in their names."""
+    # By number, not by name: checkpoint-900 is older than checkpoint-1200.
     return sorted(Path(folder).glob(pattern), key=lambda p: (_number(p), p.name))
 
 
@@ -72,6 +78,7 @@ def prune(folder, pattern, keep):
     """Delete all but the newest `keep` periodic checkpoints (keep None or 0 keeps every one)."""
     if not keep:
         return []
+    # Called after the new file is safely written, so a crash in between never leaves fewer than keep.
     old = periodic(folder, pattern)[:-keep]
     for path in old:
         path.unlink(missing_ok=True)
@@ -83,6 +90,8 @@ def find_resume(path, latest, pattern=None, flag="--resume"):
     path = Path(path)
     if path.is_file():
         return path
+    # A run folder: the latest file is written after every save; periodic ones are the fallback when a
+    # user deleted it or the run was stopped before its first latest save.
     if path.is_dir():
         if (path / latest).is_file():
             return path / latest
@@ -95,6 +104,7 @@ def find_resume(path, latest, pattern=None, flag="--resume"):
 
 def plain(value):
     """A copy of value with only plain types (paths to str, tuples to lists) for a checkpoint's config."""
+    # weights_only loads refuse Path, Namespace and numpy scalars: everything else becomes a string.
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

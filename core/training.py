@@ -28,13 +28,17 @@ def make_accelerator(mixed_precision="no", gradient_accumulation_steps=1, device
     """
     from accelerate import Accelerator
 
+    # Accelerator(cpu=True) is the only way to keep a CUDA machine's processes on the CPU (tests, a
+    # busy GPU); ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets for the same wish.
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     on_cpu = on_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     if mixed_precision == "auto":
         mixed_precision = "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "no"
+    # CPU autocast to 16 bits is slower than fp32 and fp16 has no scaler there: say so and go on.
     if mixed_precision != "no" and on_cpu:
         warn(f"--mixed_precision {mixed_precision} needs CUDA; training in fp32 on CPU")
         mixed_precision = "no"
+    # TF32 matmuls keep fp32 range with a 10-bit mantissa: the DiT paper's setting, ~2x faster on Ampere+.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     return Accelerator(
@@ -48,12 +52,14 @@ def rng_states(accelerator, generator=None):
     """Every process's random states, in process order, for a checkpoint (collective: all call it)."""
     from accelerate.utils import gather_object
 
+    # gather_object pickles through the process group: fine for a few kB once per checkpoint.
     mine = [checkpoints.rng_state(generator)]
     return gather_object(mine) if accelerator.num_processes > 1 else mine
 
 
 def sum_across(accelerator, *values):
     """Each value summed over all processes (every process must call this)."""
+    # float64, so that summed per-process loss totals over a large held-out set lose no digits.
     tensor = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)
     if accelerator.num_processes > 1:
         tensor = accelerator.reduce(tensor, reduction="sum")
@@ -75,6 +81,7 @@ class StopSignal:
             signal.signal(sig, self._record)
 
     def _record(self, signum, frame):
+        # Only a flag is set here: saving inside a signal handler could interrupt a half-written file.
         self.signum = signum
         print(f"\nsignal {signum} received: finishing this step and saving {self.saving}", flush=True)
 
@@ -82,6 +89,8 @@ class StopSignal:
         """The signal any process received (0 if none), so all of them stop at the same step."""
         if accelerator is None or accelerator.num_processes == 1:
             return self.signum
+        # One process may get the signal (Ctrl-C reaches torchrun's children unevenly): the max over
+        # processes makes all of them stop after the same step, so no collective is left waiting.
         seen = torch.tensor([self.signum], device=accelerator.device)
         return int(accelerator.gather(seen).max())
 
@@ -99,6 +108,8 @@ class TrainingHalted(UserError):
 
 def check_finite(loss, where, accelerator=None):
     """Stop every process with one clear line when the loss is NaN or infinite."""
+    # Reduced over processes: one rank with a NaN must stop them all, or the others hang in the next
+    # all-reduce. The .item() is one sync per check; callers check at log steps, not every step.
     bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
     if accelerator is not None and accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
@@ -116,6 +127,8 @@ def split_heldout(n, fraction, seed=0):
     """(train, held_out) index lists: a fixed random fraction held out (at least one if fraction > 0)."""
     if fraction <= 0 or n < 2:
         return list(range(n)), []
+    # A private generator: the split depends on n and seed only, never on the training RNG, so a
+    # resumed or re-launched run holds out exactly the same images.
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     count = min(n - 1, max(1, round(n * fraction)))
     return sorted(order[count:]), sorted(order[:count])
@@ -138,10 +151,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step=None):
         """ema <- decay * ema + (1 - decay) * model (a plain copy before start_step)."""
+        # lerp_(ema, model, 1 - decay) is ema*decay + model*(1 - decay) in one fused kernel per
+        # parameter group; weight 1 copies the model outright (the warm-up before start_step).
         weight = 1.0 if step is not None and step < self.start_step else 1 - self.decay
         ema_params = [p for p in self.model.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, weight)
+        # Buffers (norm statistics, fixed positional embeddings) are not averaged but copied.
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
 
@@ -183,6 +199,7 @@ class Timer:
         self.start = self.now()
 
     def now(self):
+        # CUDA kernels run asynchronously: without the sync the clock would stop before the work does.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -193,6 +210,7 @@ class Timer:
 
 def timing_line(images_done, steps, batches, seconds, label="sampling"):
     """The one timing line: images, steps, seconds, s/image, ms per denoising step of a batch, images/s."""
+    # Per denoising step of one batch: the figure that compares samplers and step counts fairly.
     ms_step = 1000.0 * seconds / max(1, steps * batches)
     return (
         f"{label}: {images_done} images, {steps} steps, {seconds:.2f} s total, "
@@ -209,6 +227,7 @@ class Writer:
 
     def __init__(self, folder, enabled=True):
         self.board = None
+        # Only the main process writes, so torchrun runs do not leave one event file per process.
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -234,6 +253,7 @@ def make_grid(samples, nrow=None):
     from torchvision.utils import make_grid as tile
 
     nrow = nrow or max(1, int(len(samples) ** 0.5))
+    # torchvision tiles into 3 channels; a grayscale grid is cut back to one so it is saved as gray.
     grid = tile(samples.float().clamp(0, 1).cpu(), nrow=nrow, padding=2)
     return grid[:1] if samples.shape[1] == 1 else grid
 

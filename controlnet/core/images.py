@@ -53,6 +53,7 @@ def is_readable_image(path):
 
 
 def _is_gray(image):
+    # A palette image is gray when every palette entry it uses has R = G = B (common for exported scans).
     if image.mode == "P":
         rgb = np.asarray(image.convert("RGB"))
         return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
@@ -61,9 +62,12 @@ def _is_gray(image):
 
 def _bits(image):
     """Significant bits of one integer image: its largest value (or the depth it declares), >= 8."""
+    # The tag we write into our own PNGs: a dark 12-bit sample (max value < 2048) must still read as
+    # 12-bit, or re-training on generated samples would brighten them.
     declared = int(image.info.get(DEPTH_TAG, 0) or 0)
     if image.mode not in WIDE_MODES:
         return max(8, declared)
+    # bit_length rounds the peak up to 2^k - 1: a 12-bit scanner's 4095 gives 12, a 16-bit 40000 gives 16.
     peak = int(np.asarray(image).max(initial=0))
     return max(8, peak.bit_length(), declared)
 
@@ -91,10 +95,12 @@ def scan(paths, bit_depth=None, intensity_range=None):
         if bit_depth is not None:
             raise UserError("--bit_depth applies to integer images, these are float: use --intensity_range")
         return {"channels": channels, "intensity": float_rule(intensity_range)}
+    # One depth for the whole set: the deepest image decides, so a dim image is never stretched.
     found = max((bits for _, bits, _, _ in described), default=8)
     if bit_depth is not None and found > bit_depth:
         warn(f"pixel values need {found} bits but --bit_depth is {bit_depth}: brighter values are clipped")
     depth = bit_depth or found
+    # 8-bit files in a 16-bit set are divided by 65535 too and come out nearly black: worth a warning.
     wide = sum(w for *_, w in described)
     if depth > 8 and 0 < wide < len(described):
         warn(f"the data set mixes 8-bit and wider images: all are scaled as {depth}-bit data")
@@ -134,6 +140,7 @@ def decode(image, intensity, channels):
     Palette images are expanded, alpha is composited on black (the usual background of medical
     and masked images), gray is repeated for 3 channels and colour weighted for 1.
     """
+    # Bring every PIL mode to one of L / LA / RGB / RGBA / F / 16-bit before any arithmetic.
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode == "PA":
@@ -144,6 +151,8 @@ def decode(image, intensity, channels):
     if image.mode in ("LA", "RGBA"):
         alpha = np.asarray(image.getchannel("A"), dtype=np.float32)[..., None] / 255.0
         image = image.convert(image.mode[:-1])
+    # The data set's rule, never this image's own maximum: the same pixel value means the same
+    # intensity in every image of the set.
     array = np.asarray(image).astype(np.float32)
     if image.mode == "F":
         low, high = intensity.get("range", (0.0, 1.0))
@@ -155,6 +164,7 @@ def decode(image, intensity, channels):
         array = array[..., None]  # (H, W, 1)
     if alpha is not None:
         array = array * alpha
+    # The set's channel count wins: a stray RGB file in a gray set becomes gray, and vice versa.
     if channels == 1 and array.shape[2] == 3:
         array = (array @ LUMA)[..., None]
     elif channels == 3 and array.shape[2] == 1:
@@ -183,6 +193,7 @@ def encode(sample, intensity):
         sample = sample.detach().float().cpu().numpy()
     array = np.clip(np.asarray(sample, dtype=np.float32), 0.0, 1.0).transpose(1, 2, 0)  # (H, W, C)
     depth = intensity.get("bit_depth", 8) if intensity["kind"] == "integer" else None
+    # Round to the nearest level (np.rint), not down: decode(encode(x)) then returns x exactly.
     if array.shape[2] == 3 or (depth is not None and depth <= 8):
         peak = 2 ** min(depth or 8, 8) - 1
         pixels = np.rint(array * peak).astype(np.uint8)
@@ -191,6 +202,7 @@ def encode(sample, intensity):
         low, high = intensity["range"]
         return Image.fromarray((low + array[..., 0] * (high - low)).astype(np.float32), "F")
     peak = 2**depth - 1
+    # uint16 becomes PIL mode I;16 (a 16-bit PNG); deeper data needs 32-bit 'I', written as TIFF.
     if depth <= 16:
         return Image.fromarray(np.rint(array[..., 0] * peak).astype(np.uint16))
     return Image.fromarray(np.rint(array[..., 0].astype(np.float64) * peak).astype(np.int32), "I")
@@ -212,6 +224,7 @@ def save(sample, path, intensity):
 
 def to_uint8_rgb(samples):
     """(N, C, H, W) values in [0, 1] -> (N, H, W, 3) uint8, the ADM evaluator's .npz layout."""
+    # Inception-based metrics expect 8-bit RGB: gray is repeated, deeper data is quantised here only.
     samples = samples.detach().float().clamp(0, 1).cpu()
     if samples.shape[1] == 1:
         samples = samples.repeat(1, 3, 1, 1)

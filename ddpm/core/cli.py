@@ -14,6 +14,8 @@ from .errors import UserError
 
 def spellings(names):
     """The option strings plus the --snake_case / --kebab-case twin of each multi-word one."""
+    # Order matters: the names as given come first (argparse shows the first in usage and errors),
+    # each followed by its twin; dict.fromkeys drops a twin that equals a given name.
     out = []
     for name in names:
         twins = [name]
@@ -48,18 +50,17 @@ class Parser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def add_argument(self, *names, **kwargs):
-        if names and names[0].startswith("--") and "dest" not in kwargs:
-            kwargs["dest"] = names[0][2:].replace("-", "_")
-        return super().add_argument(*spellings(names), **kwargs)
+        names, kwargs = _both_spellings(names, kwargs)
+        return super().add_argument(*names, **kwargs)
 
     def add_argument_group(self, *args, **kwargs):
+        # Groups keep their own add_argument (argparse's containers do not share it): wrap that one too.
         group = super().add_argument_group(*args, **kwargs)
         add = group.add_argument
 
-        def add_both(*names, **kw):
-            if names and names[0].startswith("--") and "dest" not in kw:
-                kw["dest"] = names[0][2:].replace("-", "_")
-            return add(*spellings(names), **kw)
+        def add_both(*names, **kwargs):
+            names, kwargs = _both_spellings(names, kwargs)
+            return add(*names, **kwargs)
 
         group.add_argument = add_both
         return group
@@ -69,8 +70,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _both_spellings(names, kwargs):
+    """(option strings, kwargs) with every spelling added and the dest taken from the first name."""
+    # Without an explicit dest argparse would name it after the first long option it sees, which the
+    # added twins could change; the canonical name decides, so args.data_root is always the attribute.
+    if names and names[0].startswith("--") and "dest" not in kwargs:
+        kwargs = {**kwargs, "dest": names[0][2:].replace("-", "_")}
+    return spellings(names), kwargs
+
+
 def explicit_flags(parser, argv):
     """Dests of the flags the user typed, so a resumed run can tell them from defaults."""
+    # --flag=value and --flag value both count; abbreviations cannot occur (allow_abbrev=False).
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     return {a.dest for a in parser._actions if given.intersection(a.option_strings)}
 
@@ -92,6 +103,7 @@ PRECISION_ALIASES = {"fp32": "no", "float32": "no", "float16": "fp16", "bfloat16
 
 def mixed_precision(text):
     """An argparse type: no / fp16 / bf16, also fp32 (= no) and auto (bf16 where CUDA has it)."""
+    # auto is resolved later, by make_accelerator, where the device is known.
     value = PRECISION_ALIASES.get(text.strip().lower(), text.strip().lower())
     if value not in (*MIXED_PRECISION, "auto"):
         raise argparse.ArgumentTypeError(f"expected one of no, fp16, bf16 (or fp32, auto), got {text!r}")
@@ -109,7 +121,8 @@ def flag_table(parser):
         default = action.default
         shown = "" if default is None or default is argparse.SUPPRESS else f"`{default}`"
         meaning = formatter._expand_help(action) if action.help else ""
-        if shown:  # the default has its own column
+        # The default has its own column, so a "(default: ...)" written into the help is cut off.
+        if shown:
             meaning = re.sub(r" *\(default: [^()]*\)$", "", meaning)
         meaning = meaning.replace("|", "\\|").replace("\n", " ")
         if action.choices:
@@ -124,6 +137,7 @@ def _number(kind, text):
     except ValueError:
         wanted = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    # float("nan") and float("inf") parse: a NaN learning rate would only show up as a NaN loss later.
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -138,6 +152,7 @@ def _checked(kind, test, wanted):
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
+    # argparse names the type in its message ("invalid <name> value"): make that the plain-words rule.
     parse.__name__ = wanted
     return parse
 
@@ -159,6 +174,8 @@ def ensure_writable_dir(path, flag):
         raise UserError(f"{flag} {path} is a file, not a folder: pass a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        # os.access misjudges network and read-only mounts: a real file proves the folder is writable
+        # before hours of training, not at the first checkpoint.
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as error:
@@ -182,6 +199,7 @@ def check_creatable_dir(path, flag):
     Creates nothing, so a run that then fails on its input leaves no empty output folders behind.
     """
     path = Path(path)
+    # The nearest folder that exists is the one whose permissions decide whether path can be made.
     existing = _nearest_existing(path)
     if existing != path.absolute() and not existing.is_dir():
         raise UserError(f"{flag} {path} is under the file {existing}: pass a folder path")

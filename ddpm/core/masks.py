@@ -17,6 +17,7 @@ from .images import WIDE_MODES, open_image
 
 def pair_key(path, prefix=""):
     """The stem of path without its prefix, or None when a prefix is required but missing."""
+    # Extensions never take part: image 001.png pairs with mask 001.tif, or mask_001.png with a prefix.
     stem = Path(path).stem
     if prefix and not stem.startswith(prefix):
         return None
@@ -51,6 +52,7 @@ def find_pairs(images_dir, masks_dir, image_prefix="", mask_prefix="", verbose=T
     image_files, mask_files = list_images(images_dir), list_images(masks_dir)
     image_by_key = index_by_key(image_files, image_prefix, images_dir)
     mask_by_key = index_by_key(mask_files, mask_prefix, masks_dir)
+    # Sorted keys give the same pair order on every machine and process, which the held-out split needs.
     keys = sorted(image_by_key.keys() & mask_by_key.keys())
     if not keys:
         raise UserError(
@@ -87,6 +89,8 @@ def mask_array(img, channels=1):
     rounded to labels. Alpha is not a label: it only says where the mask is, so mostly transparent
     pixels (alpha < 128) are background.
     """
+    # Labels are read as stored, never through the image rule: palette index 3 is class 3, whatever
+    # colour the palette gives it, and a 16-bit label 300 stays 300.
     if img.mode in WIDE_MODES or img.mode == "F" or (img.mode == "P" and channels == 1):
         labels = np.rint(np.asarray(img, dtype=np.float64)).astype(np.int64)
         labels = np.repeat(labels[..., None], channels, axis=2)
@@ -108,6 +112,7 @@ def scan_mask_max(mask_paths, channels=1, max_value=None, verbose=True):
     K is max_value when given, else the largest label over all masks: the divisor that gives label
     maps full contrast.
     """
+    # One K for the whole set (like an image set's bit depth): label 2 means the same in every mask.
     maxima = [int(mask_array(open_image(p), channels).max(initial=0)) for p in mask_paths]
     top = max_value or max([*maxima, 1])
     if verbose:
