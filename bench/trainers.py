@@ -80,9 +80,8 @@ def timed_run(code, folder, command, cwd):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--base", default="0a2aeff", help="commit to compare with (default: %(default)s)")
     parser.add_argument("--extra-epochs", type=int, default=4, help="epochs beyond the first (default: 4)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each kind, median taken (default: 2)")
@@ -101,17 +100,18 @@ def main():
         steps = f"{IMAGES // BATCH} steps of batch {BATCH}"
         print(f"time per epoch ({steps}, tiny models), {args.base} against this tree:", flush=True)
         for trainer in args.only or ("ddpm", "ldm", "controlnet", "dit"):
-            per_epoch = {}
-            for name, code in trees.items():
-                samples = []
-                for repeat in range(args.repeats):
+            # Each repeat times both trees back to back, so a load spike slows both of them alike;
+            # (long - short) / extra epochs leaves out start-up, data scan and final saves.
+            samples = {name: [] for name in trees}
+            for repeat in range(args.repeats):
+                for name, code in trees.items():
                     runs = []
                     for epochs in (1, 1 + args.extra_epochs):
                         out = tmp / f"{trainer}-{name}-{repeat}-{epochs}"
                         folder, command = commands(tmp / "data", epochs, out)[trainer]
                         runs.append(timed_run(code, folder, command, out))
-                    samples.append((runs[1] - runs[0]) / args.extra_epochs)
-                per_epoch[name] = statistics.median(samples)
+                    samples[name].append((runs[1] - runs[0]) / args.extra_epochs)
+            per_epoch = {name: statistics.median(found) for name, found in samples.items()}
             ratio = per_epoch["now"] / per_epoch["base"]
             print(
                 f"  {trainer:<11} {args.base}: {per_epoch['base']:6.2f} s/epoch   "

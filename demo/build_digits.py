@@ -46,16 +46,9 @@ def build_digits(out_dir, size=16, limit=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument(
-        "--out-dir",
-        "--out_dir",
-        dest="out_dir",
-        default="demo_output/digits",
-        help="where the class folders 0..9 are written",
-    )
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--out-dir", "--out_dir", default="demo_output/digits", help="where class folders go")
     parser.add_argument("--size", type=int, default=16, help="side of the upscaled square images in pixels")
     parser.add_argument("--limit", type=int, default=None, help="write only the first N digits")
     args = parser.parse_args()
