@@ -31,7 +31,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not text:
+        # "is", not "in (...)": 0 and 0.0 compare equal to False, yet they are defaults worth showing.
+        # An empty-string default is shown as nothing, so it is left out too.
+        default = action.default
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default == ""
+        if "%(default)" in text or hidden or not text:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -150,8 +150,12 @@ def test_help_shows_each_default_once_and_none_for_unset_flags():
     parser.add_argument("--eta", type=float, default=0.0, help="noise (default: %(default)s)")
     parser.add_argument("--resume", default=None, help="checkpoint")
     parser.add_argument("--compile", action="store_true", help="torch.compile")
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--prefix", default="", help="file-name prefix")
     text = " ".join(parser.format_help().split())
     assert "sampling steps (default: 50)" in text
+    assert "warm-up steps (default: 0)" in text  # a zero default is still shown
+    assert "file-name prefix (default" not in text
     assert text.count("(default: 0.0)") == 1
     assert "checkpoint (default" not in text and "torch.compile (default" not in text
     table = cli.flag_table(parser)
