@@ -5,38 +5,28 @@ The training loop (trainer.py), checkpoints and outputs are those of ddpm_condit
 labels.
 """
 
-import sys
-
-from core.cli import explicit_flags
 from core.errors import run_cli
 from diffusion import Diffusion
-from flags import parse_flags, train_parser
+from flags import train_parser
 from modules import UNet
-from trainer import train
+from trainer import launch_training
 
 __all__ = ["Diffusion", "UNet", "launch"]
 
 
 def build_parser():
-    """The training flags without class labels; edit the defaults below or override them with flags."""
+    """The training flags without class labels; edit the original's values below or override them."""
     parser = train_parser(conditional=False, description=__doc__)
-    parser.set_defaults(
-        run_name="DDPM_Uncondtional",  # spelled as in the original, so existing run folders are found
-        epochs=500,
-        batch_size=12,
-        image_size=64,
-        dataset_path="/path/to/dataset",
-        device="auto",  # the original used "cuda"; auto picks the GPU when there is one
-        lr=3e-4,
-    )
+    # run_name is spelled as in the original, so that existing run folders are found.
+    parser.set_defaults(run_name="DDPM_Uncondtional", epochs=500, batch_size=12, image_size=64, lr=3e-4)
+    # The original had device "cuda"; "auto" takes the GPU when there is one.
+    parser.set_defaults(dataset_path="/path/to/dataset", device="auto")
     return parser
 
 
 def launch(argv=None):
     """Train the unconditional DDPM."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    train(parse_flags(parser, argv), explicit_flags(parser, argv))
+    launch_training(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -7,38 +7,26 @@ flags), run_config.py (configuration, run folders, data) and trainer.py (the tra
 and ddpm_conditional_ddp.py share).
 """
 
-import sys
-
-from core import cli
 from core.errors import run_cli
 from diffusion import Diffusion
-from flags import parse_flags, train_parser
-from trainer import train
+from flags import train_parser
+from trainer import launch_training
 
 __all__ = ["Diffusion", "build_parser", "launch"]
 
 
 def build_parser():
-    """The training flags; edit the defaults below or override them with flags."""
+    """The training flags; edit the original's values below or override them with flags."""
     parser = train_parser(conditional=True, description=__doc__)
-    parser.set_defaults(
-        run_name="DDPM_conditional",
-        epochs=300,
-        batch_size=14,
-        image_size=64,
-        num_classes=10,
-        dataset_path="/path/to/dataset",
-        device="auto",  # the original used "cuda"; auto picks the GPU when there is one
-        lr=3e-4,
-    )
+    parser.set_defaults(run_name="DDPM_conditional", epochs=300, batch_size=14, image_size=64, num_classes=10)
+    # The original had device "cuda"; "auto" takes the GPU when there is one.
+    parser.set_defaults(lr=3e-4, dataset_path="/path/to/dataset", device="auto")
     return parser
 
 
 def launch(argv=None):
     """Train the class-conditional DDPM."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    train(parse_flags(parser, argv), cli.explicit_flags(parser, argv))
+    launch_training(build_parser(), argv)
 
 
 if __name__ == "__main__":

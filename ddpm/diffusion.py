@@ -6,13 +6,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils import (
-    autocast_dtype,
-    pick_device,
-    print_timing,
-    to_uint8,
-    to_unit,
-)
+from core.training import timing_line
+from utils import pick_device, to_uint8, to_unit
+
+
+def sampling_dtype(device):
+    """Autocast dtype of sampling: bf16 where the GPU has it, else fp16; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 class Diffusion:
@@ -93,7 +95,7 @@ class Diffusion:
             raise ValueError("labels need a conditional model and one label per image")
         scheduler = self.make_sampler(sampler, steps)
         device = next(model.parameters()).device
-        dtype = autocast_dtype(device, "auto")
+        dtype = sampling_dtype(device)
         was_training = model.training
         model.eval()
         start = time.perf_counter()
@@ -107,5 +109,5 @@ class Diffusion:
         samples = (to_unit(x) if output_type == "float" else to_uint8(x)).cpu()
         model.train(was_training)
         if log_time:
-            print_timing(n, len(scheduler.timesteps), time.perf_counter() - start, 1)
+            print(timing_line(n, len(scheduler.timesteps), 1, time.perf_counter() - start))
         return samples

@@ -108,16 +108,9 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """Unconditional UNet predicting the noise in x_t; works on any device it is moved to."""
 
-    def __init__(
-        self,
-        c_in=3,
-        c_out=3,
-        time_dim=256,
-        img_size=64,
-        base_channels=64,
-        attn_resolutions=None,
-        num_classes=None,
-    ):
+    # The argument names are the "model_config" keys of every checkpoint, which build_model() passes back.
+    def __init__(self, c_in=3, c_out=3, time_dim=256, img_size=64, base_channels=64, attn_resolutions=None,
+                 num_classes=None):  # fmt: skip
         super().__init__()
         attn_resolutions = (
             default_attn_resolutions(img_size) if attn_resolutions is None else attn_resolutions

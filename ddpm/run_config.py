@@ -11,7 +11,6 @@ from modules import check_architecture
 from utils import (
     CHECKPOINT_FORMAT,
     UserError,
-    data_layout,
     load_checkpoint,
     pick_device,
     scan_dataset,
@@ -75,7 +74,7 @@ def validate(config, fresh):
     """Fail early, before touching any file, on settings that cannot work (single values: at parsing)."""
     pick_device(config["device"])  # an unavailable device fails now, before any data is read
     if config["dataset_path"] is None:
-        raise UserError(f"pass --data_root (layout: {data_layout()})")
+        raise UserError("pass --data_root with the training images (--help shows the layout)")
     if fresh and (run_dir(config, "models") / "ckpt.pt").exists() and not config["overwrite"]:
         raise UserError(
             f"{run_dir(config, 'models')} already holds a run: pass --resume to continue it, "

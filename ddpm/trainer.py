@@ -1,5 +1,5 @@
-"""The training loop shared by the DDPM scripts: one process or DDP, EMA, mixed precision, held-out loss,
-sample grids, checkpoints, resume and stop on a signal."""
+"""The training loop shared by the DDPM scripts: one process or many through accelerate (DDP, mixed
+precision, grad scaling), EMA, held-out loss, sample grids, checkpoints, resume and stop on a signal."""
 
 import copy
 import math
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core import images
+from core import checkpoints, cli, images, training
 from core.files import atomic_save
 from diffusion import Diffusion
+from flags import parse_flags
 from modules import build_model
 from run_config import (
     load_data,
@@ -26,19 +27,7 @@ from run_config import (
     split_heldout,
     validate,
 )
-from utils import (
-    CHECKPOINT_FORMAT,
-    DistContext,
-    ImageDataset,
-    autocast_dtype,
-    cpu_state,
-    enable_tf32,
-    print_parameter_table,
-    prune_checkpoints,
-    rng_states,
-    save_grid,
-    set_rng_states,
-)
+from utils import CHECKPOINT_FORMAT, ImageDataset, cpu_state, make_accelerator, save_grid
 
 PREVIEW_CFG = 3.0  # guidance of the EMA sample grids written during training
 PREVIEW_ETA = 1.0  # stochastic DDIM: deterministic DDIM shows blotches on a model early in training
@@ -60,15 +49,18 @@ class TrainingStopped(Exception):
 class Trainer:
     """One training run: model, EMA, optimizer, data and the loop, on one or several processes."""
 
-    def __init__(self, config, ckpt, class_names, train_data, val_data, ctx):
+    def __init__(self, config, ckpt, class_names, train_data, val_data, accelerator):
         # Imported here: only training needs them, and they add seconds to every sampling start-up.
         from diffusers.optimization import get_constant_schedule_with_warmup
         from diffusers.training_utils import EMAModel
 
-        self.config, self.class_names, self.ctx = config, class_names, ctx
-        self.device = ctx.device
+        self.config, self.class_names, self.accelerator = config, class_names, accelerator
+        self.device = accelerator.device
+        self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
         self.model = build_model(model_config(config)).to(self.device)
+        # The EMA weights live in diffusers' EMAModel (decay and warm-up); ema_model is the module they are
+        # copied into for held-out losses, sample grids and the checkpoint's "ema" state_dict.
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.ema = EMAModel(
             self.model.parameters(), decay=config["ema_decay"], update_after_step=config["ema_warmup_steps"]
@@ -77,38 +69,34 @@ class Trainer:
             self.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
         )
         self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, config["lr_warmup_steps"])
-        self.dtype = autocast_dtype(self.device, config["precision"])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.diffusion = Diffusion.from_config(config, self.device)
-        self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1000 + ctx.rank)
+        # Flips, timesteps, noise and label dropout all come from this per-rank generator, which the
+        # checkpoint stores: a resumed run draws exactly what the uninterrupted one would have.
+        self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1000 + self.rank)
         image_format = (config["image_size"], config["channels"], config["intensity"])
         self.train_set = ImageDataset(*train_data, *image_format)
         self.val_set = ImageDataset(*val_data, *image_format)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_metric, self.improved, self.stop_signal = math.inf, False, None
+        if config["grad_checkpointing"]:
+            self.model.set_grad_checkpointing()
+        if config["compile"]:  # in place: the state_dict keys stay those of the plain UNet
+            self.model.compile()
+        # prepare() wraps the model in DDP when launched as several processes and the optimizer in the
+        # fp16 grad scaler; the LR schedule stays ours, stepped once per optimizer step on every rank.
+        self.net, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        # Loaded after prepare(): DDP shares the module's parameters, and the prepared optimizer passes
+        # load_state_dict through to AdamW.
         if ckpt is not None:
             self.load_state(ckpt)
-        self.net = self.wrap_model()
-
-    def wrap_model(self):
-        """The module the loop calls: compiled and/or DDP-wrapped as requested."""
-        if self.config["grad_checkpointing"]:
-            self.model.set_grad_checkpointing()
-        net = torch.compile(self.model) if self.config["compile"] else self.model
-        if self.ctx.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-        return net
 
     # --------------------------------------------------------------- state
 
     def state_dict(self):
         """Everything needed to continue bit for bit; collective, so every rank calls it."""
-        generators = [None] * self.ctx.world_size
-        if self.ctx.distributed:
-            torch.distributed.all_gather_object(generators, self.generator.get_state())
-        else:
-            generators = [self.generator.get_state()]
+        generators = [state["generator"] for state in training.rng_states(self.accelerator, self.generator)]
+        scaler = self.accelerator.scaler
+        # Tensors go to the CPU so that the file loads on any machine; shadow_params duplicate "ema".
         self.ema.copy_to(self.ema_model.parameters())
         return {
             "format": CHECKPOINT_FORMAT,
@@ -117,11 +105,11 @@ class Trainer:
             "ema_state": {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
-            "rng": rng_states(),
+            "rng": checkpoints.rng_state(),
             "generators": generators,
             "best_metric": self.best_metric,
             "class_names": list(self.class_names),
@@ -140,24 +128,28 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema_state"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        self.scaler.load_state_dict(ckpt["grad_scaler"])
+        # Files of fp32 or bf16 runs hold an empty scaler state; it only matters for an fp16 run.
+        if self.accelerator.scaler is not None and ckpt.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(ckpt["grad_scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.best_metric = ckpt["global_step"], ckpt["best_metric"]
-        set_rng_states(ckpt["rng"])
-        if len(ckpt["generators"]) == self.ctx.world_size:
-            self.generator.set_state(ckpt["generators"][self.ctx.rank])
+        # Python / NumPy / torch states are rank 0's for every rank; the per-rank streams are the generators.
+        checkpoints.set_rng_state(ckpt["rng"])
+        if len(ckpt["generators"]) == self.world_size:
+            self.generator.set_state(ckpt["generators"][self.rank])
         else:  # another process count: data order and noise cannot repeat exactly anyway
-            self.generator.manual_seed(self.config["seed"] * 1000 + self.ctx.rank + self.global_step)
+            self.generator.manual_seed(self.config["seed"] * 1000 + self.rank + self.global_step)
 
     def save(self, final=False, periodic=False):
         """Write the periodic / best / final copies and ema_ckpt.pt, then ckpt.pt (latest) last.
 
         A kill between two writes leaves the previous ckpt.pt, and resuming from it redoes this save.
         """
-        state = self.state_dict()
-        if not self.ctx.is_main:
+        state = self.state_dict()  # collective: the other ranks contribute their generators, then return
+        if not self.accelerator.is_main_process:
             return
         folder = run_dir(self.config, "models")
+        # The same state under every name; ema_ckpt.pt carries only what sampling needs.
         copies = [f"ckpt_epoch_{self.epoch:04d}.pt"] if periodic else []
         copies += ["ckpt_best.pt"] if self.improved else []
         copies += ["ckpt_final.pt"] if final else []
@@ -167,28 +159,31 @@ class Trainer:
         ema_only = {k: state[k] for k in keys}
         atomic_save({**ema_only, "weights": "ema", "model": state["ema"]}, folder / "ema_ckpt.pt")
         atomic_save(state, folder / "ckpt.pt")
-        prune_checkpoints(folder, "ckpt_epoch_*.pt", self.config["checkpoints_total_limit"])
+        # Pruned after the new files are complete, so a crash never leaves fewer than the limit.
+        checkpoints.prune(folder, "ckpt_epoch_*.pt", self.config["checkpoints_total_limit"])
 
     # --------------------------------------------------------------- loop
 
     def epoch_loader(self, epoch, skip_batches):
         """This rank's shuffled batches of one epoch, minus those a resumed run already did."""
         sampler = DistributedSampler(
-            self.train_set, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.config["seed"]
+            self.train_set, self.world_size, self.rank, shuffle=True, seed=self.config["seed"]
         )
         sampler.set_epoch(epoch)
+        # The shuffle depends only on seed and epoch, so dropping the batches already done resumes mid-epoch.
         indices = list(sampler)[skip_batches * self.config["batch_size"] :]
         return DataLoader(
             self.train_set,
             batch_size=self.config["batch_size"],
             sampler=indices,
             num_workers=self.config["num_workers"],
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda",  # page-locked batches make non_blocking copies async
             worker_init_fn=ignore_sigint,
         )
 
     def steps_per_epoch(self):
-        per_rank = math.ceil(len(self.train_set) / self.ctx.world_size)
+        # DistributedSampler pads every rank to the same share, so all ranks run the same number of steps.
+        per_rank = math.ceil(len(self.train_set) / self.world_size)
         return math.ceil(per_rank / self.config["batch_size"])
 
     def train_step(self, x, y):
@@ -206,29 +201,28 @@ class Trainer:
         if self.config["conditional"]:  # label dropout to the null class trains the unconditional branch
             drop = torch.rand(n, generator=gen, device=self.device) < self.config["cfg_dropout"]
             labels = torch.where(drop, self.config["num_classes"], y)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with self.accelerator.autocast():
             pred = self.net(x_t, t, labels)
-        loss = F.mse_loss(pred.float(), noise)
+        loss = F.mse_loss(pred.float(), noise)  # in fp32, whatever autocast computed the prediction in
         # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
         # sees the same values and all ranks stop (or fail) at the same step.
-        votes = torch.tensor([float(self.stop_signal is not None), self.over_budget()], device=self.device)
-        stats = self.ctx.all_reduce_sum(torch.cat([loss.detach()[None], votes])).tolist()  # one sync per step
-        self.check_finite(stats[0] / self.ctx.world_size)
+        votes = (float(self.stop_signal is not None), self.over_budget())
+        total, signals, over = training.sum_across(self.accelerator, loss.item(), *votes)
+        self.check_finite(total / self.world_size)
         grad_norm = self.optimize(loss)
-        self.signalled = self.signalled or stats[1] > 0  # every rank learns that one of them was signalled
-        return stats[0] / self.ctx.world_size, grad_norm, stats[1] + stats[2] > 0
+        self.signalled = self.signalled or signals > 0  # every rank learns that one of them was signalled
+        return total / self.world_size, grad_norm, signals + over > 0
 
     def optimize(self, loss):
         """Backward, clip, step optimizer, LR schedule and EMA; returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # the scaler is a no-op unless fp16 autocast is on
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        self.accelerator.backward(loss)  # scaled under fp16; DDP averages the gradients over ranks here
         max_norm = self.config["grad_clip"] if self.config["grad_clip"] > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # clip_grad_norm_ unscales first, so the norm and the clipping see the true gradients.
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()  # under fp16 the scaler skips steps with inf/nan gradients
         self.lr_scheduler.step()
-        self.ema.step(self.model.parameters())
+        self.ema.step(self.model.parameters())  # the plain module: DDP's wrapper shares its parameters
         self.global_step += 1
         return grad_norm.item()
 
@@ -240,6 +234,7 @@ class Trainer:
         return float(over_time or over_steps)
 
     def check_finite(self, loss):
+        # Checked before the optimizer step, so the weights (and ckpt.pt) never hold a NaN update.
         if not math.isfinite(loss):
             latest = run_dir(self.config, "models") / "ckpt.pt"
             raise TrainingStopped(
@@ -250,6 +245,7 @@ class Trainer:
             )
 
     def request_stop(self, signum, _frame):
+        # Only recorded here: the loop acts on it after the all-reduce of the current step.
         self.stop_signal = signum
 
     def fit(self):
@@ -259,6 +255,8 @@ class Trainer:
         self.start_time, self.signalled = time.time(), False
         self.writer = self.make_writer()
         stopped = self.global_step >= (self.config["max_steps"] or math.inf)
+        # A signal is acted on between steps: the step finishes, ckpt.pt is saved and the exit code is
+        # 128 + signum. Periodic saves happen at epoch ends only, never after an early stop.
         while self.epoch < self.config["epochs"] and not stopped:
             stopped = self.run_epoch()
             if self.signalled:
@@ -278,16 +276,17 @@ class Trainer:
             desc=f"epoch {self.epoch + 1}/{self.config['epochs']}",
             initial=self.step_in_epoch,
             total=self.steps_per_epoch(),
-            disable=not self.ctx.is_main,
+            disable=not self.accelerator.is_main_process,
             dynamic_ncols=True,
         )
         for x, y in bar:
+            # images/s counts every rank's batch; the clock includes the step's one all-reduce.
             tic = time.perf_counter()
             loss, grad_norm, stop = self.train_step(x, y)
             self.step_in_epoch += 1
-            self.log_step(loss, grad_norm, x.shape[0] * self.ctx.world_size / (time.perf_counter() - tic))
+            self.log_step(loss, grad_norm, x.shape[0] * self.world_size / (time.perf_counter() - tic))
             bar.set_postfix(loss=f"{loss:.4f}")
-            if stop:
+            if stop:  # step_in_epoch stays where it is, so a resumed run continues inside this epoch
                 return True
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return False
@@ -304,7 +303,7 @@ class Trainer:
             self.writer.add_scalar(f"train/{name}", value, self.global_step)
 
     def make_writer(self):
-        if not self.ctx.is_main:
+        if not self.accelerator.is_main_process:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -318,20 +317,23 @@ class Trainer:
     def checkpoint_and_preview(self, periodic=False, final=False):
         """Held-out loss, checkpoints and an EMA sample grid (files written by rank 0 only)."""
         self.ema.copy_to(self.ema_model.parameters())
-        val_loss = self.heldout_loss() if self.ctx.is_main else math.inf
+        # Only rank 0 evaluates: it alone writes files, and the others wait at the barrier below.
+        val_loss = self.heldout_loss() if self.accelerator.is_main_process else math.inf
         self.improved = val_loss < self.best_metric
         self.best_metric = min(self.best_metric, val_loss)
         self.save(final=final, periodic=periodic)
         self.improved = False
-        if self.ctx.is_main:
+        if self.accelerator.is_main_process:
             self.log_save("final" if final else f"epoch_{self.epoch:04d}", val_loss)
-        self.ctx.barrier()
+        self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def heldout_loss(self):
         """EMA loss on the held-out images with fixed timesteps and noise, so saves compare."""
         if len(self.val_set) == 0:
             return math.inf
+        # A CPU generator reseeded at every evaluation draws the same timesteps and noise each time, and
+        # leaves the training generator untouched (evaluating must not change what training draws next).
         gen = torch.Generator().manual_seed(self.config["seed"])
         total = 0.0
         for x, y in DataLoader(self.val_set, batch_size=self.config["batch_size"]):
@@ -339,13 +341,14 @@ class Trainer:
             noise = torch.randn(x.shape, generator=gen).to(self.device)
             x_t = self.diffusion.noise_images(x.to(self.device), t, noise)
             labels = y.to(self.device) if self.config["conditional"] else None
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            with self.accelerator.autocast():
                 pred = self.ema_model(x_t, t, labels)
             total += F.mse_loss(pred.float(), noise, reduction="sum").item()
         return total / (len(self.val_set) * self.val_set[0][0].numel())
 
     def preview_samples(self):
         """EMA samples from fixed noise, 4 per class (up to 16 classes), in [0, 1], and the grid's columns."""
+        # Fixed noise from the seed: grids of successive saves show the same samples as the model improves.
         classes = min(self.config["num_classes"] or 0, 16)
         labels = torch.arange(classes, device=self.device).repeat(4) if classes else None
         gen = torch.Generator().manual_seed(self.config["seed"])
@@ -379,23 +382,30 @@ class Trainer:
         tqdm.write(message)
 
 
-def train(args, explicit=frozenset(), distributed=False):
+def launch_training(parser, argv=None):
+    """Train with the flags of argv (the command line by default) over the parser's defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    train(parse_flags(parser, argv), cli.explicit_flags(parser, argv))
+
+
+def train(args, explicit=frozenset()):
     """Train a DDPM from parsed flags; `explicit` flags (typed by the user) win over a resumed config."""
+    # Everything that can fail on user input runs before the accelerator exists, so a bad flag or data set
+    # ends with one error line and no process group.
     config, ckpt = resolve_config(args, explicit)
     validate(config, fresh=ckpt is None)
     files, labels, class_names = load_data(config, ckpt)
     prepare_outputs(config)
     scan_images(config, files, ckpt)
-    ctx = DistContext(distributed, config["device"])
-    if ctx.device.type == "cuda":
-        enable_tf32()
+    # One process under python, one per GPU (or CPU worker) under torchrun or accelerate launch.
+    accelerator = make_accelerator(config["device"], config["precision"])
     train_data, val_data = split_heldout(files, labels, config["val_split"], config["seed"])
-    trainer = Trainer(config, ckpt, class_names, train_data, val_data, ctx)
-    if ctx.is_main:
-        print_parameter_table({"UNet": trainer.model, "EMA UNet": trainer.ema_model})
+    trainer = Trainer(config, ckpt, class_names, train_data, val_data, accelerator)
+    if accelerator.is_main_process:
+        print(training.parameter_table({"UNet": trainer.model, "EMA UNet": trainer.ema_model}))
         print(
-            f"training on {ctx.world_size} process(es), device {ctx.device}: {len(trainer.train_set)} images "
-            f"({len(trainer.val_set)} held out), {len(class_names)} classes, "
+            f"training on {accelerator.num_processes} process(es), device {accelerator.device}: "
+            f"{len(trainer.train_set)} images ({len(trainer.val_set)} held out), {len(class_names)} classes, "
             f"{config['channels']} channel(s) of {images.describe(config['intensity'])}, "
             f"{trainer.steps_per_epoch()} steps/epoch, starting at epoch {trainer.epoch + 1} "
             f"step {trainer.global_step}",
@@ -407,8 +417,8 @@ def train(args, explicit=frozenset(), distributed=False):
         print(f"{'error: ' if stop.exit_code == 1 else ''}{stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
-        ctx.close()
-    if ctx.is_main:
+        accelerator.end_training()
+    if accelerator.is_main_process:
         print(
             f"done: {trainer.global_step} steps; checkpoints in {run_dir(config, 'models')}, "
             f"grids in {run_dir(config, 'results')}, TensorBoard logs in {run_dir(config, 'runs')}"

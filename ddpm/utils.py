@@ -1,18 +1,14 @@
 """Shared helpers of the DDPM scripts: command line, data, images, checkpoints, devices, errors."""
 
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from core import images
-from core.errors import UserError, run_cli, warn  # noqa: F401 (run_cli: the scripts import it from here)
+from core import cli, datasets, images, training
+from core.errors import UserError, run_cli  # noqa: F401 (run_cli: the scripts import it from here)
 from core.files import load_weights_only
-from modules import count_parameters
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint-v1"
 # Checkpoints of the other folders: what they are, the script that resumes them and the one that samples.
@@ -28,59 +24,33 @@ DIT_KEY = "x_embedder.proj.weight"  # in official DiT files and in the "model" o
 # ----------------------------------------------------------------------------- command line
 
 
-def add_flag(parser, name, *aliases, dest=None, **kwargs):
+def add_flag(parser, name, *aliases, **kwargs):
     """Register --name and its aliases, each in both spellings (--image-size and --image_size).
 
-    name is the folder-wide vocabulary's flag; aliases keep the seed's spellings; dest defaults to name.
+    name is the shared vocabulary's flag, an alias the original script's; the dest is the last name given,
+    so the original's (the config key in every checkpoint written so far).
     """
+    # Dict keys keep the order and drop repeats: a one-word flag has a single spelling.
     names = []
     for flag in (name, *aliases):
         names += dict.fromkeys(["--" + flag.replace("_", "-"), "--" + flag.replace("-", "_")])
     if kwargs.get("action") is None and "metavar" not in kwargs:
         kwargs["metavar"] = name.upper().replace("-", "_")
-    parser.add_argument(*dict.fromkeys(names), dest=dest or name.replace("-", "_"), **kwargs)
+    kwargs.setdefault("dest", (aliases or [name])[-1].replace("-", "_"))
+    parser.add_argument(*dict.fromkeys(names), **kwargs)
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def list_images(folder):
-    """Sorted image files directly inside folder (any case of the known extensions)."""
-    return sorted(p for p in Path(folder).iterdir() if images.is_image_file(p))
-
-
 def scan_dataset(root, conditional):
     """Files, labels and class names of root/<class_name>/* (conditional) or all images under root."""
-    root = Path(root)
-    extensions = " ".join(images.IMAGE_EXTENSIONS)
-    if not root.is_dir():
-        layout = data_layout() if conditional else "any folder of images, sub-folders included"
-        raise UserError(f"dataset folder {root} does not exist: pass --data_root (layout: {layout})")
-    if not conditional:
-        files = sorted(p for p in root.rglob("*") if images.is_image_file(p))
-        if not files:
-            raise UserError(f"no images ({extensions}) found under {root}")
-        return files, [0] * len(files), []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise UserError(
-            f"no class folders in {root}: expected {root}/<class_name>/<image> (layout: {data_layout()})"
-        )
-    files, labels = [], []
-    for label, folder in enumerate(class_dirs):
-        found = list_images(folder)
-        if not found:
-            raise UserError(f"class folder {folder} has no images ({extensions}): add some or remove it")
-        files += found
-        labels += [label] * len(found)
-    return files, labels, [p.name for p in class_dirs]
-
-
-def data_layout():
-    """One-line description of the expected data layout, for help texts and errors."""
-    return (
-        "data_root/<class_name>/<image>.png|jpg|jpeg|bmp|tif|tiff|webp; classes are the sorted folder names"
-    )
+    # The shared scan of every folder: the same layout rules and the same error lines as ldm/ and dit/.
+    if conditional:
+        class_names, files, labels = datasets.class_folders(root)
+        return files, labels, class_names
+    files = datasets.image_folder(root)
+    return files, [0] * len(files), []
 
 
 class ImageDataset(Dataset):
@@ -100,6 +70,7 @@ class ImageDataset(Dataset):
         # Resizing the float tensor keeps every grey level of 12- and 16-bit data (PIL would need 8 bits).
         x = TF.resize(x, self.image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         x = TF.center_crop(x, self.image_size)
+        # Bicubic overshoots slightly at edges; clamping keeps the model's inputs inside [-1, 1].
         return x.clamp(0, 1) * 2 - 1, self.labels[index]
 
 
@@ -108,6 +79,7 @@ class ImageDataset(Dataset):
 
 def to_uint8(x):
     """Model-space images in [-1, 1] to uint8 in [0, 255]: (N, C, H, W)."""
+    # Rounded, not truncated, so that a value maps to its nearest grey level.
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -116,20 +88,13 @@ def to_unit(x):
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
-def make_image_grid(batch, nrow):
-    """Tile (N, C, H, W) images in [0, 1] into one (C, H', W') grid, keeping 1-channel images gray."""
-    from torchvision.utils import make_grid
-
-    return make_grid(batch.float(), nrow=nrow, padding=2, pad_value=0)[: batch.shape[1]]
-
-
 def save_grid(batch, nrow, path, intensity):
     """Write a grid of images in [0, 1]; returns the grid.
 
     It is written at the data set's depth when path has that rule's suffix (a .png grid of float data,
     which PNG cannot hold, is written as 8 bits).
     """
-    grid = make_image_grid(batch, nrow)
+    grid = training.make_grid(batch, nrow)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     at_depth = path.suffix.lower() == images.suffix(intensity)
@@ -155,9 +120,10 @@ def load_checkpoint(path, flag="--ckpt"):
                 "or --resume alone for <workdir>/models/<run-name>/ckpt.pt"
             )
         raise UserError(f"checkpoint {path} does not exist: pass {flag} with a file written by training")
-    ckpt = load_weights_only(path)
+    ckpt = load_weights_only(path)  # an unreadable or pickled-object file is a UserError there
     if not isinstance(ckpt, dict) or not ckpt:
         raise UserError(f"checkpoint {path} holds no state_dict or DDPM checkpoint")
+    # Other folders' files would fail later with a key error; naming them tells the user which script to use.
     other = other_model(ckpt)
     if other is not None:
         what, resume_with, sample_with = OTHER_MODELS[other]
@@ -168,6 +134,7 @@ def load_checkpoint(path, flag="--ckpt"):
 
 def other_model(ckpt):
     """The OTHER_MODELS key of a loaded file written by another folder, else None."""
+    # Files of this project say what they are; official DiT files are recognised by their weights alone.
     if ckpt.get("model_type") in OTHER_MODELS:
         return ckpt["model_type"]
     weights = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
@@ -184,122 +151,23 @@ def intensity_of(ckpt):
     return ckpt.get("intensity") or images.EIGHT_BIT
 
 
-def rng_states():
-    """Python, NumPy, torch and CUDA random states as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states):
-    """Restore what rng_states() returned."""
-    random.setstate(states["python"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def prune_checkpoints(folder, pattern, keep):
-    """Delete all but the newest `keep` periodic checkpoints matching pattern (None keeps all)."""
-    if keep is None:
-        return
-    for old in sorted(Path(folder).glob(pattern))[:-keep]:
-        old.unlink()
-
-
 # ----------------------------------------------------------------------------- devices
 
 
-class DistContext:
-    """Rank, world size and device of this process; a single process when not launched as several.
-
-    The process group comes from accelerate's PartialState, the multi-process stack of every folder:
-    torchrun and accelerate launch alike, NCCL on CUDA, gloo on CPU (also with --device cpu).
-    """
-
-    def __init__(self, distributed, device=None):
-        self.distributed = distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.state = None
-        if self.distributed:
-            from accelerate import PartialState
-
-            cpu = device == "cpu" or not torch.cuda.is_available()
-            self.state = PartialState(cpu=cpu)
-        self.rank = self.state.process_index if self.state else 0
-        self.world_size = self.state.num_processes if self.state else 1
-        self.device = pick_device(device, self.state.local_process_index if self.state else 0)
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.state:
-            self.state.wait_for_everyone()
-
-    def all_reduce_sum(self, tensor):
-        """Sum a tensor over ranks (identity on one process)."""
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def close(self):
-        if self.state:
-            self.state.destroy_process_group()
-
-
-def pick_device(name=None, local_rank=0):
-    """The requested device, else this rank's GPU when there is one, else the CPU."""
+def pick_device(name=None):
+    """The requested device, else the GPU when there is one, else the CPU."""
     if name in (None, "", "auto"):
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)  # "cuda" without an index is the current GPU, set per process by accelerate
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was requested but CUDA is not available: use --device cpu or auto")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
     return device
 
 
-def enable_tf32():
-    """Use TF32 tensor cores for float32 matmuls and convolutions on Ampere and newer GPUs."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def autocast_dtype(device, precision):
-    """The autocast dtype for --mixed_precision on this device; None means plain fp32.
-
-    precision is no / fp16 / bf16 / auto (bf16 if the GPU has it, else fp16); "fp32" (= no) is what
-    checkpoints written before the shared vocabulary hold.
-    """
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            warn(f"--mixed_precision {precision} needs CUDA; training in fp32 on CPU")
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None, "fp32": None}[precision]
-
-
-def print_parameter_table(components):
-    """Print total / trainable / frozen parameters for each named module."""
-    print(f"{'component':<16}{'total':>14}{'trainable':>14}{'frozen':>14}")
-    for name, module in components.items():
-        c = count_parameters(module)
-        print(f"{name:<16}{c['total']:>14,}{c['trainable']:>14,}{c['frozen']:>14,}")
-
-
-def print_timing(count, steps, seconds, batches):
-    """Print images, steps, total s, s/image, ms/step (one denoising step of one batch) and images/s."""
-    ms_step = 1000.0 * seconds / max(1, steps * batches)
-    per_image = seconds / max(1, count)
-    print(
-        f"sampling: {count} images, {steps} steps, {seconds:.2f} s total, {per_image:.4f} s/image, "
-        f"{ms_step:.2f} ms/step, {count / max(seconds, 1e-9):.2f} images/s"
-    )
+def make_accelerator(device, precision="no"):
+    """The Accelerator of a run: one process under python, one per GPU under torchrun / accelerate launch."""
+    device = pick_device(device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)  # --device cuda:N; launchers give each process its own GPU instead
+    # Checkpoints written before the shared vocabulary spell the precision "fp32".
+    return training.make_accelerator(cli.mixed_precision(precision), device=device.type)

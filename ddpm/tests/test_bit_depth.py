@@ -1,7 +1,5 @@
 """One decoding rule per data set: 8-, 12-, 16-bit and float images train and sample at their own depth."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
@@ -64,30 +62,12 @@ def trained_sets(tmp_path_factory):
         data = make_set(root / "data" / name, peak, mode, suffix)
         work = root / name
         work.mkdir()
-        result = run_script(
-            "ddpm_conditional.py",
-            "--dataset-path",
-            data,
-            "--num-classes",
-            "2",
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--val-split",
-            "0",
-            "--preview-steps",
-            "1",
-            "--run-name",
-            name,
-            *TINY,
-            cwd=work,
-        )
+        flags = f"--num-classes 2 --max-steps 1 --batch-size 4 --val-split 0 --run-name {name}".split()
+        result = run_script("ddpm_conditional.py", "--dataset-path", data, *flags, *TINY, cwd=work)
         assert result.returncode == 0, result.stderr
-        return name, work
+        return work
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(train, SETS))
+    return {name: train(name) for name in SETS}
 
 
 @pytest.mark.parametrize("name", list(SETS))
@@ -106,23 +86,9 @@ def test_training_stores_the_scanned_rule_and_writes_its_grid_at_that_depth(trai
 def test_sampling_writes_images_at_the_training_data_depth(trained_sets, name, mode, tmp_path):
     _, _, suffix, _ = SETS[name]
     out = tmp_path / "samples"
-    result = run_script(
-        "ddpm_conditional_ddp.py",
-        "--mode",
-        "sample",
-        "--ckpt",
-        trained_sets[name] / f"models/{name}/ckpt.pt",
-        "--num-samples",
-        "2",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "2",
-        "--output-dir",
-        out,
-        "--npz",
-        cwd=tmp_path,
-    )
+    ckpt = trained_sets[name] / f"models/{name}/ckpt.pt"
+    flags = "--mode sample --num-samples 2 --sampler ddim --steps 2 --npz".split()
+    result = run_script("ddpm_conditional_ddp.py", *flags, "--ckpt", ckpt, "--output-dir", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     files = sorted(out.rglob("*.*"))
     names = [f.relative_to(out).as_posix() for f in files]

@@ -1,7 +1,5 @@
 """Every bad input ends with one clear line on stderr and exit code 2, leaving the user's files alone."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
@@ -10,23 +8,93 @@ from PIL import Image
 from conftest import TINY, make_class_folders, run_script
 from modules import UNet_conditional
 
-SAMPLE = (
-    "ddpm_conditional_ddp.py",
-    "--mode",
-    "sample",
-    "--num-samples",
-    "2",
-    "--sampler",
-    "ddim",
-    "--steps",
-    "2",
-)
+SAMPLE = ("ddpm_conditional_ddp.py", *"--mode sample --num-samples 2 --sampler ddim --steps 2".split())
+
+# Inputs refused without any special file: case, command (see commands() below), its flags | the error's text.
+REFUSED = """
+default_path_conditional      conditional                           | /path/to/dataset is not a folder
+default_path_unconditional    unconditional                         | /path/to/dataset is not a folder
+wrong_num_classes             train --num-classes 10                | 3 class folders but --num-classes is 10
+bad_image_size                train --image-size 20                 | image size 20 is not supported
+bad_attention_resolution      train --attn-resolutions 5            | attention resolutions [5]
+resume_with_other_image_size  resume --image-size 32                | image_size=16
+train_mode_under_torchrun     ddp_train --env-world-size-2          | use --mode train_ddp
+cuda_requested_without_gpu    train --device cuda                   | CUDA is not available
+lr_negative                   train --lr -1                         | --lr: must be a number > 0, got -1
+lr_negative_unconditional     unconditional --lr -1                 | --lr: must be a number > 0
+lr_negative_ddp_script        ddp_train --lr -1                     | --lr: must be a number > 0
+lr_nan                        train --lr nan                        | expected a finite number, got 'nan'
+lr_not_a_number               train --lr fast                       | expected a number, got 'fast'
+ema_decay_2                   train --ema-decay 2                   | ema_decay: must be a fraction in [0, 1)
+betas_reversed                train --beta-start 0.9 --beta-end 0.1 | needs 0 < --beta-start < --beta-end < 1
+beta_end_one                  train --beta-end 1                    | needs 0 < --beta-start < --beta-end < 1
+num_workers_negative          train --num-workers -1                | --num_workers: must be an integer >= 0
+epochs_zero                   train --epochs 0                      | --epochs: must be an integer >= 1, got 0
+epochs_negative               train --epochs -3                     | epochs: must be an integer >= 1, got -3
+batch_size_zero               train --batch-size 0                  | --batch_size: must be an integer >= 1
+max_steps_negative            train --max-steps -3                  | --max_steps: must be an integer >= 1
+val_split_one                 train --val-split 1                   | val_split: must be a fraction in [0, 1)
+base_channels_odd             train --base-channels 7               | --base-channels must be even
+bit_depth_zero                train --bit-depth 0                   | must be a bit depth from 1 to 32, got 0
+intensity_range_reversed      train --intensity-range 1 0           | needs LOW < HIGH, got 1 0
+intensity_range_nan           train --intensity_range 0 nan         | expected a finite number
+resume_with_other_bit_depth   resume --bit-depth 16                 | was trained on 8-bit integer images
+sample_without_ckpt           sample_only                           | pass --ckpt
+unknown_class_name            sample --class-labels cat             | 'cat' is not in the checkpoint
+class_index_out_of_range      sample --class-labels 3               | class index 3 is out of range
+num_samples_zero              sample --num-samples 0                | --num_samples: must be an integer >= 1
+conflicting_architecture_flag sample --num-classes 8                | num_classes=3
+cfg_scale_nan                 sample --cfg-scale nan                | expected a finite number, got 'nan'
+cfg_scale_inf                 sample --cfg-scale inf                | expected a finite number, got 'inf'
+cfg_scale_negative            sample --cfg-scale -1                 | --cfg_scale: must be a number >= 0
+eta_nan                       sample --eta nan                      | expected a finite number
+steps_zero                    sample --steps 0                      | --steps: must be an integer >= 1, got 0
+steps_above_noise_steps       sample --steps 5000                   | --steps must be between 1 and 1000
+sample_batch_size_zero        sample --batch-size 0                 | must be an integer >= 1, got 0
+use_ema_bad_value             sample --use-ema maybe                | expected true or false, got 'maybe'
+no_ema_with_ema_ckpt          sample_ema --no-ema                   | holds only EMA weights
+sample_with_other_bit_depth   sample --bit-depth 16                 | 8-bit integer images, values / 255: drop
+bare_state_dict_without_flags bare                                  | pass --num-classes
+bare_state_dict_wrong_flags   bare --num-classes 3 --image-size 16  | does not fit a UNet built from the flags
+bare_state_dict_with_ema      bare --num-classes 3 --use-ema        | drop --use-ema
+"""
+
+
+def commands(root, trained_run, data):
+    """The commands that REFUSED names, each the start of a command line."""
+    models = trained_run / "models/tiny"
+    train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
+    return {
+        "conditional": ("ddpm_conditional.py",),
+        "unconditional": ("ddpm.py",),
+        "train": train,
+        "resume": (*train, "--resume", models / "ckpt.pt"),
+        "ddp_train": ("ddpm_conditional_ddp.py", "--mode", "train"),
+        "sample_only": SAMPLE,
+        "sample": (*SAMPLE, "--ckpt", models / "ckpt.pt"),
+        "sample_ema": (*SAMPLE, "--ckpt", models / "ema_ckpt.pt"),
+        "bare": (*SAMPLE, "--ckpt", root / "bare.pt"),
+    }
 
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, trained_run):
     """Build every broken input once; returns {case: (script and args, expected text)}."""
     root = tmp_path_factory.mktemp("bad")
+    data = make_class_folders(root / "data", classes=3, per_class=2)
+    model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
+    torch.save(model.state_dict(), root / "bare.pt")
+    starts = commands(root, trained_run, data)
+    cases = {}
+    for line in REFUSED.strip().splitlines():
+        spec, expected = (part.strip() for part in line.split("| "))
+        name, command, *flags = spec.split()
+        cases[name] = ((*starts[command], *flags), expected)
+    return {**cases, **bad_files(root, trained_run, starts)}
+
+
+def bad_files(root, trained_run, starts):
+    """Data sets, checkpoints and output paths that cannot be used, and files of other folders."""
     (root / "empty").mkdir()
     make_class_folders(root / "no_images", classes=2, per_class=2)
     for f in (root / "no_images" / "class_1").iterdir():
@@ -37,88 +105,75 @@ def bad_inputs(tmp_path_factory, trained_run):
     broken = make_class_folders(root / "broken", classes=2, per_class=2)
     image = broken / "class_0" / "img_0.png"
     image.write_bytes(image.read_bytes()[:60])  # truncated PNG
-    data = make_class_folders(root / "data", classes=3, per_class=2)
     (root / "garbage.pt").write_bytes(b"not a checkpoint")
-    model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
-    torch.save(model.state_dict(), root / "bare.pt")
-    ckpt, train = trained_run / "models/tiny/ckpt.pt", ("ddpm_conditional.py", *TINY)
+    other_folders_checkpoints(root)
+    a_file = root / "a_file"
+    a_file.write_text("not a folder")
+    (root / "out_class_file" / "class_0").parent.mkdir()
+    (root / "out_class_file" / "class_0").write_text("not a folder")
+    (root / "samples.npz").mkdir()
+    floats = root / "floats" / "class_0"
+    floats.mkdir(parents=True)
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), "F").save(floats / "a.tif")
+    untrained, train, sample = ("ddpm_conditional.py", *TINY), starts["train"], starts["sample"]
+    run = (*train, "--run-name", "tiny", "--workdir", trained_run)
     cases = {
-        "default_path_conditional": (
-            ("ddpm_conditional.py",),
-            "dataset folder /path/to/dataset does not exist",
+        "empty_folder": ((*untrained, "--dataset-path", root / "empty"), "has no class sub-folders"),
+        "empty_folder_unconditional": (("ddpm.py", "--dataset-path", root / "empty"), "holds no images"),
+        "images_but_no_class_folders": ((*untrained, "--dataset-path", flat), "has no class sub-folders"),
+        "class_folder_without_images": (
+            (*untrained, "--dataset-path", root / "no_images"),
+            "holds no images",
         ),
-        "default_path_unconditional": (("ddpm.py",), "dataset folder /path/to/dataset does not exist"),
-        "empty_folder": ((*train, "--dataset-path", root / "empty"), "no class folders"),
-        "empty_folder_unconditional": (("ddpm.py", "--dataset-path", root / "empty"), "no images"),
-        "images_but_no_class_folders": ((*train, "--dataset-path", flat), "no class folders"),
-        "class_folder_without_images": ((*train, "--dataset-path", root / "no_images"), "has no images"),
-        "truncated_image": ((*train, "--dataset-path", broken, "--num-classes", "2"), "img_0.png"),
-        "wrong_num_classes": ((*train, "--dataset-path", data), "3 class folders but --num-classes is 10"),
-        "bad_image_size": (
-            (*train, "--dataset-path", data, "--num-classes", "3", "--image-size", "20"),
-            "20",
+        "truncated_image": ((*untrained, "--dataset-path", broken, "--num-classes", "2"), "img_0.png"),
+        "bit_depth_for_float_images": (
+            (*untrained, "--dataset-path", root / "floats", "--num-classes", "1", "--bit-depth", "16"),
+            "--bit_depth applies to integer images",
         ),
-        "bad_attention_resolution": (
-            (*train, "--dataset-path", data, "--num-classes", "3", "--attn-resolutions", "5"),
-            "attention resolutions [5]",
-        ),
-        "run_exists_without_resume": (
-            (
-                *train,
-                "--dataset-path",
-                data,
-                "--num-classes",
-                "3",
-                "--run-name",
-                "tiny",
-                "--workdir",
-                trained_run,
-            ),
-            "already holds a run",
-        ),
+        "run_exists_without_resume": (run, "already holds a run"),
         "resume_without_checkpoint": (
-            (*train, "--dataset-path", data, "--resume", "--workdir", root),
+            (*train, "--resume", "--workdir", root),
             "--resume found no checkpoint",
         ),
-        "resume_with_other_image_size": (
-            ("ddpm_conditional.py", "--dataset-path", data, "--resume", ckpt, "--image-size", "32"),
-            "image_size=16",
+        "resume_missing_file": (
+            (*train, "--resume", root / "no.pt"),
+            f"resume file {root / 'no.pt'} does not",
         ),
-        "train_mode_under_torchrun": (
-            ("ddpm_conditional_ddp.py", "--mode", "train", "--dataset-path", data, "--env-world-size-2"),
-            "use --mode train_ddp",
-        ),
-        "cuda_requested_without_gpu": (
-            (*train, "--dataset-path", data, "--device", "cuda"),
-            "CUDA is not available",
-        ),
-        "sample_without_ckpt": (SAMPLE, "pass --ckpt"),
         "missing_ckpt": ((*SAMPLE, "--ckpt", root / "nope.pt"), "nope.pt does not exist"),
         "garbage_ckpt": ((*SAMPLE, "--ckpt", root / "garbage.pt"), "cannot load checkpoint"),
-        "unknown_class_name": (
-            (*SAMPLE, "--ckpt", ckpt, "--class-labels", "cat"),
-            "'cat' is not in the checkpoint",
+        "workdir_is_a_file": ((*train, "--workdir", a_file), "is a file, not a folder"),
+        "workdir_under_a_file": ((*train, "--workdir", a_file / "work"), "is not writable"),
+        "output_dir_is_a_file": ((*sample, "--output-dir", a_file), "is a file, not a folder"),
+        "output_dir_under_a_file": ((*sample, "--output-dir", a_file / "s"), "is not writable"),
+        "class_folder_is_a_file": (
+            (*sample, "--output-dir", root / "out_class_file", "--class-labels", "0"),
+            "out_class_file/class_0 is a file, not a folder",
         ),
-        "class_index_out_of_range": (
-            (*SAMPLE, "--ckpt", ckpt, "--class-labels", "3"),
-            "class index 3 is out of range",
+        "npz_path_is_a_folder": (
+            (*sample, "--output-dir", root / "samples", "--npz"),
+            "samples.npz is a folder: pass a file path",
         ),
-        "num_samples_zero": (
-            (*SAMPLE, "--ckpt", ckpt, "--num-samples", "0"),
-            "--num-samples/--num_samples: must be an integer >= 1",
+        "grid_path_inside_output_dir": (
+            (*sample, "--output-dir", root / "s2", "--grid-path", root / "s2" / "grid.png"),
+            "is inside --output-dir",
         ),
-        "conflicting_architecture_flag": ((*SAMPLE, "--ckpt", ckpt, "--num-classes", "8"), "num_classes=3"),
-        "bare_state_dict_without_flags": ((*SAMPLE, "--ckpt", root / "bare.pt"), "pass --num-classes"),
-        "bare_state_dict_wrong_flags": (
-            (*SAMPLE, "--ckpt", root / "bare.pt", "--num-classes", "3", "--image-size", "16"),
-            "does not fit a UNet built from the flags",
-        ),
-        "bare_state_dict_with_ema": (
-            (*SAMPLE, "--ckpt", root / "bare.pt", "--num-classes", "3", "--use-ema"),
-            "drop --use-ema",
+        "grid_path_under_a_file": (
+            (*sample, "--grid-path", a_file / "g.png"),
+            f"cannot be written: {a_file} is a",
         ),
     }
-    return {**cases, **more_cases(root, trained_run, data)}
+    # A checkpoint of another folder is named as such, with the script that takes it.
+    for name, flag, what, script in (
+        ("ldm", "--resume", "an LDM checkpoint", "ldm/train.py --resume"),
+        ("ldm", "--ckpt", "an LDM checkpoint", "ldm/inference.py"),
+        ("controlnet", "--ckpt", "a ControlNet checkpoint", "controlnet/inference.py"),
+        ("dit_official", "--ckpt", "a DiT checkpoint", "dit/sample.py"),
+        ("dit_trained", "--ckpt", "a DiT checkpoint", "dit/sample.py"),
+    ):
+        command = (*train, "--resume") if flag == "--resume" else (*SAMPLE, "--ckpt")
+        case = f"resume_{name}_checkpoint" if flag == "--resume" else f"{name}_checkpoint_to_sampler"
+        cases[case] = ((*command, root / f"{name}.pt"), f"is {what}, not a DDPM one: use it with {script}")
+    return cases
 
 
 def other_folders_checkpoints(root):
@@ -135,112 +190,6 @@ def other_folders_checkpoints(root):
         torch.save(content, root / name)
 
 
-def more_cases(root, trained_run, data):
-    """Values that are meaningless, outputs that cannot be written, and files of other folders."""
-    other_folders_checkpoints(root)
-    (root / "a_file").write_text("not a folder")
-    (root / "out_class_file" / "class_0").parent.mkdir()
-    (root / "out_class_file" / "class_0").write_text("not a folder")
-    (root / "samples.npz").mkdir()
-    floats = root / "floats" / "class_0"
-    floats.mkdir(parents=True)
-    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), "F").save(floats / "a.tif")
-    ckpt, ema_ckpt = trained_run / "models/tiny/ckpt.pt", trained_run / "models/tiny/ema_ckpt.pt"
-    train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
-    sample = (*SAMPLE, "--ckpt", ckpt)
-    return {
-        "lr_negative": ((*train, "--lr", "-1"), "--lr: must be a number > 0, got -1"),
-        "lr_negative_unconditional": (("ddpm.py", "--lr", "-1"), "--lr: must be a number > 0"),
-        "lr_negative_ddp_script": (
-            ("ddpm_conditional_ddp.py", "--mode", "train", "--lr", "-1"),
-            "--lr: must be a number > 0",
-        ),
-        "lr_nan": ((*train, "--lr", "nan"), "expected a finite number, got 'nan'"),
-        "lr_not_a_number": ((*train, "--lr", "fast"), "expected a number, got 'fast'"),
-        "ema_decay_2": ((*train, "--ema-decay", "2"), "--ema_decay: must be a fraction in [0, 1), got 2"),
-        "betas_reversed": (
-            (*train, "--beta-start", "0.9", "--beta-end", "0.1"),
-            "needs 0 < --beta-start < --beta-end < 1",
-        ),
-        "beta_end_one": ((*train, "--beta-end", "1"), "needs 0 < --beta-start < --beta-end < 1"),
-        "num_workers_negative": ((*train, "--num-workers", "-1"), "--num_workers: must be an integer >= 0"),
-        "epochs_zero": ((*train, "--epochs", "0"), "--epochs: must be an integer >= 1, got 0"),
-        "epochs_negative": ((*train, "--epochs", "-3"), "--epochs: must be an integer >= 1, got -3"),
-        "batch_size_zero": ((*train, "--batch-size", "0"), "--batch_size: must be an integer >= 1, got 0"),
-        "max_steps_negative": ((*train, "--max-steps", "-3"), "--max_steps: must be an integer >= 1"),
-        "val_split_one": ((*train, "--val-split", "1"), "--val_split: must be a fraction in [0, 1)"),
-        "base_channels_odd": ((*train, "--base-channels", "7"), "--base-channels must be even"),
-        "bit_depth_zero": ((*train, "--bit-depth", "0"), "must be a bit depth from 1 to 32, got 0"),
-        "intensity_range_reversed": ((*train, "--intensity-range", "1", "0"), "needs LOW < HIGH, got 1 0"),
-        "intensity_range_nan": ((*train, "--intensity_range", "0", "nan"), "expected a finite number"),
-        "bit_depth_for_float_images": (
-            (*train[:-4], "--dataset-path", root / "floats", "--num-classes", "1", "--bit-depth", "16"),
-            "--bit_depth applies to integer images",
-        ),
-        "resume_missing_file": (
-            (*train, "--resume", root / "missing.pt"),
-            f"resume file {root / 'missing.pt'} does not exist",
-        ),
-        "resume_with_other_bit_depth": (
-            (*train, "--resume", ckpt, "--bit-depth", "16"),
-            "checkpoint was trained on 8-bit integer images",
-        ),
-        "resume_ldm_checkpoint": (
-            (*train, "--resume", root / "ldm.pt"),
-            "is an LDM checkpoint, not a DDPM one: use it with ldm/train.py --resume",
-        ),
-        "workdir_is_a_file": ((*train, "--workdir", root / "a_file"), "is a file, not a folder"),
-        "workdir_under_a_file": ((*train, "--workdir", root / "a_file" / "work"), "is not writable"),
-        "cfg_scale_nan": ((*sample, "--cfg-scale", "nan"), "expected a finite number, got 'nan'"),
-        "cfg_scale_inf": ((*sample, "--cfg-scale", "inf"), "expected a finite number, got 'inf'"),
-        "cfg_scale_negative": ((*sample, "--cfg-scale", "-1"), "--cfg_scale: must be a number >= 0"),
-        "eta_nan": ((*sample, "--eta", "nan"), "expected a finite number"),
-        "steps_zero": ((*sample, "--steps", "0"), "--steps: must be an integer >= 1, got 0"),
-        "steps_above_noise_steps": ((*sample, "--steps", "5000"), "--steps must be between 1 and 1000"),
-        "sample_batch_size_zero": ((*sample, "--batch-size", "0"), "must be an integer >= 1, got 0"),
-        "use_ema_bad_value": ((*sample, "--use-ema", "maybe"), "expected true or false, got 'maybe'"),
-        "no_ema_with_ema_ckpt": ((*SAMPLE, "--ckpt", ema_ckpt, "--no-ema"), "holds only EMA weights"),
-        "sample_with_other_bit_depth": (
-            (*sample, "--bit-depth", "16"),
-            "was trained on 8-bit integer images, values / 255: drop --bit-depth",
-        ),
-        "output_dir_is_a_file": ((*sample, "--output-dir", root / "a_file"), "is a file, not a folder"),
-        "output_dir_under_a_file": ((*sample, "--output-dir", root / "a_file" / "s"), "is not writable"),
-        "class_folder_is_a_file": (
-            (*sample, "--output-dir", root / "out_class_file", "--class-labels", "0"),
-            "out_class_file/class_0 is a file, not a folder",
-        ),
-        "npz_path_is_a_folder": (
-            (*sample, "--output-dir", root / "samples", "--npz"),
-            "samples.npz is a folder: pass a file path",
-        ),
-        "grid_path_inside_output_dir": (
-            (*sample, "--output-dir", root / "s2", "--grid-path", root / "s2" / "grid.png"),
-            "is inside --output-dir",
-        ),
-        "grid_path_under_a_file": (
-            (*sample, "--grid-path", root / "a_file" / "g.png"),
-            "cannot be written: " + str(root / "a_file") + " is a file, not a folder",
-        ),
-        "ldm_checkpoint_to_sampler": (
-            (*SAMPLE, "--ckpt", root / "ldm.pt"),
-            "is an LDM checkpoint, not a DDPM one: use it with ldm/inference.py",
-        ),
-        "controlnet_checkpoint_to_sampler": (
-            (*SAMPLE, "--ckpt", root / "controlnet.pt"),
-            "is a ControlNet checkpoint, not a DDPM one: use it with controlnet/inference.py",
-        ),
-        "official_dit_checkpoint_to_sampler": (
-            (*SAMPLE, "--ckpt", root / "dit_official.pt"),
-            "is a DiT checkpoint, not a DDPM one: use it with dit/sample.py",
-        ),
-        "dit_training_checkpoint_to_sampler": (
-            (*SAMPLE, "--ckpt", root / "dit_trained.pt"),
-            "is a DiT checkpoint, not a DDPM one: use it with dit/sample.py",
-        ),
-    }
-
-
 @pytest.fixture(scope="module")
 def checkpoint_before(trained_run):
     """The bytes of the trained run's latest checkpoint before any bad input is tried."""
@@ -249,90 +198,34 @@ def checkpoint_before(trained_run):
 
 @pytest.fixture(scope="module")
 def outcomes(bad_inputs, checkpoint_before, tmp_path_factory):
-    """Run all cases, a few at a time (each is a separate Python process)."""
-    work = tmp_path_factory.mktemp("bad_runs")
-
-    def run(item):
-        name, (cmd, _) = item
-        env = {"WORLD_SIZE": "2"} if "--env-world-size-2" in cmd else None
-        cmd = [c for c in cmd if c != "--env-world-size-2"]
-        return name, run_script(*cmd, cwd=work, env=env)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, bad_inputs.items()))
+    """Run all cases, each as its own Python process."""
+    work, results = tmp_path_factory.mktemp("bad_runs"), {}
+    for name, (command, _) in bad_inputs.items():
+        env = {"WORLD_SIZE": "2"} if "--env-world-size-2" in command else None
+        results[name] = run_script(*[c for c in command if c != "--env-world-size-2"], cwd=work, env=env)
+    return results
 
 
-CASES = [
-    "default_path_conditional",
-    "default_path_unconditional",
-    "empty_folder",
-    "empty_folder_unconditional",
-    "images_but_no_class_folders",
-    "class_folder_without_images",
-    "truncated_image",
-    "wrong_num_classes",
-    "bad_image_size",
-    "bad_attention_resolution",
-    "run_exists_without_resume",
-    "resume_without_checkpoint",
-    "resume_with_other_image_size",
-    "train_mode_under_torchrun",
-    "cuda_requested_without_gpu",
-    "sample_without_ckpt",
-    "missing_ckpt",
-    "garbage_ckpt",
-    "unknown_class_name",
-    "class_index_out_of_range",
-    "num_samples_zero",
-    "conflicting_architecture_flag",
-    "bare_state_dict_without_flags",
-    "bare_state_dict_wrong_flags",
-    "bare_state_dict_with_ema",
-    "lr_negative",
-    "lr_negative_unconditional",
-    "lr_negative_ddp_script",
-    "lr_nan",
-    "lr_not_a_number",
-    "ema_decay_2",
-    "betas_reversed",
-    "beta_end_one",
-    "num_workers_negative",
-    "epochs_zero",
-    "epochs_negative",
-    "batch_size_zero",
-    "max_steps_negative",
-    "val_split_one",
-    "base_channels_odd",
-    "bit_depth_zero",
-    "intensity_range_reversed",
-    "intensity_range_nan",
-    "bit_depth_for_float_images",
-    "resume_missing_file",
-    "resume_with_other_bit_depth",
-    "resume_ldm_checkpoint",
-    "workdir_is_a_file",
-    "workdir_under_a_file",
-    "cfg_scale_nan",
-    "cfg_scale_inf",
-    "cfg_scale_negative",
-    "eta_nan",
-    "steps_zero",
-    "steps_above_noise_steps",
-    "sample_batch_size_zero",
-    "use_ema_bad_value",
-    "no_ema_with_ema_ckpt",
-    "sample_with_other_bit_depth",
-    "output_dir_is_a_file",
-    "output_dir_under_a_file",
-    "class_folder_is_a_file",
-    "npz_path_is_a_folder",
-    "grid_path_inside_output_dir",
-    "grid_path_under_a_file",
-    "ldm_checkpoint_to_sampler",
-    "controlnet_checkpoint_to_sampler",
-    "official_dit_checkpoint_to_sampler",
-    "dit_training_checkpoint_to_sampler",
-]
+# Every case of bad_inputs, named here so that each is its own test.
+CASES = """
+default_path_conditional default_path_unconditional empty_folder empty_folder_unconditional
+images_but_no_class_folders class_folder_without_images truncated_image wrong_num_classes
+bad_image_size bad_attention_resolution run_exists_without_resume resume_without_checkpoint
+resume_with_other_image_size train_mode_under_torchrun cuda_requested_without_gpu
+sample_without_ckpt missing_ckpt garbage_ckpt unknown_class_name class_index_out_of_range
+num_samples_zero conflicting_architecture_flag bare_state_dict_without_flags
+bare_state_dict_wrong_flags bare_state_dict_with_ema lr_negative lr_negative_unconditional
+lr_negative_ddp_script lr_nan lr_not_a_number ema_decay_2 betas_reversed beta_end_one
+num_workers_negative epochs_zero epochs_negative batch_size_zero max_steps_negative val_split_one
+base_channels_odd bit_depth_zero intensity_range_reversed intensity_range_nan
+bit_depth_for_float_images resume_missing_file resume_with_other_bit_depth resume_ldm_checkpoint
+workdir_is_a_file workdir_under_a_file cfg_scale_nan cfg_scale_inf cfg_scale_negative eta_nan
+steps_zero steps_above_noise_steps sample_batch_size_zero use_ema_bad_value no_ema_with_ema_ckpt
+sample_with_other_bit_depth output_dir_is_a_file output_dir_under_a_file class_folder_is_a_file
+npz_path_is_a_folder grid_path_inside_output_dir grid_path_under_a_file ldm_checkpoint_to_sampler
+controlnet_checkpoint_to_sampler dit_official_checkpoint_to_sampler
+dit_trained_checkpoint_to_sampler
+""".split()
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -357,18 +250,7 @@ def test_failed_run_leaves_the_existing_checkpoint_untouched(trained_run, outcom
 def test_bare_state_dict_samples_with_the_right_flags(tmp_path):
     model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    flags = (
-        "--num-classes",
-        "3",
-        "--image-size",
-        "16",
-        "--channels",
-        "1",
-        "--base-channels",
-        "8",
-        "--time-dim",
-        "32",
-    )
+    flags = "--num-classes 3 --image-size 16 --channels 1 --base-channels 8 --time-dim 32".split()
     result = run_script(
         *SAMPLE, "--ckpt", tmp_path / "bare.pt", *flags, "--output-dir", tmp_path / "s", cwd=tmp_path
     )

@@ -52,22 +52,8 @@ def test_training_writes_complete_weights_only_checkpoints_grids_and_logs(traine
 
 def test_seed_inference_snippet_works_as_written(tmp_path):
     data = make_class_folders(tmp_path / "rgb", classes=2, per_class=2, mode="RGB")
-    result = run_script(
-        "ddpm_conditional.py",
-        "--dataset-path",
-        data,
-        "--num-classes",
-        "2",
-        "--image-size",
-        "16",
-        "--max-steps",
-        "1",
-        "--val-split",
-        "0",
-        "--num-workers",
-        "0",
-        cwd=tmp_path,
-    )
+    flags = "--num-classes 2 --image-size 16 --max-steps 1 --val-split 0 --num-workers 0 --preview-steps 0"
+    result = run_script("ddpm_conditional.py", "--dataset-path", data, *flags.split(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     snippet = f"""
 import sys; sys.path.insert(0, {str(DDPM_DIR)!r})
@@ -101,20 +87,11 @@ print("params", count_parameters(model)["total"])
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     data = make_class_folders(tmp_path / "data", classes=2, per_class=5)
+    flags = "--num-classes 2 --batch-size 2 --epochs 5 --hflip --val-split 0.2 --save-interval 1"
     common = [
         "--dataset-path",
         data,
-        "--num-classes",
-        "2",
-        "--batch-size",
-        "2",
-        "--epochs",
-        "5",
-        "--hflip",
-        "--val-split",
-        "0.2",
-        "--save-interval",
-        "1",
+        *flags.split(),
         "--lr-warmup-steps",
         "2",
         "--ema-warmup-steps",
@@ -139,21 +116,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_sigint_saves_latest_and_exits_nonzero_then_resumes(tmp_path, gray_data):
-    cmd = [
-        sys.executable,
-        str(DDPM_DIR / "ddpm_conditional.py"),
-        "--dataset-path",
-        str(gray_data),
-        "--num-classes",
-        "3",
-        "--epochs",
-        "10000",
-        "--batch-size",
-        "2",
-        "--val-split",
-        "0",
-        *TINY,
-    ]
+    cmd = [sys.executable, str(DDPM_DIR / "ddpm_conditional.py"), "--dataset-path", str(gray_data), *TINY]
+    cmd += "--num-classes 3 --epochs 10000 --batch-size 2 --val-split 0".split()
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
@@ -162,48 +126,26 @@ def test_sigint_saves_latest_and_exits_nonzero_then_resumes(tmp_path, gray_data)
         text=True,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
-    assert (
-        "training on"
-        in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
-    )
+    head = [proc.stdout.readline() for _ in range(5)]  # the parameter table, then the run's description
+    assert "training on" in head[-1], head
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err
     ckpt = load(tmp_path / "models/DDPM_conditional/ckpt.pt")
     assert ckpt["global_step"] > 0
+    steps = str(ckpt["global_step"] + 2)
     resumed = run_script(
-        "ddpm_conditional.py",
-        "--resume",
-        "--dataset-path",
-        gray_data,
-        "--max-steps",
-        str(ckpt["global_step"] + 2),
-        cwd=tmp_path,
+        "ddpm_conditional.py", "--resume", "--dataset-path", gray_data, "--max-steps", steps, cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
     assert load(tmp_path / "models/DDPM_conditional/ckpt.pt")["global_step"] == ckpt["global_step"] + 2
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, gray_data):
+    flags = "--num-classes 3 --lr 1e20 --lr-warmup-steps 0 --grad-clip 0 --epochs 50 --batch-size 4"
     result = run_script(
-        "ddpm_conditional.py",
-        "--dataset-path",
-        gray_data,
-        "--num-classes",
-        "3",
-        "--lr",
-        "1e20",
-        "--lr-warmup-steps",
-        "0",
-        "--grad-clip",
-        "0",
-        "--epochs",
-        "50",
-        "--batch-size",
-        "4",
-        *TINY,
-        cwd=tmp_path,
+        "ddpm_conditional.py", "--dataset-path", gray_data, *flags.split(), *TINY, cwd=tmp_path
     )
     assert result.returncode == 1
     assert "loss became" in result.stderr and "Traceback" not in result.stderr
@@ -216,21 +158,9 @@ def test_unconditional_training_and_sampling(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     ckpt = tmp_path / "models/DDPM_Uncondtional/ema_ckpt.pt"
+    flags = "--mode sample --num-samples 3 --sampler ddim --steps 3".split()
     sampled = run_script(
-        "ddpm_conditional_ddp.py",
-        "--mode",
-        "sample",
-        "--ckpt",
-        ckpt,
-        "--num-samples",
-        "3",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "3",
-        "--output-dir",
-        tmp_path / "out",
-        cwd=tmp_path,
+        "ddpm_conditional_ddp.py", *flags, "--ckpt", ckpt, "--output-dir", tmp_path / "out", cwd=tmp_path
     )
     assert sampled.returncode == 0, sampled.stderr
     files = sorted((tmp_path / "out").glob("*.png"))
@@ -245,24 +175,15 @@ def test_sample_writes_balanced_class_folders_npz_and_grid(tmp_path, trained_run
         "sample",
         "--ckpt",
         ckpt,
-        "--use-ema",
-        "--num-samples",
-        "5",
-        "--class-labels",
-        "0",
-        "class_2",
-        "--cfg-scale",
-        "3",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "4",
         "--output-dir",
         tmp_path / "s",
-        "--npz",
         "--grid-path",
-        tmp_path / "grid.png",
+        tmp_path / "g.png",
     ]
+    args += (
+        "--use-ema --num-samples 5 --class-labels 0 class_2 --cfg-scale 3 --sampler ddim --steps 4".split()
+    )
+    args += ["--npz"]
     result = run_script("ddpm_conditional_ddp.py", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "s/image" in result.stdout and "ms/step" in result.stdout and "images/s" in result.stdout
@@ -278,24 +199,12 @@ def test_sample_writes_balanced_class_folders_npz_and_grid(tmp_path, trained_run
     assert (npz["arr_0"] == npz["arr_0"][..., :1]).all()
     assert npz["arr_1"].tolist() == [0, 2, 0, 2, 0]
     assert npz["class_names"].tolist() == ["class_0", "class_1", "class_2"]  # label i is class_names[i]
-    assert (tmp_path / "grid.png").is_file()
+    assert (tmp_path / "g.png").is_file()
 
 
 def test_two_process_train_ddp_and_sample_ddp_with_gloo(tmp_path, gray_data):
-    train = [
-        "ddpm_conditional_ddp.py",
-        "--mode",
-        "train_ddp",
-        "--dataset-path",
-        gray_data,
-        "--batch-size",
-        "2",
-        "--val-split",
-        "0.2",
-        "--save-interval",
-        "1",
-        *TINY,
-    ]
+    flags = "--mode train_ddp --batch-size 2 --val-split 0.2 --save-interval 1".split()
+    train = ["ddpm_conditional_ddp.py", *flags, "--dataset-path", gray_data, *TINY]
     first = torchrun(*train, "--epochs", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     ckpt = load(tmp_path / "models/DDPM_conditional/ckpt.pt")
@@ -303,25 +212,10 @@ def test_two_process_train_ddp_and_sample_ddp_with_gloo(tmp_path, gray_data):
     resumed = torchrun(*train, "--epochs", "2", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert load(tmp_path / "models/DDPM_conditional/ckpt.pt")["global_step"] == 6
-    sample = [
-        "ddpm_conditional_ddp.py",
-        "--mode",
-        "sample_ddp",
-        "--ckpt",
-        "models/DDPM_conditional/ckpt.pt",
-        "--use-ema",
-        "--num-classes",
-        "3",
-        "--batch-size",
-        "2",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "3",
-        "--output-dir",
-        "samples",
-        "--npz",
-    ]
+    sample = ["ddpm_conditional_ddp.py", "--mode", "sample_ddp", "--ckpt", "models/DDPM_conditional/ckpt.pt"]
+    sample += (
+        "--use-ema --num-classes 3 --batch-size 2 --sampler ddim --steps 3 --output-dir samples --npz".split()
+    )
     out = torchrun(*sample, "--num-samples", "7", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "samples").rglob("*.png"))) == 7
@@ -390,21 +284,8 @@ def test_checkpoints_are_saved_latest_last_and_stale_temporaries_removed(tmp_pat
     stale[1].parent.mkdir(parents=True)
     for path in stale:
         path.write_bytes(b"half a file from a killed run")
-    resumed = run_script(
-        "ddpm_conditional.py",
-        "--resume",
-        "--run-name",
-        "tiny",
-        "--dataset-path",
-        gray_data,
-        "--epochs",
-        "3",
-        "--max-steps",
-        "7",
-        "--num-workers",
-        "0",
-        cwd=tmp_path,
-    )
+    flags = "--resume --run-name tiny --epochs 3 --max-steps 7 --num-workers 0".split()
+    resumed = run_script("ddpm_conditional.py", *flags, "--dataset-path", gray_data, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert not any(path.exists() for path in stale)
     assert load(models / "ckpt_final.pt")["global_step"] == load(models / "ckpt.pt")["global_step"] == 7
