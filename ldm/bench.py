@@ -7,50 +7,37 @@ The model hub is unreachable here, so both use small locally built models with r
 the figures compare code paths, not trained-model quality.
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+import train
+import train_vae
+from core import cli
 from core.images import EIGHT_BIT
 from dataset import ClassImageDataset, find_class_images
-from models import (
-    ClassConditionalUNet,
-    ClassEmbedder,
-    LatentCodec,
-    build_unet,
-    default_noise_scheduler,
-    denoise,
-    load_vae,
-    make_sampler,
-    noise_for,
-    unet_settings,
-)
-from train import diffusion_loss, encode_moments, training_latents
+from models import LatentCodec, default_noise_scheduler, denoise, load_vae, make_sampler, noise_for
 
+# One untimed step before each measurement (allocation, lazy initialisation); two rounds of each pair.
 WARMUP, ROUNDS = 1, 2
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--image-size", "--image_size", dest="image_size", type=int, default=64, help="pixels"
-    )
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="images")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
+    parser = cli.Parser(description=__doc__)
+    parser.add_argument("--image_size", type=cli.positive_int, default=64, help="pixels")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="images per step")
+    parser.add_argument("--steps", type=cli.positive_int, default=5, help="timed steps per measurement")
     return parser.parse_args()
 
 
 def make_data(root, size, classes=2, per_class=16):
     """Random RGB images in class folders."""
+    # Random pixels are enough: the speed of a step does not depend on the image content.
     rng = np.random.default_rng(0)
     for c in range(classes):
         (root / f"class_{c}").mkdir(parents=True)
@@ -60,27 +47,31 @@ def make_data(root, size, classes=2, per_class=16):
 
 
 def make_vae(folder, size):
-    """A small SD-shaped VAE (4 levels: 8x downsampling, 4 latent channels) saved like a real one."""
-    AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=16,
-        layers_per_block=1,
-        sample_size=size,
-    ).save_pretrained(folder)
+    """A small SD-shaped VAE (4 levels: 8x downsampling, 4 latent channels), built as train_vae.py builds
+    a new one and saved like a real one."""
+    # Four levels, as in the SD VAE, so the latents have the real 8x downsampling at a fraction of its width.
+    flags = "--block_out_channels 16 32 32 32 --layers_per_block 1 --norm_num_groups 16".split()
+    args = train_vae.parse_args(["--data_root", str(folder), "--image_size", str(size), *flags])
+    train_vae.build_vae(args, resume=None).save_pretrained(folder)
+
+
+def make_model(size, codec):
+    """The class-conditional UNet (tiny preset, 2 classes) and noise schedule train.py builds."""
+    args = train.parse_args(["--data_root", ".", "--image_size", str(size), "--unet_preset", "tiny"])
+    scheduler = default_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
+    return train.build_model(args, codec, 2, resume=None), scheduler
 
 
 def steps_per_second(model, optimizer, codec, loader, cached, scheduler, steps):
     """Optimizer steps per second over `steps` timed steps (after WARMUP untimed ones)."""
+    # The step is train.py's own (latents, loss, backward, AdamW) without DDP or accumulation.
     batches = forever(loader)
     for step in range(WARMUP + steps):
         if step == WARMUP:
             start = time.perf_counter()
         inputs, labels = next(batches)
-        latents = training_latents(inputs, codec, cached, flip=True)
-        loss = diffusion_loss(model, scheduler, latents, labels, 0.1, model.class_embedder.num_classes)
+        latents = train.training_latents(inputs, codec, cached, flip=True)
+        loss = train.diffusion_loss(model, scheduler, latents, labels, 0.1, model.class_embedder.num_classes)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,6 +83,7 @@ def images_per_second(model, codec, scheduler_config, sampler_name, steps, laten
     sampler = make_sampler(sampler_name, scheduler_config)
     noise = noise_for(0, 0, range(num_images), (codec.latent_channels, latent_size, latent_size))
     labels = torch.zeros(num_images, dtype=torch.long)
+    # Timed up to decoded images: a user waits for pictures, not latents.
     start = time.perf_counter()
     codec.decode(denoise(model, sampler, noise, labels, 3.0, steps))
     return num_images / (time.perf_counter() - start)
@@ -109,6 +101,7 @@ def loader(dataset, batch):
 
 def best_of(first, second, rounds=ROUNDS):
     """Best (highest) rate of each of two measurements, taken in alternation."""
+    # The best rather than the mean: the fastest round is the one least disturbed by other work.
     results = [(first(), second()) for _ in range(rounds)]
     return max(r[0] for r in results), max(r[1] for r in results)
 
@@ -125,15 +118,15 @@ def main():
         _, samples = find_class_images(Path(tmp) / "data")
         images = ClassImageDataset(samples, size, 3, EIGHT_BIT)
         labels = torch.tensor([label for _, label in samples])
-        cached = TensorDataset(encode_moments(codec, images, batch, "cpu", True), labels)
+        # Encoded once before timing, as --cache_latents does before its first epoch.
+        cached = TensorDataset(train.encode_moments(codec, images, batch, "cpu", True), labels)
         latent_size = size // codec.downsample
-        unet = build_unet(unet_settings("tiny"), codec.latent_channels, latent_size)
-        model = ClassConditionalUNet(unet, ClassEmbedder(2, unet.config.cross_attention_dim))
+        # One model and optimizer for both variants: only where the latents come from differs.
+        model, scheduler = make_model(size, codec)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scheduler = default_noise_scheduler(1000, "scaled_linear", "epsilon")
         print(
             f"  data: {len(samples)} images {size}px, batch {batch}; UNet preset 'tiny' "
-            f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params); VAE 8x downsampling"
+            f"({sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M params); VAE 8x downsampling"
         )
         # Alternate the two variants and keep each one's best round, so load spikes hit both alike.
         plain, fast = best_of(
@@ -147,6 +140,7 @@ def main():
     print(f"  training  VAE in loop : {plain:7.2f} steps/s")
     print(f"  training  cached      : {fast:7.2f} steps/s   -> cache_latents speed-up x{fast / plain:.2f}")
 
+    # Same model and noise for both samplers; the ratio is the gain of fewer, costlier solver steps.
     model.eval()
     ddim, dpm = best_of(
         lambda: images_per_second(model, codec, scheduler.config, "ddim", 50, latent_size),

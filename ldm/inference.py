@@ -33,63 +33,28 @@ from models import (
 
 def add_sampling_args(parser, default_output, default_seed):
     """Flags shared by inference.py and inference_per_class.py."""
-    parser.add_argument(
-        "--checkpoint", required=True, help="LDM checkpoint (e.g. ldm_checkpoints/checkpoint_best.pt)"
-    )
-    parser.add_argument("--output_dir", default=default_output, help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--batch_size",
-        type=cli.positive_int,
-        default=16,
-        help="images per forward pass (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cfg_scale",
-        type=cli.nonnegative_float,
-        default=3.0,
-        help="classifier-free guidance; 1 = conditional only, 0 = unconditional (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--num_inference_steps",
-        type=cli.positive_int,
-        default=50,
-        help="sampling steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--scheduler",
-        choices=sorted(SAMPLERS),
-        default="ddim",
-        help="sampler; dpmsolver++ and unipc need only 20-30 steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=cli.nonnegative_int,
-        default=default_seed,
-        help="seed; image i of class c always gets the same noise (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no_ema", action="store_true", help="use the raw weights instead of the EMA weights"
-    )
-    parser.add_argument(
-        "--vae_pretrained",
-        default=None,
-        help="VAE hub id or folder; default: the one recorded in the checkpoint",
-    )
-    parser.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default="no",
-        help="autocast precision on CUDA; ignored on CPU (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="regenerate images whose files already exist"
-    )
+    # One set of flags and one noise rule: a tree that one script began, the other can complete, and
+    # the same seed, class and index give the same image in both.
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="LDM checkpoint, e.g. ldm_checkpoints/checkpoint_best.pt")
+    add("--output_dir", default=default_output, help="output folder")
+    add("--batch_size", type=cli.positive_int, default=16, help="images per forward pass")
+    add("--cfg_scale", type=cli.nonnegative_float, default=3.0, help="1 = conditional, 0 = unconditional")
+    add("--num_inference_steps", type=cli.positive_int, default=50, help="sampling steps")
+    add("--scheduler", choices=sorted(SAMPLERS), default="ddim", help="dpmsolver++/unipc: 20-30 steps")
+    add("--seed", type=cli.nonnegative_int, default=default_seed, help="noise seed (default: %(default)s)")
+    add("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    add("--vae_pretrained", help="VAE hub id or folder; default: the one recorded in the checkpoint")
+    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="CUDA autocast; ignored on CPU")
+    add("--overwrite", action="store_true", help="regenerate images whose files already exist")
 
 
 class LDMSampler:
     """A trained LDM ready to sample: model, VAE codec, sampler, latent shape and the data's decoding rule."""
 
     def __init__(self, ckpt, args, device):
+        # The architecture, classes, decoding rule and VAE all come from the checkpoint; --vae_pretrained
+        # only points at another copy of the same VAE (e.g. a local folder on an offline machine).
         config = ckpt["config"]
         self.device = torch.device(device)
         self.class_names = list(ckpt["class_names"])
@@ -100,6 +65,8 @@ class LDMSampler:
         self.latent_shape = (config["latent_channels"], config["latent_size"], config["latent_size"])
         self.sampler = make_sampler(args.scheduler, ckpt["scheduler_config"])
         self.args = args
+        # Autocast only on CUDA: 16-bit autocast on the CPU is slower than fp32, so it falls back, as in
+        # training, with a warning instead of an error.
         on_cuda = self.device.type == "cuda" and args.mixed_precision != "no"
         if args.mixed_precision != "no" and not on_cuda:
             warnings.warn(
@@ -111,12 +78,14 @@ class LDMSampler:
 
     def sample(self, label, indices):
         """(len(indices), C, H, W) images in [0, 1] of one class; noise fixed by seed, class and index."""
+        # Noise per (seed, class, index), never per batch: resumed or re-batched runs give the same images.
         noise = noise_for(self.args.seed, label, indices, self.latent_shape).to(self.device)
         labels = torch.full((len(indices),), label, device=self.device, dtype=torch.long)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             latents = denoise(
                 self.model, self.sampler, noise, labels, self.args.cfg_scale, self.args.num_inference_steps
             )
+        # Decoding runs outside autocast, in the VAE's own precision.
         return to_unit(self.codec.decode(latents.float())).cpu()
 
 
@@ -125,6 +94,7 @@ def resolve_classes(tokens, class_names):
     if not tokens:
         return list(range(len(class_names)))
     chosen = []
+    # A name wins over an index: a class folder may well be called "3".
     for token in tokens:
         if token in class_names:
             chosen.append(class_names.index(token))
@@ -165,6 +135,7 @@ def missing_indices(output_dir, class_name, count, intensity, overwrite):
 
 def clean_sample_tree(output_dir, class_names):
     """Delete temporaries that a sampler killed while writing left in the class folders."""
+    # Tools that list the folders (an evaluation, a copy) would otherwise meet half-written files.
     for name in class_names:
         files.clean_temporaries(Path(output_dir) / name)
 
@@ -172,6 +143,7 @@ def clean_sample_tree(output_dir, class_names):
 def write_images(output_dir, class_name, indices, samples, intensity):
     """Save a batch of samples (N, C, H, W) in [0, 1] under their indices, each file atomically."""
     (Path(output_dir) / class_name).mkdir(parents=True, exist_ok=True)
+    # images.save writes at the data's depth (16-bit PNG, float TIFF), through a temporary file.
     for index, sample in zip(indices, samples, strict=True):
         images.save(sample, image_path(output_dir, class_name, index, intensity), intensity)
 
@@ -186,6 +158,7 @@ def beside(output_dir, ending):
 
 def free_path(path):
     """`path`, or the first numbered variant of it that does not exist yet."""
+    # Numbered, never replaced: an earlier grid or .npz survives a second run without --overwrite.
     path, number = Path(path), 1
     candidate = path
     while candidate.exists():
@@ -196,6 +169,7 @@ def free_path(path):
 
 def outside_samples(path, output_dir, flag):
     """Refuse an extra output inside the sample tree, where evaluation would count it as a sample."""
+    # Both resolved: a relative path or a symlinked folder must not slip inside unnoticed.
     if Path(path).resolve().is_relative_to(Path(output_dir).resolve()):
         raise UserError(
             f"{flag} {path} is inside --output_dir {output_dir}, where it would count as a sample; "
@@ -214,28 +188,12 @@ def save_grid(rows, path):
 def build_parser():
     parser = cli.Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated", default_seed=42)
-    parser.add_argument(
-        "--class_label",
-        nargs="+",
-        default=None,
-        help="class names or indices to generate (default: every class)",
-    )
-    parser.add_argument(
-        "--num_samples", type=cli.positive_int, default=10, help="images per class (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--save_grid",
-        action="store_true",
-        help="also save a preview grid (8-bit PNG, a row per class) as <output_dir>_grid.png",
-    )
-    parser.add_argument(
-        "--grid_path",
-        default=None,
-        help="save the grid here instead (implies --save_grid; must be outside --output_dir)",
-    )
-    parser.add_argument(
-        "--no_save_images", action="store_true", help="do not write individual images (use with --save_grid)"
-    )
+    add = parser.add_argument
+    add("--class_label", nargs="+", help="class names or indices to generate (default: every class)")
+    add("--num_samples", type=cli.positive_int, default=10, help="images per class")
+    add("--save_grid", action="store_true", help="also save a grid, a row per class, <output_dir>_grid.png")
+    add("--grid_path", help="save the grid here instead (implies --save_grid; must be outside --output_dir)")
+    add("--no_save_images", action="store_true", help="do not write single images (use with --save_grid)")
     return parser
 
 
@@ -245,6 +203,7 @@ def parse_args(argv=None):
 
 def grid_destination(args):
     """Where the grid goes (None without one), checked before any sampling starts."""
+    # Checked before the model loads: a bad --grid_path fails at once, not after all the sampling.
     if not (args.save_grid or args.grid_path):
         return None
     path = outside_samples(
@@ -254,6 +213,7 @@ def grid_destination(args):
 
 
 def main():
+    # Every check that can fail comes first, before the model loads and before any file is written.
     args = parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     classes = resolve_classes(args.class_label, list(ckpt["class_names"]))
@@ -261,6 +221,7 @@ def main():
     write = not args.no_save_images
     if write:
         cli.ensure_writable_dir(args.output_dir, "--output_dir")
+    # TF32 matmuls on CUDA, as in training (the DiT paper's setting); no effect on the CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     sampler = LDMSampler(ckpt, args, device)
@@ -270,6 +231,7 @@ def main():
     made, num_batches, rows = 0, 0, []
     for label in classes:
         name = sampler.class_names[label]
+        # Without image files there is nothing to skip: the grid's samples are all generated.
         todo = missing_indices(args.output_dir, name, args.num_samples, rule, args.overwrite or not write)
         made_now = {}
         for chunk in batches(todo, args.batch_size):
@@ -280,6 +242,7 @@ def main():
             made, num_batches = made + len(chunk), num_batches + 1
         skipped = args.num_samples - len(todo)
         print(f"class '{name}' ({label}): generated {len(todo)}, skipped {skipped} existing", flush=True)
+        # The grid shows every index: new samples from memory, skipped ones read back from their files.
         if grid_path is not None:
             row = [
                 made_now[i]

@@ -33,17 +33,9 @@ from models import load_checkpoint
 def build_parser():
     parser = cli.Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated_per_class", default_seed=0)
-    parser.add_argument(
-        "--total_samples",
-        type=cli.positive_int,
-        default=8000,
-        help="images over all classes, split evenly (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--npz",
-        action="store_true",
-        help="also write <output_dir>_<N>x<H>x<W>x3.npz of all images, labels and class names",
-    )
+    add = parser.add_argument
+    add("--total_samples", type=cli.positive_int, default=8000, help="images over all classes, split evenly")
+    add("--npz", action="store_true", help="also write <output_dir>_<N>x<H>x<W>x3.npz (images, labels)")
     return parser
 
 
@@ -53,11 +45,14 @@ def parse_args(argv=None):
 
 def per_class_counts(total, num_classes):
     """Even split; the first `total % num_classes` classes get one image more."""
+    # So the counts always add up to --total_samples, and a rerun with the same flags asks for the same.
     return [total // num_classes + (c < total % num_classes) for c in range(num_classes)]
 
 
 def work_batches(class_names, counts, intensity, args):
     """(label, indices) batches of the images still missing, in a fixed order for every process."""
+    # Every process builds this same list and takes every N-th batch of it: no two processes ever write
+    # the same file, and no list has to be sent between them.
     work = []
     for label, (name, count) in enumerate(zip(class_names, counts, strict=True)):
         todo = missing_indices(args.output_dir, name, count, intensity, args.overwrite)
@@ -67,6 +62,7 @@ def work_batches(class_names, counts, intensity, args):
 
 def npz_destination(output_dir, total, image_size, overwrite):
     """<output_dir>_<N>x<H>x<W>x3.npz beside the sample tree (numbered unless --overwrite), checked early."""
+    # The ADM evaluator's naming (N x H x W x 3), beside the tree so that the images are not counted twice.
     path = beside(output_dir, f"_{total}x{image_size}x{image_size}x3.npz")
     return cli.ensure_writable_file(path if overwrite else free_path(path), "--npz")
 
@@ -74,6 +70,8 @@ def npz_destination(output_dir, total, image_size, overwrite):
 def write_npz(path, output_dir, class_names, counts, intensity):
     """All images of the run in class order, RGB uint8 (grayscale repeated) as the ADM evaluator expects,
     with the class names, so that labels are mapped by name rather than by position."""
+    # Read back from the files rather than kept from sampling: images of an earlier, interrupted run
+    # are included, and memory holds one copy only at the end.
     pixels, labels = [], []
     for label, (name, count) in enumerate(zip(class_names, counts, strict=True)):
         for i in range(count):
@@ -95,6 +93,7 @@ def write_npz(path, output_dir, class_names, counts, intensity):
 
 
 def main():
+    # The checkpoint and both destinations are checked before the model loads or any process samples.
     args = parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     cli.ensure_writable_dir(args.output_dir, "--output_dir")
@@ -105,6 +104,7 @@ def main():
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo for CPU multi-process launches
     sampler = LDMSampler(ckpt, args, state.device)
     names, rule = sampler.class_names, sampler.intensity
+    # One process removes what a killed run left half-written; the others only read the folders.
     if state.is_main_process:
         clean_sample_tree(args.output_dir, names)
     counts = per_class_counts(args.total_samples, len(names))
@@ -117,6 +117,7 @@ def main():
             f"{len(work)} batches over {state.num_processes} process(es) | {images.describe(rule)}",
             flush=True,
         )
+    # Each process times its own share: on a shared machine their speeds can differ.
     timer = training.Timer(state.device)
     for label, chunk in mine:
         write_images(args.output_dir, names[label], chunk, sampler.sample(label, chunk), rule)
@@ -125,6 +126,7 @@ def main():
         made, args.num_inference_steps, len(mine), timer.elapsed(), f"sampling, process {state.process_index}"
     )
     print(line, flush=True)
+    # The .npz waits for every process: it reads all the images back.
     state.wait_for_everyone()
     if npz_path is not None and state.is_main_process:
         write_npz(Path(npz_path), args.output_dir, names, counts, rule)

@@ -19,15 +19,19 @@ from diffusers import (
 )
 from huggingface_hub.utils import logging as hub_logging
 
+from core import guidance
 from core.errors import UserError
 from core.files import load_weights_only
 from core.images import EIGHT_BIT
 
+# The checkpoint layout of the README's contract; checkpoints of older versions load too (tests/fixtures).
 FORMAT_VERSION = 1
+# The seed's VAE: Stable Diffusion's autoencoder with a fine-tuned decoder (8x downsampling, 4 channels).
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 # Named UNet sizes; `heads` is the number of attention heads per block (diffusers calls it
-# attention_head_dim for this model), `context` the width of the class token.
+# attention_head_dim for this model), `context` the width of the class token. tiny is for tests and
+# CPU benchmarks; small to large grow widths, heads and token together.
 UNET_PRESETS = {
     "tiny": dict(channels=(32, 64), layers=1, heads=4, context=64, groups=8),
     "small": dict(channels=(64, 128, 256), layers=2, heads=4, context=256, groups=32),
@@ -35,6 +39,12 @@ UNET_PRESETS = {
     "large": dict(channels=(192, 384, 768, 768), layers=2, heads=12, context=768, groups=32),
 }
 
+# The diffusion settings train.py offers: what the UNet predicts and how the noise grows over time.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+# Inference schedulers, each built from the training schedule's config: the multistep solvers
+# (DPM-Solver++, UniPC) reach in 20-30 steps what DDIM needs about 50 for.
 SAMPLERS = {
     "ddim": (DDIMScheduler, {}),
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -51,6 +61,7 @@ def unet_settings(
     norm_num_groups=None,
 ):
     """Preset values overridden by any explicitly given ones."""
+    # None means "not given": only the flags a user typed replace the preset's values.
     settings = dict(UNET_PRESETS[preset])
     overrides = dict(
         channels=block_out_channels,
@@ -66,9 +77,12 @@ def unet_settings(
 
 def build_unet(settings, latent_channels, latent_size):
     """UNet2DConditionModel with cross-attention in every level but the deepest, as in Stable Diffusion."""
+    # Stable Diffusion's layout: cross-attention at every resolution but the lowest, where the
+    # (cross-attention) mid-block attends anyway.
     levels = len(settings["channels"])
     down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    # Checked here, so that a bad combination is one error line and not a shape error inside diffusers.
     for width in settings["channels"]:
         if width % settings["groups"] or width % settings["heads"]:
             raise UserError(
@@ -94,6 +108,7 @@ class ClassEmbedder(nn.Module):
 
     def __init__(self, num_classes, dim):
         super().__init__()
+        # The class token takes the place of the text tokens of Stable Diffusion's cross-attention.
         self.num_classes = num_classes
         self.embedding = nn.Embedding(num_classes + 1, dim)
 
@@ -103,11 +118,6 @@ class ClassEmbedder(nn.Module):
     def null_labels(self, labels):
         """Labels of the same shape, all set to the null class."""
         return torch.full_like(labels, self.num_classes)
-
-    def drop_labels(self, labels, probability):
-        """Replace each label by the null class with the given probability (classifier-free training)."""
-        drop = torch.rand(labels.shape, device=labels.device) < probability
-        return torch.where(drop, self.null_labels(labels), labels)
 
 
 class ClassConditionalUNet(nn.Module):
@@ -119,6 +129,7 @@ class ClassConditionalUNet(nn.Module):
         self.class_embedder = class_embedder
 
     def forward(self, latents, timesteps, labels):
+        # The token takes the latents' dtype, so a UNet run in half precision gets a half-precision context.
         context = self.class_embedder(labels).to(latents.dtype)  # (N, 1, D)
         return self.unet(latents, timesteps, encoder_hidden_states=context).sample  # (N, C, h, w)
 
@@ -127,6 +138,7 @@ class EMA:
     """Exponential moving average of a module's weights, with the usual warm-up of the decay."""
 
     def __init__(self, model, decay):
+        # A full copy of the plain module, outside DDP and the optimizer, updated after each step.
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.num_updates = 0
@@ -134,6 +146,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model):
         self.num_updates += 1
+        # Warm-up (1 + n) / (10 + n): early averages forget the random initial weights quickly.
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for ema_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_param.lerp_(param.detach().float(), 1.0 - decay)
@@ -152,6 +165,8 @@ def looks_like_path(name):
 
 def load_vae(name_or_path):
     """Frozen AutoencoderKL from a local folder or a hub id; fails fast with the flag to use."""
+    # A folder that exists is always local; a value that looks like a path but is missing fails here,
+    # instead of being sent to the hub as a repository name.
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         source = str(local)
@@ -184,6 +199,7 @@ class LatentCodec:
     def __init__(self, vae, image_channels):
         self.vae = vae
         self.image_channels = image_channels
+        # The latents the UNet sees are (z - shift) * scale: near unit variance, as latent diffusion wants.
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(vae.config.shift_factor or 0.0)
         self.latent_channels = vae.config.latent_channels
@@ -232,13 +248,10 @@ def make_sampler(name, scheduler_config):
 
 def guided_prediction(model, latents, t, labels, cfg_scale):
     """Classifier-free guided model output; cond and null halves share one batch, skipped when unused."""
+    # The schedulers step with one timestep for the whole batch: give the model one per sample.
+    timesteps = t.expand(latents.shape[0]) if t.dim() == 0 else t
     null = model.class_embedder.null_labels(labels)
-    if cfg_scale == 1:
-        return model(latents, t, labels)
-    if cfg_scale == 0:
-        return model(latents, t, null)
-    cond, uncond = model(torch.cat([latents, latents]), t, torch.cat([labels, null])).chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    return guidance.guided(model, latents, timesteps, labels, null, cfg_scale)
 
 
 @torch.no_grad()
@@ -246,6 +259,7 @@ def denoise(model, scheduler, noise, labels, cfg_scale, num_steps):
     """Reverse diffusion from noise (N, c, h, w) for labels (N,) -> clean scaled latents."""
     scheduler.set_timesteps(num_steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
+    # The scheduler steps in fp32 whatever the model's precision: its update mixes large and small terms.
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
         output = guided_prediction(model, model_input, t, labels, cfg_scale)
@@ -255,6 +269,8 @@ def denoise(model, scheduler, noise, labels, cfg_scale, num_steps):
 
 def noise_for(seed, label, indices, shape):
     """Starting noise of samples `indices` of one class: reproducible, different per class and index."""
+    # A generator per sample: image i of class c is the same whatever the batch size, process count
+    # or order of generation.
     draws = []
     for index in indices:
         generator = torch.Generator().manual_seed(hash_seed(seed, label, index))
@@ -264,6 +280,7 @@ def noise_for(seed, label, indices, shape):
 
 def hash_seed(*parts):
     """Combine integers into one 63-bit seed (stable across runs, unlike hash())."""
+    # FNV-1a-style mixing with the 64-bit FNV prime, reduced below 2**63 for torch's manual_seed.
     value = 1469598103934665603
     for part in parts:
         value = ((value ^ (int(part) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
@@ -272,6 +289,7 @@ def hash_seed(*parts):
 
 def default_noise_scheduler(num_train_timesteps, beta_schedule, prediction_type):
     """Training noise schedule (Stable Diffusion's scaled-linear betas by default)."""
+    # SD's beta range (0.00085 to 0.012); clip_sample off, since latents are not bounded to [-1, 1].
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -296,7 +314,8 @@ def load_checkpoint(path, flag="--checkpoint"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: file not found; pass an LDM checkpoint such as checkpoint_best.pt")
-    ckpt = load_weights_only(path, what=flag)
+    ckpt = load_weights_only(path, what=flag)  # weights_only: a pickle can run no code
+    # ControlNet and DiT checkpoints are dicts too: the model_type tells them apart.
     if not isinstance(ckpt, dict) or ckpt.get("model_type") != "ldm":
         kind = ckpt.get("model_type") if isinstance(ckpt, dict) else None
         found = f"a {kind} checkpoint" if kind else "no model_type"
@@ -313,6 +332,7 @@ def intensity_of(ckpt):
 
 def model_from_checkpoint(ckpt, use_ema=True):
     """Rebuild the class-conditional UNet from a checkpoint, with EMA weights when present and asked."""
+    # The stored diffusers config rebuilds the UNet exactly; no preset or flag is consulted.
     unet = UNet2DConditionModel.from_config(ckpt["unet_config"])
     embedder = ClassEmbedder(len(ckpt["class_names"]), unet.config.cross_attention_dim)
     ema = use_ema and ckpt.get("ema_unet") is not None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
@@ -29,15 +29,16 @@ from dataset import (
     ClassImageDataset,
     add_intensity_args,
     check_intensity_args,
-    data_rule,
-    find_class_images,
-    split_holdout,
+    epoch_loader,
+    load_class_data,
     to_unit,
 )
 from models import (
+    BETA_SCHEDULES,
     DEFAULT_VAE,
     EMA,
     FORMAT_VERSION,
+    PREDICTION_TYPES,
     UNET_PRESETS,
     ClassConditionalUNet,
     ClassEmbedder,
@@ -65,238 +66,73 @@ ARCHITECTURE_KEYS = (
 
 
 def build_parser():
+    # cli.Parser takes every flag as --snake_case and --kebab-case and shows each default in --help;
+    # the groups follow a run: data, model, optimisation, then what is saved along the way.
     parser = cli.Parser(description=__doc__, epilog=DATA_LAYOUT)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
-    data.add_argument(
-        "--output_dir",
-        default="./ldm_checkpoints",
-        help="checkpoints, samples and logs (default: %(default)s)",
-    )
-    data.add_argument(
-        "--image_size",
-        type=cli.positive_int,
-        default=256,
-        help="training resolution in pixels (default: %(default)s)",
-    )
-    data.add_argument(
-        "--image_channels",
-        type=int,
-        choices=[1, 3],
-        default=None,
-        help="1 or 3; default: 1 if every image is grayscale, else 3",
-    )
-    add_intensity_args(data)
-    data.add_argument(
-        "--val_fraction",
-        type=cli.fraction,
-        default=0.1,
-        help="held-out share per class for validation and checkpoint_best (default: %(default)s)",
-    )
-    data.add_argument("--no_flip", action="store_true", help="disable random horizontal flips")
-    data.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="encode the data set once (both flips) and train without the VAE in the loop",
-    )
-    data.add_argument(
-        "--num_workers",
-        type=cli.nonnegative_int,
-        default=4,
-        help="data loader workers per process (default: %(default)s)",
-    )
+    add = parser.add_argument_group("data").add_argument
+    add("--data_root", required=True, help="folder of class sub-folders (layout below)")
+    add("--output_dir", default="./ldm_checkpoints", help="checkpoints, samples and logs")
+    add("--image_size", type=cli.positive_int, default=256, help="training resolution in pixels")
+    add("--image_channels", type=int, choices=[1, 3], help="default: 1 if every image is grayscale, else 3")
+    add_intensity_args(add)
+    add("--val_fraction", type=cli.fraction, default=0.1, help="held-out share per class (checkpoint_best)")
+    add("--no_flip", action="store_true", help="disable random horizontal flips")
+    add("--cache_latents", action="store_true", help="encode the data once (both flips); no VAE in the loop")
+    add("--num_workers", type=cli.nonnegative_int, default=4, help="data loader workers per process")
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--vae_pretrained",
-        default=DEFAULT_VAE,
-        help="frozen AutoencoderKL: hub id or local save_pretrained folder (default: %(default)s)",
-    )
-    model.add_argument(
-        "--unet_preset",
-        choices=sorted(UNET_PRESETS),
-        default="base",
-        help="UNet size preset (default: %(default)s); the flags below override its parts",
-    )
-    model.add_argument(
-        "--block_out_channels",
-        type=cli.positive_int,
-        nargs="+",
-        default=None,
-        help="UNet widths per level, e.g. 128 256 512 512",
-    )
-    model.add_argument(
-        "--layers_per_block", type=cli.positive_int, default=None, help="ResNet layers per UNet level"
-    )
-    model.add_argument(
-        "--attention_heads", type=cli.positive_int, default=None, help="attention heads per block"
-    )
-    model.add_argument(
-        "--cross_attention_dim", type=cli.positive_int, default=None, help="width of the class token"
-    )
-    model.add_argument(
-        "--norm_num_groups", type=cli.positive_int, default=None, help="GroupNorm groups in the UNet"
-    )
-    model.add_argument(
-        "--prediction_type",
-        choices=["epsilon", "v_prediction"],
-        default="epsilon",
-        help="UNet target (default: %(default)s)",
-    )
-    model.add_argument(
-        "--num_train_timesteps",
-        type=cli.positive_int,
-        default=1000,
-        help="diffusion steps (default: %(default)s)",
-    )
-    model.add_argument(
-        "--beta_schedule",
-        choices=["scaled_linear", "linear", "squaredcos_cap_v2"],
-        default="scaled_linear",
-        help="noise schedule (default: %(default)s)",
-    )
-    model.add_argument(
-        "--cfg_dropout",
-        type=cli.unit_interval,
-        default=0.1,
-        help="per-sample probability of the null class, for guidance (default: %(default)s)",
-    )
-    model.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet memory")
-    model.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    # --unet_preset sets widths, depth, heads, token width and groups; each of the five flags after it
+    # overrides its one part (models.unet_settings).
+    add = parser.add_argument_group("model").add_argument
+    add("--vae_pretrained", default=DEFAULT_VAE, help="frozen AutoencoderKL: hub id or local folder")
+    add("--unet_preset", choices=sorted(UNET_PRESETS), default="base", help="UNet size preset")
+    add("--block_out_channels", type=cli.positive_int, nargs="+", help="UNet widths per level, e.g. 128 256")
+    add("--layers_per_block", type=cli.positive_int, help="ResNet layers per UNet level")
+    add("--attention_heads", type=cli.positive_int, help="attention heads per block")
+    add("--cross_attention_dim", type=cli.positive_int, help="width of the class token")
+    add("--norm_num_groups", type=cli.positive_int, help="GroupNorm groups in the UNet")
+    add("--prediction_type", choices=PREDICTION_TYPES, default="epsilon", help="UNet target")
+    add("--num_train_timesteps", type=cli.positive_int, default=1000, help="diffusion steps")
+    add("--beta_schedule", choices=BETA_SCHEDULES, default="scaled_linear", help="noise schedule")
+    add("--cfg_dropout", type=cli.unit_interval, default=0.1, help="null-class probability, for guidance")
+    add("--gradient_checkpointing", action="store_true", help="trade compute for UNet memory")
+    add("--compile", action="store_true", help="torch.compile the UNet")
 
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
-        "--batch_size",
-        type=cli.positive_int,
-        default=8,
-        help="images per process per step (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--num_epochs", type=cli.positive_int, default=200, help="training epochs (default: %(default)s)"
-    )
-    optim.add_argument(
-        "--learning_rate",
-        "--lr",
-        type=cli.positive_float,
-        default=1e-4,
-        help="AdamW peak learning rate (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--weight_decay",
-        type=cli.nonnegative_float,
-        default=1e-2,
-        help="AdamW weight decay (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--lr_warmup_steps",
-        type=cli.nonnegative_int,
-        default=500,
-        help="linear warm-up before the cosine decay, in optimizer steps (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--gradient_accumulation_steps",
-        type=cli.positive_int,
-        default=1,
-        help="micro-batches per optimizer step (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--max_grad_norm",
-        type=cli.positive_float,
-        default=1.0,
-        help="gradient clipping norm (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1) (default: %(default)s)"
-    )
-    optim.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default="no",
-        help="autocast precision on CUDA; CPU runs fall back to fp32 (default: %(default)s)",
-    )
-    optim.add_argument(
-        "--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)"
-    )
+    # --batch_size is per process: one optimizer step sees batch_size x processes x accumulation images.
+    add = parser.add_argument_group("optimisation").add_argument
+    add("--batch_size", type=cli.positive_int, default=8, help="images per process per step")
+    add("--num_epochs", type=cli.positive_int, default=200, help="training epochs")
+    add("--learning_rate", "--lr", type=cli.positive_float, default=1e-4, help="AdamW peak learning rate")
+    add("--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay")
+    add("--lr_warmup_steps", type=cli.nonnegative_int, default=500, help="warm-up, in optimizer steps")
+    add("--gradient_accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per step")
+    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
+    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1)")
+    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
+    add("--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)")
 
-    run = parser.add_argument_group("checkpoints, validation and samples")
-    run.add_argument(
-        "--save_every",
-        type=cli.positive_int,
-        default=10,
-        help="write checkpoint_epoch_<E>.pt every N epochs (default: %(default)s)",
-    )
-    run.add_argument(
-        "--checkpoints_total_limit",
-        type=cli.positive_int,
-        default=None,
-        help="keep only the newest N periodic checkpoints (default: keep all)",
-    )
-    run.add_argument(
-        "--val_every", type=cli.positive_int, default=1, help="validate every N epochs (default: %(default)s)"
-    )
-    run.add_argument(
-        "--val_timesteps",
-        type=cli.positive_int,
-        default=4,
-        help="fixed timesteps per validation image (default: %(default)s)",
-    )
-    run.add_argument(
-        "--sample_every",
-        type=cli.positive_int,
-        default=10,
-        help="save an EMA sample grid every N epochs (default: %(default)s)",
-    )
-    run.add_argument(
-        "--sample_steps",
-        type=cli.positive_int,
-        default=50,
-        help="DDIM steps for sample grids (default: %(default)s)",
-    )
-    run.add_argument(
-        "--sample_cfg_scale",
-        type=cli.nonnegative_float,
-        default=3.0,
-        help="guidance for sample grids (default: %(default)s)",
-    )
-    run.add_argument(
-        "--grid_samples_per_class",
-        type=cli.positive_int,
-        default=4,
-        help="grid columns (default: %(default)s)",
-    )
-    run.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
-    )
+    # Validation and sample grids use the EMA weights with fixed noise, so epochs compare like with like.
+    add = parser.add_argument_group("checkpoints, validation and samples").add_argument
+    add("--save_every", type=cli.positive_int, default=10, help="checkpoint_epoch_<E>.pt every N epochs")
+    add("--checkpoints_total_limit", type=cli.positive_int, help="keep the newest N periodic files")
+    add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
+    add("--val_every", type=cli.positive_int, default=1, help="validate every N epochs")
+    add("--val_timesteps", type=cli.positive_int, default=4, help="fixed timesteps per held-out image")
+    add("--sample_every", type=cli.positive_int, default=10, help="save an EMA sample grid every N epochs")
+    add("--sample_steps", type=cli.positive_int, default=50, help="DDIM steps for sample grids")
+    add("--sample_cfg_scale", type=cli.nonnegative_float, default=3.0, help="guidance for sample grids")
+    add("--grid_samples_per_class", type=cli.positive_int, default=4, help="grid columns")
     return parser
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_intensity_args(args)
-    return args
-
-
-def epoch_order(num_items, epoch, seed, accelerator):
-    """This process's shard of the epoch's shuffled indices (same order on resume)."""
-    sampler = DistributedSampler(
-        range(num_items),
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        shuffle=True,
-        seed=seed,
-    )
-    sampler.set_epoch(epoch)
-    return list(sampler)
+    return check_intensity_args(build_parser().parse_args(argv))
 
 
 @torch.no_grad()
 def encode_moments(codec, dataset, batch_size, device, flips):
     """Latent mean/std of every image (and of its mirror when flips are on): (N, F, 2, c, h, w)."""
+    # Mean and std rather than one drawn latent: the cached run still draws a fresh posterior sample
+    # every epoch. The mirror is encoded, not flipped in latent space: VAE latents are not equivariant.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     moments = []
     for batch, _ in tqdm(loader, desc="encoding latents", leave=False, disable=len(loader) < 2):
@@ -309,6 +145,7 @@ def encode_moments(codec, dataset, batch_size, device, flips):
 def training_latents(batch, codec, cached, flip):
     """Sampled scaled latents (N, c, h, w) of a batch, with random horizontal flips."""
     inputs = batch.to(codec.vae.device)
+    # One coin per image even with --no_flip, so the random stream (and a resume) does not depend on it.
     mirror = torch.rand(inputs.shape[0], device=inputs.device) < (0.5 if flip else 0.0)
     if cached:  # inputs: (N, F, 2, c, h, w) moments of the image and, with flips, of its mirror
         view = inputs[torch.arange(inputs.shape[0]), mirror.long()]  # (N, 2, c, h, w)
@@ -323,10 +160,13 @@ def diffusion_loss(model, noise_scheduler, latents, labels, cfg_dropout, null_cl
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
     )
+    # Classifier-free guidance training (Ho & Salimans): a share of the labels becomes the null class,
+    # so one network learns the conditional and the unconditional model at once.
     drop = torch.rand(labels.shape, device=labels.device) < cfg_dropout
     labels = torch.where(drop, torch.full_like(labels, null_class), labels)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = model(noisy, timesteps, labels)
+    # The error in fp32: under autocast the output is 16-bit, and small squared residuals underflow.
     return F.mse_loss(
         prediction.float(), diffusion_target(noise_scheduler, latents, noise, timesteps).float()
     )
@@ -345,8 +185,11 @@ def validation_loss(model, noise_scheduler, latents, labels, seed, num_timesteps
 
     Returns (sum of per-image losses, image count) over this process's shard (rank, world)."""
     device = next(model.parameters()).device
+    # K timesteps at the centres of K equal bins of [0, T), and noise fixed per image and timestep:
+    # the figure changes only when the weights do, which is what checkpoint_best compares.
     total_steps = noise_scheduler.config.num_train_timesteps
     steps = ((torch.arange(num_timesteps) + 0.5) * total_steps / num_timesteps).long().to(device)  # (K,)
+    # Sums of per-image means: processes add sums and counts, so the mean is exact for any shard sizes.
     indices = list(range(shard[0], len(latents), shard[1]))
     loss_sum = torch.zeros((), device=device)
     for start in range(0, len(indices), batch_size):
@@ -374,7 +217,9 @@ def main():
     resume = find_resume(args, output_dir)  # with it, the architecture comes from the checkpoint
 
     # Data: one scan decides the data set's bit depth; the held-out split is fixed by the seed.
-    class_names, train_samples, val_samples, intensity = load_data(args, resume)
+    class_names, train_samples, val_samples, data = load_class_data(args, resume)
+    args.image_channels = args.image_channels or data["channels"]  # a resumed run has the checkpoint's
+    intensity = data["intensity"]
 
     # Model: a class-conditional UNet on the frozen VAE's latents, identical on every process.
     codec = LatentCodec(load_vae(args.vae_pretrained).to(device), args.image_channels)
@@ -394,7 +239,8 @@ def main():
 
     # Optimisation: AdamW on a cosine schedule over all epochs; the EMA stays outside DDP.
     ema = EMA(model, args.ema_decay)
-    optimizer, lr_scheduler, batches_per_epoch = optimization(args, model, len(train_set), accelerator)
+    optimizer, lr_scheduler, batches_per_epoch = optimization(args, model, train_set, accelerator)
+    # The EMA copy is taken first: it stays a plain module that is never compiled or wrapped by DDP.
     if args.compile:
         model.unet.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -413,12 +259,7 @@ def main():
     for epoch in range(progress["epoch"], args.num_epochs):
         signum = train_epoch(run, train_set, epoch, batches_per_epoch, stop)
         if signum:
-            save_checkpoints(run, ["checkpoint_latest.pt"])
-            if accelerator.is_main_process:
-                print(
-                    f"stopped by signal {signum}; resume with --resume {output_dir / 'checkpoint_latest.pt'}"
-                )
-            sys.exit(128 + signum)
+            stop_on_signal(run, signum)
         end_of_epoch(run, epoch + 1, val_latents, val_labels)
     if writer is not None:
         writer.close()
@@ -426,19 +267,14 @@ def main():
     accelerator.end_training()
 
 
-def load_data(args, resume):
-    """Class names, training and held-out (path, label) lists and the data's decoding rule."""
-    class_names, samples = find_class_images(args.data_root)
-    if resume is not None and resume["class_names"] != class_names:
-        raise UserError(
-            f"--data_root classes {class_names} differ from the resumed checkpoint's "
-            f"{resume['class_names']}; resume with the same data"
-        )
-    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
-    if args.image_channels is None:
-        args.image_channels = data["channels"]
-    train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
-    return class_names, train_samples, val_samples, data["intensity"]
+def stop_on_signal(run, signum):
+    """Save checkpoint_latest.pt after a signal and exit 128 + signal."""
+    # Stopped between optimizer steps: only latest is written (the epoch is unfinished, so there is no
+    # best or periodic file), and the exit code is 128 + signal, as for a killed shell command.
+    save_checkpoints(run, ["checkpoint_latest.pt"])
+    if run.accelerator.is_main_process:
+        print(f"stopped by signal {signum}; resume with --resume {run.output_dir / 'checkpoint_latest.pt'}")
+    sys.exit(128 + signum)
 
 
 def describe(args, accelerator, codec, model, config, class_names, splits, intensity):
@@ -455,10 +291,11 @@ def describe(args, accelerator, codec, model, config, class_names, splits, inten
     )
 
 
-def optimization(args, model, num_train, accelerator):
+def optimization(args, model, train_set, accelerator):
     """AdamW, its cosine schedule with warm-up (in optimizer steps) and the batches per epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    batches_per_epoch = math.ceil(len(epoch_order(num_train, 0, args.seed, accelerator)) / args.batch_size)
+    batches_per_epoch = len(epoch_loader(train_set, args, 0, accelerator))  # this process's share
+    # The schedule counts optimizer steps, which accumulation makes fewer than batches.
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     lr_scheduler = get_cosine_schedule_with_warmup(
         optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
@@ -474,6 +311,7 @@ def datasets(args, codec, train_samples, val_samples, intensity, device):
         train_set = TensorDataset(
             encode_moments(codec, train_set, args.batch_size, device, not args.no_flip), labels
         )
+    # Held-out latents are the posterior means of the unflipped images: fixed targets, encoded once.
     val_set = ClassImageDataset(val_samples, args.image_size, args.image_channels, intensity)
     val_latents = (
         encode_moments(codec, val_set, args.batch_size, device, False)[:, 0, 0] if val_samples else None
@@ -486,15 +324,11 @@ def find_resume(args, output_dir):
 
     A resumed run takes its architecture (and, unless one is given, its VAE) from the checkpoint.
     """
-    if args.resume is None:
-        if (output_dir / "checkpoint_latest.pt").exists():
-            raise UserError(
-                f"--output_dir {output_dir} already holds a run; pass --resume to continue it "
-                "or choose another --output_dir"
-            )
+    path = resume_path(args, output_dir)
+    if path is None:
         return None
-    path = output_dir / "checkpoint_latest.pt" if args.resume == "latest" else Path(args.resume)
     resume = load_checkpoint(path, flag="--resume")
+    # Only what fixes the shapes is taken over; epochs, rates and intervals may change on resume.
     for key in ARCHITECTURE_KEYS:
         setattr(args, key, resume["config"][key])
     if args.vae_pretrained == DEFAULT_VAE:  # a VAE given on the command line wins (e.g. a moved folder)
@@ -502,9 +336,24 @@ def find_resume(args, output_dir):
     return resume
 
 
+def resume_path(args, output_dir):
+    """The checkpoint --resume names, or None; a fresh run refuses a folder that holds another run."""
+    latest = output_dir / "checkpoint_latest.pt"
+    if args.resume is None and latest.exists():
+        raise UserError(
+            f"--output_dir {output_dir} already holds a run; pass --resume to continue it "
+            "or choose another --output_dir"
+        )
+    if args.resume is None:
+        return None
+    return latest if args.resume == "latest" else Path(args.resume)
+
+
 def build_model(args, codec, num_classes, resume):
     """Class-conditional UNet sized from the flags (or the resumed checkpoint's config)."""
     latent_size = args.image_size // codec.downsample
+    # A resumed UNet is rebuilt from its stored diffusers config, so later changes to the presets
+    # never alter a run in progress.
     if resume is not None:
         unet = UNet2DConditionModel.from_config(resume["unet_config"])
     else:
@@ -517,6 +366,7 @@ def build_model(args, codec, num_classes, resume):
             args.norm_num_groups,
         )
         unet = build_unet(settings, codec.latent_channels, latent_size)
+    # Every UNet level but the last halves the latents: the image must divide by all the halvings.
     multiple = codec.downsample * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.image_size % multiple:
         raise UserError(
@@ -528,6 +378,7 @@ def build_model(args, codec, num_classes, resume):
 
 def run_config(args, codec, model):
     """The full run configuration stored in every checkpoint."""
+    # plain() leaves dicts, lists and scalars only, which torch.load(weights_only=True) accepts.
     config = dict(vars(args))
     config.update(codec.config())
     config["latent_size"] = args.image_size // codec.downsample
@@ -545,13 +396,20 @@ def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_schedule
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    # Only fp16 on CUDA has a grad scaler; checkpoints of bf16 or CPU runs store None.
     if accelerator.scaler is not None and ckpt.get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt, accelerator)
+    return dict(ckpt["progress"])
+
+
+def restore_rng(ckpt, accelerator):
+    """This process's saved random streams, when the checkpoint has one per process as now."""
+    # Streams belong to ranks: with another process count there is no faithful way to map them over.
     if len(ckpt["rng"]) == accelerator.num_processes:
         checkpoints.set_rng_state(ckpt["rng"][accelerator.process_index])
     elif accelerator.is_main_process:
         print("note: process count changed since the checkpoint; random streams are re-seeded")
-    return dict(ckpt["progress"])
 
 
 @dataclass
@@ -578,20 +436,10 @@ def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
     accelerator, args, progress = run.accelerator, run.args, run.progress
     model = run.model
-    # The epoch's order is a function of (seed, epoch) alone, so a resumed run skips exactly the
-    # batches it had trained and sees the rest in the same order.
-    skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0
-    order = epoch_order(len(train_set), epoch, args.seed, accelerator)[skip * args.batch_size :]
-    loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        sampler=order,
-        num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed + epoch),
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=training.ignore_sigint,
-    )
+    skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0  # batches trained before a stop
+    loader = epoch_loader(train_set, args, epoch, accelerator, skip)
     accum = args.gradient_accumulation_steps
+    # The loss and images since the last log line, for its mean loss and throughput.
     window = {"loss": 0.0, "images": 0, "start": time.perf_counter()}
     desc = f"epoch {epoch + 1}/{args.num_epochs}"
     with tqdm(
@@ -631,6 +479,7 @@ def backward_micro_batch(run, inputs, labels, epoch, group_size):
             args.cfg_dropout,
             len(run.class_names),
         )
+    # Checked before backward: a non-finite loss never reaches the weights or the EMA.
     mean_loss = check_finite(accelerator, loss, epoch, run.progress)
     accelerator.backward(loss / group_size)
     return mean_loss
@@ -639,6 +488,7 @@ def backward_micro_batch(run, inputs, labels, epoch, group_size):
 def optimizer_step(run):
     """Clip, step optimizer and LR schedule, update the EMA; returns the gradient norm."""
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    # accelerate unscales fp16 gradients before clipping, so --max_grad_norm means the same in any precision.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
     optimizer.step()
     run.lr_scheduler.step()
@@ -649,6 +499,7 @@ def optimizer_step(run):
 
 def check_finite(accelerator, loss, epoch, progress):
     """Mean loss over processes; stops every process together when any loss is not finite."""
+    # gather rather than reduce: the message then shows which process diverged.
     losses = accelerator.gather(loss.detach().float().reshape(1))
     if not torch.isfinite(losses).all():
         raise training.TrainingHalted(
@@ -681,6 +532,7 @@ def end_of_epoch(run, epochs_done, val_latents, val_labels):
     accelerator, args, progress = run.accelerator, run.args, run.progress
     last = epochs_done == args.num_epochs
     names = []
+    # Validated every --val_every epochs and after the last one; only a strictly lower loss is a new best.
     if val_latents is not None and (epochs_done % args.val_every == 0 or last):
         val_loss = evaluate(run, val_latents, val_labels)
         progress["val_history"].append([epochs_done, val_loss])
@@ -713,6 +565,7 @@ def evaluate(run, val_latents, val_labels):
         args.batch_size,
         (accelerator.process_index, accelerator.num_processes),
     )
+    # One all-reduce of (sum, count): the mean over every held-out image, however they were shared out.
     total = accelerator.reduce(
         torch.stack([loss_sum, torch.tensor(float(count), device=loss_sum.device)]), "sum"
     )
@@ -727,6 +580,8 @@ def evaluate(run, val_latents, val_labels):
 def save_sample_grid(run, epochs_done):
     """EMA samples from fixed noise, one row per class, to disk and TensorBoard."""
     args, codec, device = run.args, run.codec, run.accelerator.device
+    # A row per class (16 at most, so grids stay readable), from noise fixed by seed, class and column:
+    # the grids of successive epochs show the same samples improving.
     classes = range(min(len(run.class_names), 16))
     shape = (codec.latent_channels, run.config["latent_size"], run.config["latent_size"])
     noise = torch.cat([noise_for(args.seed, c, range(args.grid_samples_per_class), shape) for c in classes])
@@ -744,12 +599,17 @@ def save_sample_grid(run, epochs_done):
 
 def save_checkpoints(run, names):
     """Write one checkpoint under each name (collective: every process must call it)."""
-    accelerator = run.accelerator
-    rng = training.rng_states(accelerator)  # one entry per process
+    save_on_main(run.accelerator, lambda rng: checkpoint_state(run, rng), [run.output_dir / n for n in names])
+
+
+def save_on_main(accelerator, make_state, paths):
+    """Write make_state(rng) atomically to each path (collective: every process must call it)."""
+    # Every process's random state is gathered first, so that a resume gives each rank its own stream.
+    rng = training.rng_states(accelerator)
     if accelerator.is_main_process:
-        state = checkpoint_state(run, rng)
-        for name in names:
-            files.atomic_save(state, run.output_dir / name)
+        state = make_state(rng)
+        for path in paths:
+            files.atomic_save(state, path)
     accelerator.wait_for_everyone()
 
 
@@ -757,6 +617,8 @@ def checkpoint_state(run, rng):
     """Everything needed to sample, to build a ControlNet on, or to resume bit for bit."""
     accelerator, ema = run.accelerator, run.ema
     model = accelerator.unwrap_model(run.model)
+    # The unet_config and weights alone rebuild the UNet (ControlNet reads them); epoch, global_step and
+    # best_val_loss repeat progress at the top level, where the README's checkpoint contract puts them.
     return {
         "model_type": "ldm",
         "format_version": FORMAT_VERSION,
@@ -786,6 +648,7 @@ def prune_periodic(output_dir, limit):
     """Keep only the newest `limit` checkpoint_epoch_<E>.pt files."""
     if limit is None:
         return
+    # By epoch number, not by name: checkpoint_epoch_10 sorts before checkpoint_epoch_9 as text.
     periodic = sorted(output_dir.glob("checkpoint_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     for path in periodic[:-limit]:
         path.unlink()

@@ -11,10 +11,10 @@ measured on the data (1 / std of the latents), so the LDM sees unit-variance lat
 Several processes: accelerate launch --num_processes N train_vae.py ... or torchrun --nproc_per_node N.
 """
 
-import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,115 +25,56 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core import checkpoints, cli, files, images, training
+import dataset
+from core import cli, files, images, training
 from core.errors import UserError, run_cli
-from dataset import (
-    DATA_LAYOUT,
-    ClassImageDataset,
-    add_intensity_args,
-    check_intensity_args,
-    data_rule,
-    find_class_images,
-    split_holdout,
-)
 from models import load_vae, plain
-from train import epoch_order
+from train import restore_rng, resume_path, save_on_main
+
+# The shape of a VAE trained from scratch (ignored when fine-tuning): four levels downsample 8x, as in
+# Stable Diffusion's autoencoder, at half its widths.
+NEW_VAE = dict(
+    block_out_channels=[64, 128, 256, 256], layers_per_block=2, latent_channels=4, norm_num_groups=32
+)
 
 
 def build_parser():
-    parser = cli.Parser(description=__doc__, epilog=DATA_LAYOUT)
-    parser.add_argument("--data_root", required=True, help="folder of class sub-folders (layout below)")
-    parser.add_argument(
-        "--output_dir", default="./vae_checkpoints", help="output folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image_size", type=cli.positive_int, default=256, help="training crop size (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--vae_pretrained",
-        default=None,
-        help="fine-tune this VAE (hub id or folder); default: train from scratch",
-    )
-    parser.add_argument(
-        "--block_out_channels",
-        type=cli.positive_int,
-        nargs="+",
-        default=[64, 128, 256, 256],
-        help="encoder/decoder widths when training from scratch (default: %(default)s)",
-    )
-    for name, default in (("layers_per_block", 2), ("latent_channels", 4), ("norm_num_groups", 32)):
-        parser.add_argument(
-            f"--{name}", type=cli.positive_int, default=default, help="from scratch (default: %(default)s)"
-        )
-    parser.add_argument(
-        "--kl_weight", type=cli.nonnegative_float, default=1e-6, help="KL weight (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--perceptual_weight",
-        type=cli.nonnegative_float,
-        default=0.0,
-        help="VGG16 feature loss weight; needs torchvision's VGG16 weights (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch_size", type=cli.positive_int, default=8, help="images per process (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num_epochs", type=cli.positive_int, default=50, help="epochs (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--learning_rate",
-        "--lr",
-        type=cli.positive_float,
-        default=1e-4,
-        help="AdamW peak rate (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lr_warmup_steps",
-        type=cli.nonnegative_int,
-        default=200,
-        help="warm-up steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max_grad_norm",
-        type=cli.positive_float,
-        default=1.0,
-        help="gradient clipping (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--val_fraction", type=cli.fraction, default=0.1, help="held-out share (default: %(default)s)"
-    )
-    add_intensity_args(parser)
-    parser.add_argument(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default="no",
-        help="autocast on CUDA; fp32 on CPU (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--num_workers", type=cli.nonnegative_int, default=4, help="loader workers (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        help="continue from a checkpoint path, or (no value / 'latest') OUTPUT_DIR/checkpoint_latest.pt",
-    )
+    parser = cli.Parser(description=__doc__, epilog=dataset.DATA_LAYOUT)
+    add = parser.add_argument
+    add("--data_root", required=True, help="folder of class sub-folders (layout below)")
+    add("--output_dir", default="./vae_checkpoints", help="output folder")
+    add("--image_size", type=cli.positive_int, default=256, help="training crop size")
+    add("--vae_pretrained", help="fine-tune this VAE (hub id or folder); default: train a new one")
+    # These four shape a new VAE only (defaults: NEW_VAE); a fine-tuned or resumed one keeps its own.
+    add("--block_out_channels", type=cli.positive_int, nargs="+", help="encoder/decoder widths of a new VAE")
+    add("--layers_per_block", type=cli.positive_int, help="ResNet layers per level of a new VAE")
+    add("--latent_channels", type=cli.positive_int, help="latent channels of a new VAE")
+    add("--norm_num_groups", type=cli.positive_int, help="GroupNorm groups of a new VAE")
+    parser.set_defaults(**NEW_VAE)
+    add("--kl_weight", type=cli.nonnegative_float, default=1e-6, help="KL weight")
+    add("--perceptual_weight", type=cli.nonnegative_float, default=0.0, help="VGG16 feature loss weight")
+    add("--batch_size", type=cli.positive_int, default=8, help="images per process")
+    add("--num_epochs", type=cli.positive_int, default=50, help="epochs")
+    add("--learning_rate", "--lr", type=cli.positive_float, default=1e-4, help="AdamW peak rate")
+    add("--lr_warmup_steps", type=cli.nonnegative_int, default=200, help="warm-up steps")
+    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping")
+    add("--val_fraction", type=cli.fraction, default=0.1, help="held-out share")
+    dataset.add_intensity_args(add)
+    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
+    add("--num_workers", type=cli.nonnegative_int, default=4, help="data loader workers per process")
+    add("--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)")
+    add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
     return parser
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_intensity_args(args)
-    return args
+    return dataset.check_intensity_args(build_parser().parse_args(argv))
 
 
 def build_vae(args, resume):
     """The VAE to train: the resumed one's architecture, a pretrained one to fine-tune, or a fresh one."""
+    # A resumed run rebuilds the architecture it saved (restore loads the weights); a VAE to fine-tune
+    # arrives frozen from load_vae, the way train.py uses it, and is unfrozen here.
     if resume is not None and resume.get("vae_config"):
         return AutoencoderKL.from_config(resume["vae_config"])
     if args.vae_pretrained:
@@ -141,6 +82,8 @@ def build_vae(args, resume):
     levels = len(args.block_out_channels)
     if any(width % args.norm_num_groups for width in args.block_out_channels):
         raise UserError(f"--block_out_channels must be multiples of --norm_num_groups {args.norm_num_groups}")
+    # Three image channels, like the SD VAE: grayscale data is repeated (to_three), so train.py's
+    # LatentCodec treats this VAE exactly like a downloaded one.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -172,8 +115,9 @@ class PerceptualLoss(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import VGG16_Weights, vgg16
+        from torchvision.models import VGG16_Weights, vgg16  # only when asked: it needs a download
 
+        # The first 16 layers end at relu3_3: edges and textures, not ImageNet's class features.
         try:
             self.features = (
                 vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features[:16].eval().requires_grad_(False)
@@ -187,6 +131,7 @@ class PerceptualLoss(torch.nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def _features(self, images):
+        # [-1, 1] -> [0, 1] -> ImageNet statistics, the input VGG16 was trained on.
         return self.features(((images + 1) / 2 - self.mean) / self.std)
 
     def forward(self, x, y):
@@ -201,6 +146,9 @@ def to_three(images):
 def vae_loss(model, images, kl_weight, perceptual, perceptual_weight):
     """(total, reconstruction) loss: L1 + KL per pixel, as in SD's autoencoder, + optional perceptual."""
     reconstruction, kl = model(images)
+    # SD's autoencoder weighs a per-image KL sum against a per-image L1 sum; here the L1 is a per-pixel
+    # mean, so the KL (summed over latents) is divided by the pixels per image and --kl_weight keeps
+    # SD's meaning. Losses in fp32: under autocast the decoder output is 16-bit.
     rec = F.l1_loss(reconstruction.float(), images.float())
     total = rec + kl_weight * kl.mean() / images[0].numel()
     if perceptual is not None:
@@ -211,6 +159,8 @@ def vae_loss(model, images, kl_weight, perceptual, perceptual_weight):
 @torch.no_grad()
 def validate(vae, loader, device):
     """Deterministic held-out L1 reconstruction through the posterior mean."""
+    # Through the posterior mean rather than a sample: the figure depends on the weights alone, so the
+    # best folder is chosen on them and not on the luck of a draw.
     vae = vae.eval()
     total, count = 0.0, 0
     for batch, _ in loader:
@@ -225,6 +175,8 @@ def validate(vae, loader, device):
 @torch.no_grad()
 def measure_scaling_factor(vae, loader, device, max_batches=32):
     """1 / std of the posterior-mean latents, the factor that makes them unit variance."""
+    # Latent diffusion (Rombach et al.) scales latents to unit variance so that the noise schedule fits
+    # them; a few batches estimate the std well enough.
     latents = [
         vae.encode(to_three(images.to(device))).latent_dist.mean.float().cpu()
         for _, (images, _) in zip(range(max_batches), loader, strict=False)
@@ -241,6 +193,8 @@ def save_folder(vae, folder):
     """save_pretrained into a fresh folder, swapped in so a crash never leaves half a VAE."""
     folder = Path(folder)
     staging = staging_folder(folder)
+    # The old folder is replaced only once the new one is complete; a staging folder left by a crash
+    # is removed by the next run (clean_stale_files).
     shutil.rmtree(staging, ignore_errors=True)
     vae.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)
@@ -254,9 +208,12 @@ def clean_stale_files(output_dir):
         shutil.rmtree(staging_folder(output_dir / name), ignore_errors=True)
 
 
-def load_resume(args, latest):
-    """The checkpoint to continue from; refuses anything but a train_vae.py checkpoint of plain tensors."""
-    path = latest if args.resume == "latest" else Path(args.resume)
+def find_resume(args, output_dir):
+    """The train_vae.py checkpoint to continue from, or None; refuses to overwrite another run."""
+    path = resume_path(args, output_dir)
+    if path is None:
+        return None
+    # Its own type check: an LDM checkpoint passed here would otherwise fail later, on a missing key.
     if not path.is_file():
         raise UserError(f"--resume: {path} not found")
     ckpt = files.load_weights_only(path, "--resume checkpoint")
@@ -267,138 +224,166 @@ def load_resume(args, latest):
 
 def main():
     args = parse_args()
-    accelerator = training.make_accelerator(args.mixed_precision)
+    accelerator = training.make_accelerator(args.mixed_precision)  # gloo on CPU, NCCL on CUDA
     output_dir = cli.ensure_writable_dir(args.output_dir, "--output_dir")
     if accelerator.is_main_process:
-        clean_stale_files(output_dir)
-    latest = output_dir / "checkpoint_latest.pt"
-    if latest.exists() and args.resume is None:
-        raise UserError(
-            f"--output_dir {output_dir} already holds a VAE run; pass --resume or choose another folder"
-        )
-    resume = load_resume(args, latest) if args.resume else None
-    _, samples = find_class_images(args.data_root)
-    data = data_rule([path for path, _ in samples], args, resume and resume.get("intensity"))
+        clean_stale_files(output_dir)  # left by a run killed while saving
+    resume = find_resume(args, output_dir)
+
+    # Data: the same classes, scan and held-out split as train.py; a resumed run keeps its data rule.
+    _, train_samples, val_samples, data = dataset.load_class_data(args, resume)
     channels = resume.get("channels", data["channels"]) if resume else data["channels"]
-    intensity = data["intensity"]
-    train_samples, val_samples = split_holdout(samples, args.val_fraction, args.seed)
+    data = {"intensity": data["intensity"], "channels": channels}
+    train_set, val_loader = datasets(args, train_samples, val_samples, data)
+
+    # Model: the VAE (identical on every process) inside the module DDP wraps, and the perceptual net.
     set_seed(args.seed)
     vae = build_vae(args, resume)
     perceptual = PerceptualLoss().to(accelerator.device) if args.perceptual_weight > 0 else None
     if accelerator.is_main_process:
-        print(training.parameter_table({"vae": vae}), flush=True)
-        print(
-            f"images: {len(train_samples)} train / {len(val_samples)} val, {channels} channel(s), "
-            f"{images.describe(intensity)}, {args.image_size}px, device {accelerator.device}, "
-            f"processes {accelerator.num_processes}",
-            flush=True,
-        )
+        describe(args, accelerator, vae, (train_samples, val_samples), data)
 
-    train_set = ClassImageDataset(train_samples, args.image_size, channels, intensity)
-    val_loader = DataLoader(
-        ClassImageDataset(val_samples or train_samples, args.image_size, channels, intensity),
-        batch_size=args.batch_size,
-    )
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
-    steps_per_epoch = math.ceil(len(epoch_order(len(train_set), 0, args.seed, accelerator)) / args.batch_size)
-    lr_scheduler = get_cosine_schedule_with_warmup(
-        optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
-    )
+    # Optimisation: AdamW on a cosine schedule over all epochs.
+    optimizer, lr_scheduler = optimization(args, vae, train_set, accelerator)
     model, optimizer = accelerator.prepare(Reconstruction(vae), optimizer)
     vae = accelerator.unwrap_model(model).vae  # the bare VAE, for validation and saving
-    set_seed(args.seed + accelerator.process_index)
-    state = {"epoch": 0, "best": float("inf")}
+    set_seed(args.seed + accelerator.process_index)  # different latent samples per process
+    progress = {"epoch": 0, "best": float("inf")}
     if resume is not None:
-        state = restore(resume, vae, optimizer, lr_scheduler, accelerator)
+        progress = restore(resume, vae, optimizer, lr_scheduler, accelerator)
+    run = Run(accelerator, model, vae, optimizer, lr_scheduler, perceptual, output_dir, data, args, progress)
+
+    # The loop: an epoch at a time; checkpoint_latest.pt is written at every epoch's end.
     stop = training.StopSignal("checkpoint_latest.pt")
-    for epoch in range(state["epoch"], args.num_epochs):
-        signum = train_epoch(
-            args, accelerator, model, optimizer, lr_scheduler, train_set, perceptual, epoch, stop
-        )
+    for epoch in range(progress["epoch"], args.num_epochs):
+        signum = train_epoch(run, train_set, epoch, stop)
         if signum:  # an interrupted epoch restarts from its beginning on --resume
             sys.exit(128 + signum)
-        val = validate(vae, val_loader, accelerator.device)
-        state = {"epoch": epoch + 1, "best": min(state["best"], val)}
-        if accelerator.is_main_process:
-            print(f"epoch {epoch + 1}: held-out L1 {val:.5f} (best {state['best']:.5f})", flush=True)
-            if val <= state["best"]:
-                finalise(vae, args, output_dir / "best", val_loader)
-        # latest last: a run killed before it resumes from the previous epoch and writes best again
-        save_state(
-            latest,
-            accelerator,
-            vae,
-            optimizer,
-            lr_scheduler,
-            state,
-            {"intensity": intensity, "channels": channels},
-        )
+        end_of_epoch(run, epoch + 1, val_loader)
     if accelerator.is_main_process:
         finalise(vae, args, output_dir / "final", val_loader)
         print(f"done: use --vae_pretrained {output_dir / 'best'} with train.py")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
-def train_epoch(args, accelerator, model, optimizer, lr_scheduler, train_set, perceptual, epoch, stop):
-    """One epoch of VAE updates; returns a signal number when asked to stop."""
-    order = epoch_order(len(train_set), epoch, args.seed, accelerator)
-    loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        sampler=order,
-        num_workers=args.num_workers,
-        generator=torch.Generator().manual_seed(args.seed + epoch),
-        worker_init_fn=training.ignore_sigint,
+def describe(args, accelerator, vae, splits, data):
+    """The parameter table and one line of what this run trains on (main process)."""
+    print(training.parameter_table({"vae": vae}), flush=True)
+    print(
+        f"images: {len(splits[0])} train / {len(splits[1])} val, {data['channels']} channel(s), "
+        f"{images.describe(data['intensity'])}, {args.image_size}px, device {accelerator.device}, "
+        f"processes {accelerator.num_processes}",
+        flush=True,
     )
+
+
+def datasets(args, train_samples, val_samples, data):
+    """The training set and a loader of the held-out images."""
+    train_set = dataset.ClassImageDataset(train_samples, args.image_size, data["channels"], data["intensity"])
+    # Without held-out images the training set stands in, for the best folder and the scaling factor.
+    val_set = dataset.ClassImageDataset(
+        val_samples or train_samples, args.image_size, data["channels"], data["intensity"]
+    )
+    return train_set, DataLoader(val_set, batch_size=args.batch_size)
+
+
+def optimization(args, vae, train_set, accelerator):
+    """AdamW (torch's default weight decay) and its cosine schedule with warm-up, in steps."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
+    steps_per_epoch = len(dataset.epoch_loader(train_set, args, 0, accelerator))
+    lr_scheduler = get_cosine_schedule_with_warmup(
+        optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
+    )
+    return optimizer, lr_scheduler
+
+
+@dataclass
+class Run:
+    """What one VAE run holds, passed to the loop's steps; progress is saved with every checkpoint."""
+
+    accelerator: object
+    model: Reconstruction  # prepared (DDP-wrapped when several processes run)
+    vae: AutoencoderKL  # the bare VAE inside it
+    optimizer: object
+    lr_scheduler: object
+    perceptual: object  # PerceptualLoss, or None without --perceptual_weight
+    output_dir: Path
+    data: dict  # the data rule and channel count, stored in checkpoints
+    args: object
+    progress: dict
+
+
+def train_epoch(run, train_set, epoch, stop):
+    """One epoch of VAE updates; returns a signal number when asked to stop."""
+    accelerator, args, optimizer = run.accelerator, run.args, run.optimizer
+    loader = dataset.epoch_loader(train_set, args, epoch, accelerator)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=not accelerator.is_main_process)
+    # Each process draws its own posterior samples (seeded per rank in main); DDP averages the gradients.
     for batch, _ in bar:
         batch = to_three(batch.to(accelerator.device))
         with accelerator.autocast():
-            loss, rec = vae_loss(model, batch, args.kl_weight, perceptual, args.perceptual_weight)
+            loss, rec = vae_loss(run.model, batch, args.kl_weight, run.perceptual, args.perceptual_weight)
+        # Checked on every process together: one rank stopping alone would leave the others waiting.
         if not torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all():
             raise training.TrainingHalted(
                 f"VAE loss became non-finite in epoch {epoch + 1}; lower --learning_rate"
             )
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        run.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(l1=f"{rec.item():.4f}")
-        signum = stop.agreed(accelerator)
+        signum = stop.agreed(accelerator)  # the same answer on every process: all stop together
         if signum:
             return signum
     return 0
 
 
+def end_of_epoch(run, epochs_done, val_loader):
+    """Validate, save the best folder when it improved, then the resume state."""
+    accelerator, progress = run.accelerator, run.progress
+    val = validate(run.vae, val_loader, accelerator.device)
+    progress.update(epoch=epochs_done, best=min(progress["best"], val))
+    if accelerator.is_main_process:
+        print(f"epoch {epochs_done}: held-out L1 {val:.5f} (best {progress['best']:.5f})", flush=True)
+        # best was just updated with val: equal means this epoch is the new (or a tied) best.
+        if val <= progress["best"]:
+            finalise(run.vae, run.args, run.output_dir / "best", val_loader)
+    # latest last: a run killed before it resumes from the previous epoch and writes best again
+    save_on_main(
+        accelerator, lambda rng: checkpoint_state(run, rng), [run.output_dir / "checkpoint_latest.pt"]
+    )
+
+
 def finalise(vae, args, folder, loader):
     """Save a usable VAE folder; a VAE trained from scratch gets its measured scaling factor."""
+    # A fine-tuned VAE keeps the scaling factor it came with; a new one has none worth keeping.
     if not args.vae_pretrained:
         factor = measure_scaling_factor(vae, loader, next(vae.parameters()).device)
         vae.register_to_config(scaling_factor=factor)
     save_folder(vae, folder)
 
 
-def save_state(path, accelerator, vae, optimizer, lr_scheduler, state, data):
-    """Resume state at an epoch boundary, with the data rule (collective: every process calls it)."""
-    rng = training.rng_states(accelerator)  # one entry per process
-    if accelerator.is_main_process:
-        checkpoint = {
-            "model_type": "vae",
-            "vae_config": plain(vae.config),
-            "vae": vae.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "progress": state,
-            "rng": rng,
-            **data,
-        }
-        files.atomic_save(checkpoint, path)
-    accelerator.wait_for_everyone()
+def checkpoint_state(run, rng):
+    """The resume state at an epoch boundary, with the data rule."""
+    # The data rule and channel count travel along, so a resumed run decodes the images as before.
+    return {
+        "model_type": "vae",
+        "vae_config": plain(run.vae.config),
+        "vae": run.vae.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "progress": dict(run.progress),
+        "rng": rng,
+        **run.data,
+    }
 
 
 def restore(ckpt, vae, optimizer, lr_scheduler, accelerator):
-    """Load what save_state wrote; returns the progress counters."""
+    """Load what checkpoint_state wrote; returns the progress counters."""
+    # Checkpoints without a vae_config got their VAE from the flags, which may have changed since.
     try:
         vae.load_state_dict(ckpt["vae"])
     except RuntimeError:
@@ -408,8 +393,7 @@ def restore(ckpt, vae, optimizer, lr_scheduler, accelerator):
         ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-    if len(ckpt["rng"]) == accelerator.num_processes:
-        checkpoints.set_rng_state(ckpt["rng"][accelerator.process_index])
+    restore_rng(ckpt, accelerator)
     return dict(ckpt["progress"])
 
 

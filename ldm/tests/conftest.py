@@ -28,17 +28,20 @@ TRAIN_ARGS = [
 ]
 
 
-def run_script(script, *args, check=True, env=None):
-    """Run one of the ldm scripts as a user would, offline, from the ldm folder."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, str(LDM_DIR / script), *map(str, args)],
-        cwd=LDM_DIR,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+# Offline, and one thread per process: the test machines have 2 cores shared by parallel runs, where
+# torch's default of one thread per core makes every process spin-wait for the others (2-3x slower).
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_script(script, *args, check=True, env=None, nproc=1):
+    """Run one of the ldm scripts as a user would, offline, from the ldm folder; with nproc > 1 as that
+    many CPU processes under torchrun, in a clean environment."""
+    command = [sys.executable, str(LDM_DIR / script), *map(str, args)]
+    full_env = {**os.environ, **TEST_ENV, **(env or {})}
+    if nproc > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        full_env = {**TEST_ENV, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, cwd=LDM_DIR, env=full_env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -94,23 +97,32 @@ def tiny_vae(tmp_path_factory):
     return folder
 
 
+# (class, count, size, PIL mode, seed, suffix) of the two shared data sets.
+RGB_SET = [
+    ("cat", 5, 20, "RGB", 0, ".png"),
+    ("dog", 4, 20, "RGB", 1, ".JPG"),
+    ("dog", 1, 20, "RGBA", 2, ".webp"),
+]
+GRAY_SET = [("benign", 5, 16, "L", 3, ".png"), ("malignant", 5, 16, "I;16", 4, ".tif")]
+
+
+def class_set(root, spec):
+    """Class folders of random images under root, one entry of spec per (class, image kind)."""
+    for name, count, size, mode, seed, suffix in spec:
+        random_images(root / name, count, size, mode, seed, suffix)
+    return root
+
+
 @pytest.fixture(scope="session")
 def rgb_data(tmp_path_factory):
     """Two RGB classes of five images each, in mixed formats."""
-    root = tmp_path_factory.mktemp("rgb")
-    random_images(root / "cat", 5, 20, "RGB", 0)
-    random_images(root / "dog", 4, 20, "RGB", 1, suffix=".JPG")
-    random_images(root / "dog", 1, 20, "RGBA", 2, suffix=".webp")
-    return root
+    return class_set(tmp_path_factory.mktemp("rgb"), RGB_SET)
 
 
 @pytest.fixture(scope="session")
 def gray_data(tmp_path_factory):
     """Two grayscale classes: 8-bit and 16-bit images."""
-    root = tmp_path_factory.mktemp("gray")
-    random_images(root / "benign", 5, 16, "L", 3)
-    random_images(root / "malignant", 5, 16, "I;16", 4, suffix=".tif")
-    return root
+    return class_set(tmp_path_factory.mktemp("gray"), GRAY_SET)
 
 
 @pytest.fixture(scope="session")

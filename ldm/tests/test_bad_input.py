@@ -29,11 +29,12 @@ def bad_inputs(tmp_path_factory, rgb_data, tiny_vae, trained_run):
     root = tmp_path_factory.mktemp("bad")
     a_file = root / "a_file"
     a_file.write_text("not a folder")
-    (root / "evil.pt").write_bytes(pickle.dumps(Evil(root / "pwned")))
+    evil = root / "evil.pt"
+    evil.write_bytes(pickle.dumps(Evil(root / "pwned")))
     corrupt_run = root / "corrupt_run"
     corrupt_run.mkdir()
     (corrupt_run / "checkpoint_latest.pt").write_bytes(b"PK\x03\x04 cut short")
-    (root / "npz_as_folder_3x16x16x3.npz").mkdir()
+    (root / "npz_3x16x16x3.npz").mkdir()  # where --npz would write
     ckpt = trained_run[0] / "checkpoint_best.pt"
     train = ("train.py", "--data_root", rgb_data, "--vae_pretrained", tiny_vae, "--output_dir", root / "t")
     train = (*train, *TRAIN_ARGS, "--num_epochs", "1")
@@ -42,29 +43,30 @@ def bad_inputs(tmp_path_factory, rgb_data, tiny_vae, trained_run):
     sample = ("inference.py", "--checkpoint", ckpt, "--output_dir", root / "g", "--num_samples", "1")
     per_class = ("inference_per_class.py", "--checkpoint", ckpt, "--output_dir", root / "p")
     per_class = (*per_class, "--total_samples", "3", "--num_inference_steps", "1")
-    return {
-        "train_lr_negative": ((*train, "--learning_rate", "-1"), "must be a number > 0, got -1"),
-        "train_num_workers_negative": ((*train, "--num_workers", "-1"), "an integer >= 0"),
+    # The same mistakes on both trainers; each takes one of the two spellings of --lr and --num_workers.
+    cases = {}
+    for name, base, lr, workers in (
+        ("train", train, "--learning_rate", "--num_workers"),
+        ("vae", vae, "--lr", "--num-workers"),
+    ):
+        cases |= {
+            f"{name}_lr_negative": ((*base, lr, "-1"), "must be a number > 0, got -1"),
+            f"{name}_num_workers_negative": ((*base, workers, "-1"), "an integer >= 0"),
+            f"{name}_epochs_zero": ((*base, "--num_epochs", "0"), "--num-epochs: must be an integer >= 1"),
+            f"{name}_batch_zero": ((*base, "--batch_size", "0"), "--batch-size: must be an integer >= 1"),
+            f"{name}_val_fraction_one": ((*base, "--val_fraction", "1"), "a fraction in [0, 1)"),
+            f"{name}_output_is_a_file": ((*base, "--output_dir", a_file), "is a file, not a folder"),
+            f"{name}_output_under_a_file": ((*base, "--output_dir", a_file / "sub"), "is not writable"),
+        }
+    return cases | {
         "train_ema_decay_two": ((*train, "--ema-decay", "2"), "a fraction in [0, 1)"),
         "train_sample_cfg_nan": ((*train, "--sample_cfg_scale", "nan"), "finite"),
-        "train_epochs_zero": ((*train, "--num_epochs", "0"), "--num-epochs: must be an integer >= 1"),
-        "train_batch_zero": ((*train, "--batch_size", "0"), "--batch-size: must be an integer >= 1"),
-        "train_val_fraction_one": ((*train, "--val_fraction", "1"), "a fraction in [0, 1)"),
-        "train_output_is_a_file": ((*train, "--output_dir", a_file), "is a file, not a folder"),
-        "train_output_under_a_file": ((*train, "--output_dir", a_file / "sub"), "is not writable"),
         "train_resume_pickled_code": (
-            (*train, "--output_dir", root / "t2", "--resume", root / "evil.pt"),
+            (*train, "--output_dir", root / "t2", "--resume", evil),
             "cannot load --resume",
         ),
-        "vae_lr_negative": ((*vae, "--lr", "-1"), "must be a number > 0"),
-        "vae_num_workers_negative": ((*vae, "--num-workers", "-2"), "an integer >= 0"),
-        "vae_epochs_zero": ((*vae, "--num_epochs", "0"), "an integer >= 1"),
-        "vae_batch_zero": ((*vae, "--batch_size", "0"), "an integer >= 1"),
-        "vae_val_fraction_one": ((*vae, "--val_fraction", "1"), "a fraction in [0, 1)"),
-        "vae_output_is_a_file": ((*vae, "--output_dir", a_file), "is a file, not a folder"),
-        "vae_output_under_a_file": ((*vae, "--output_dir", a_file / "sub"), "is not writable"),
         "vae_resume_pickled_code": (
-            (*vae, "--output_dir", root / "v2", "--resume", root / "evil.pt"),
+            (*vae, "--output_dir", root / "v2", "--resume", evil),
             "cannot load --resume checkpoint",
         ),
         "vae_resume_corrupt_latest": (
@@ -83,7 +85,7 @@ def bad_inputs(tmp_path_factory, rgb_data, tiny_vae, trained_run):
         "per_class_output_is_a_file": ((*per_class, "--output_dir", a_file), "is a file, not a folder"),
         "per_class_output_under_a_file": ((*per_class, "--output_dir", a_file / "sub"), "is not writable"),
         "per_class_npz_is_a_folder": (
-            (*per_class, "--output_dir", root / "npz_as_folder", "--npz", "--overwrite"),
+            (*per_class, "--output_dir", root / "npz", "--npz", "--overwrite"),
             "--npz",
         ),
     }
@@ -91,14 +93,10 @@ def bad_inputs(tmp_path_factory, rgb_data, tiny_vae, trained_run):
 
 @pytest.fixture(scope="module")
 def outcomes(bad_inputs):
-    """Run all cases, two at a time (each is a separate Python process; the test machines have 2 cores)."""
-
-    def run(item):
-        name, (command, _) = item
-        return name, run_script(*command, check=False)
-
+    """Every case's result, two at a time (each is a Python process of its own; the machines have 2 cores)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, bad_inputs.items()))
+        results = pool.map(lambda case: run_script(*case[0], check=False), bad_inputs.values())
+        return dict(zip(bad_inputs, results, strict=True))
 
 
 SUBPROCESS = [

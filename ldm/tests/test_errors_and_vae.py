@@ -1,8 +1,6 @@
 """Bad input ends with one clear line and exit code 2; train_vae.py output feeds train.py."""
 
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -144,26 +142,9 @@ def test_train_vae_two_processes_keep_replicas_identical(tmp_path):
     out = tmp_path / "vae"
     (out / ".best.tmp").mkdir(parents=True)  # what a run killed while saving leaves behind
     (out / ".checkpoint_latest.pt.tmp-999").write_bytes(b"partial")
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29523",
-    ]
     flags = "--image_size 8 --block_out_channels 8 8 --norm_num_groups 8 --layers_per_block 1".split()
     flags += "--batch_size 1 --num_epochs 2 --num_workers 0 --lr_warmup_steps 0".split()
-    result = subprocess.run(
-        [*launcher, str(script), "--data_root", str(data), "--output_dir", str(out), *flags],
-        cwd=LDM_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(script, "--data_root", data, "--output_dir", out, *flags, nproc=2)
     assert "processes 2" in result.stdout
     # (rank, checksum) pairs; the two processes' lines may interleave on the shared pipe
     sums = re.findall(r"rank (\d) checksum (-?\d+\.\d{12})", result.stdout)

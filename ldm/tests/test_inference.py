@@ -1,14 +1,11 @@
 """Sampling scripts end to end, guidance arithmetic, noise reproducibility."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import LDM_DIR, run_script
+from conftest import run_script
 from core import images
 from models import (
     ClassConditionalUNet,
@@ -102,24 +99,7 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
     ckpt, named, _ = named_run
     out = tmp_path / "per_class"
     args = ["--checkpoint", ckpt, "--output_dir", out, "--total_samples", "5", "--batch_size", "2", *SAMPLING]
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29519",
-    ]
-    two = subprocess.run(
-        [*launcher, str(LDM_DIR / "inference_per_class.py"), *map(str, args), "--npz"],
-        cwd=LDM_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = run_script("inference_per_class.py", *args, "--npz", nproc=2)
     assert "process 0:" in two.stdout and "process 1:" in two.stdout  # both processes sampled
     assert len(list((out / "cat").iterdir())) == 3 and len(list((out / "dog").iterdir())) == 2
     assert len(sample_tree(out)) == 5  # the .npz lies beside the samples

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import LDM_DIR, TRAIN_ARGS, run_script
+from conftest import LDM_DIR, TEST_ENV, TRAIN_ARGS, run_script
 
 CONTRACT_CONFIG_KEYS = {
     "image_size",
@@ -115,7 +115,7 @@ def test_sigint_saves_latest_and_resume_matches(trained_run, tmp_path):
         cwd=LDM_DIR,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={**TEST_ENV, "PATH": "/usr/bin:/bin"},
     )
     seen = b""
     while b"epoch 1/3" not in seen:  # the progress bar appears once the signal handler is in place
@@ -157,39 +157,8 @@ def test_cached_latents_match_uncached_loss_scale(gray_data, trained_vae, tmp_pa
 
 def test_two_process_cpu_launch(rgb_data, tiny_vae, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-    ]
-    command = [
-        *launcher,
-        str(LDM_DIR / "train.py"),
-        "--data_root",
-        str(rgb_data),
-        "--output_dir",
-        str(out),
-        "--vae_pretrained",
-        str(tiny_vae),
-        *TRAIN_ARGS,
-        "--num_epochs",
-        "2",
-        "--mixed_precision",
-        "fp16",
-    ]
-    result = subprocess.run(
-        command,
-        cwd=LDM_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["--data_root", rgb_data, "--output_dir", out, "--vae_pretrained", tiny_vae, *TRAIN_ARGS]
+    result = run_script("train.py", *args, "--num_epochs", "2", "--mixed_precision", "fp16", nproc=2)
     assert "processes 2" in result.stdout and "needs CUDA" in result.stderr  # fp16 fell back to fp32
     ckpt = load(out / "checkpoint_final.pt")
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
