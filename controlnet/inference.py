@@ -12,10 +12,10 @@ from core.datasets import list_images
 from core.errors import UserError, run_cli
 from core.images import open_image
 from dataset import load_mask
-from mask_metrics import score, summary
+from mask_metrics import FOREGROUND, score, summary
 from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae, make_scheduler
 from models import sample_latents as run_sampler
-from utils import load_checkpoint
+from utils import PRECISION_HELP, load_checkpoint
 
 LAYOUT = """outputs:
   <output_dir>/<mask_stem>_<k:03d>.png               k = 0 .. num_images-1 (null-class token)
@@ -32,78 +32,30 @@ resized nearest-neighbour to the model's image size and the centre is cropped.""
 def build_parser():
     """The command line; the first name of a flag is canonical, later ones are accepted aliases."""
     p = cli.Parser(description=__doc__, epilog=LAYOUT)
-    p.add_argument(
-        "--checkpoint", "--ckpt", required=True, help="ControlNet checkpoint (controlnet/train.py)"
-    )
-    p.add_argument("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
-    p.add_argument("--mask", help="one mask image (or use --mask_folder)")
-    p.add_argument("--mask_folder", help="folder of mask images (png jpg jpeg bmp tif tiff webp)")
-    p.add_argument("--output_dir", default="./generated", help="where images go (default: ./generated)")
-    p.add_argument(
-        "--comparison_dir",
-        help="where --save_comparison rows go (default: <output_dir>_comparison, outside the samples)",
-    )
-    p.add_argument("--num_images", type=cli.positive_int, default=1, help="images per mask (default: 1)")
-    p.add_argument(
-        "--batch_size", type=cli.positive_int, default=16, help="images per forward pass (default: 16)"
-    )
-    p.add_argument(
-        "--controlnet_scale",
-        type=cli.nonnegative_float,
-        default=1.0,
-        help="mask influence: 0 ignores the mask, 1 normal, 1.5+ strict (default: 1.0)",
-    )
-    p.add_argument(
-        "--scheduler",
-        default="unipc",
-        choices=sorted(SCHEDULERS),
-        help="sampler: unipc or dpm++ (good at 20-30 steps) or ddim (default: unipc)",
-    )
-    p.add_argument(
-        "--num_inference_steps", type=cli.positive_int, default=25, help="sampling steps (default: 25)"
-    )
-    p.add_argument("--class_name", help="generate this LDM class (default: the null-class token)")
-    p.add_argument("--class_label", type=int, help="generate this class index instead of a name")
-    p.add_argument(
-        "--cfg_scale",
-        "--guidance_scale",
-        type=cli.finite_float,
-        default=3.0,
-        help="classifier-free guidance with a class; 1 disables it (default: 3.0)",
-    )
-    p.add_argument(
-        "--seed",
-        type=cli.nonnegative_int,
-        default=42,
-        help="seed; image k of a mask is reproducible (default: 42)",
-    )
-    p.add_argument("--save_comparison", action="store_true", help="also write mask | generated rows per mask")
-    p.add_argument(
-        "--eval_masks",
-        action="store_true",
-        help="report Dice/IoU between each mask and its Otsu-segmented image (see mask_metrics.py)",
-    )
-    p.add_argument(
-        "--foreground",
-        default="bright",
-        choices=("bright", "dark"),
-        help="for --eval_masks: the masked structure is brighter or darker (default: bright)",
-    )
-    p.add_argument(
-        "--mask_max_value",
-        type=cli.positive_int,
-        help="label value shown at full intensity (default: the training masks' K)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
-    p.add_argument("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
-    p.add_argument("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
-    p.add_argument(
-        "--mixed_precision",
-        "--precision",
-        type=cli.mixed_precision,
-        default="no",
-        help="autocast no, fp16 or bf16 (also fp32, auto); the CPU runs fp32 with a warning (default: no)",
-    )
+    add = p.add_argument
+    add("--checkpoint", "--ckpt", required=True, help="ControlNet checkpoint (controlnet/train.py)")
+    add("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
+    add("--mask", help="one mask image (or use --mask_folder)")
+    add("--mask_folder", help="folder of mask images (png jpg jpeg bmp tif tiff webp)")
+    add("--output_dir", default="./generated", help="where images go")
+    add("--comparison_dir", help="where --save_comparison rows go (default: <output_dir>_comparison)")
+    add("--num_images", type=cli.positive_int, default=1, help="images per mask")
+    add("--batch_size", type=cli.positive_int, default=16, help="images per forward pass")
+    add("--controlnet_scale", type=cli.nonnegative_float, default=1.0, help="mask weight; 0 off, 1.5+ strict")
+    add("--scheduler", default="unipc", choices=sorted(SCHEDULERS), help="sampling scheduler")
+    add("--num_inference_steps", type=cli.positive_int, default=25, help="sampling steps")
+    add("--class_name", help="generate this LDM class (default: the null-class token)")
+    add("--class_label", type=int, help="generate this class index instead of a name")
+    add("--cfg_scale", "--guidance_scale", type=cli.finite_float, default=3.0, help="class guidance; 1 off")
+    add("--seed", type=cli.nonnegative_int, default=42, help="seed; image k of a mask is reproducible")
+    add("--save_comparison", action="store_true", help="also write mask | generated rows per mask")
+    add("--eval_masks", action="store_true", help="Dice/IoU of each mask and its Otsu-segmented image")
+    add("--foreground", default="bright", choices=FOREGROUND, help="masked part's brightness (--eval_masks)")
+    add("--mask_max_value", type=cli.positive_int, help="full-intensity label (default: training's K)")
+    add("--overwrite", action="store_true", help="regenerate images that already exist")
+    add("--no_ema", action="store_true", help="use the raw instead of the EMA weights")
+    add("--vae_pretrained", help="VAE hub id or local folder (default: the checkpoint's)")
+    add("--mixed_precision", "--precision", type=cli.mixed_precision, default="no", help=PRECISION_HELP)
     return p
 
 

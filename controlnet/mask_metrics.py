@@ -23,6 +23,7 @@ from core.images import open_image
 from dataset import conditioning
 
 GENERATED_NAME = re.compile(r"(.+)_(\d+)")  # <mask_stem>_<k>
+FOREGROUND = ("bright", "dark")  # the masked structure is brighter or darker than the rest
 
 
 def otsu_threshold(gray):
@@ -107,21 +108,11 @@ def evaluate_folders(mask_folder, generated_folder, foreground="bright", mask_ch
 
 def build_parser():
     p = cli.Parser(description=__doc__)
-    p.add_argument("--mask_folder", required=True, help="folder of the input masks")
-    p.add_argument("--generated_folder", required=True, help="folder written by inference.py")
-    p.add_argument(
-        "--foreground",
-        default="bright",
-        choices=("bright", "dark"),
-        help="which side of the Otsu threshold is the masked structure (default: bright)",
-    )
-    p.add_argument(
-        "--mask_channels",
-        type=int,
-        default=1,
-        choices=(1, 3),
-        help="mask channels the ControlNet was trained with (default: 1)",
-    )
+    add = p.add_argument
+    add("--mask_folder", required=True, help="folder of the input masks")
+    add("--generated_folder", required=True, help="folder written by inference.py")
+    add("--foreground", default="bright", choices=FOREGROUND, help="masked side of the Otsu threshold")
+    add("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels of the ControlNet")
     return p
 
 

@@ -1,5 +1,6 @@
 """Train a mask-guided ControlNet on top of a trained class-conditional LDM (single or multi-process)."""
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from models import (
     make_scheduler,
     sample_latents,
 )
-from utils import add_intensity_flags, check_intensity_flags, load_checkpoint
+from utils import PRECISION_HELP, add_intensity_flags, check_intensity_flags, load_checkpoint
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LATEST, PERIODIC = "checkpoint_latest.pt", "checkpoint_epoch_*.pt"
@@ -53,135 +54,55 @@ samples/epoch_<E>.png (rows of mask | generated | ground truth)."""
 def build_parser():
     """The command line; the first name of a flag is canonical, later ones are accepted aliases."""
     p = cli.Parser(description=__doc__, epilog=LAYOUT)
-    add = p.add_argument
+    off = argparse.SUPPRESS  # a --no_X flag shows no default of its own
+    data = p.add_argument_group("data")
+    add = data.add_argument
     add("--data_root", required=True, help="dataset root (see data layout below)")
-    add("--images_folder", default="images", help="image sub-folder of data_root (default: images)")
-    add("--masks_folder", default="masks", help="mask sub-folder of data_root (default: masks)")
+    add("--images_folder", default="images", help="image sub-folder of data_root")
+    add("--masks_folder", default="masks", help="mask sub-folder of data_root")
     add("--image_prefix", default="", help="image file-name prefix removed before pairing, e.g. Img_")
     add("--mask_prefix", default="", help="mask file-name prefix removed before pairing, e.g. seg_")
-    add(
-        "--use_class_labels",
-        action="store_true",
-        help="per-class layout root/<class>/{images,masks}; condition on the LDM's class token",
-    )
+    add("--use_class_labels", action="store_true", help="root/<class>/{images,masks}; LDM class tokens")
+    add("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels")
+    add("--mask_max_value", type=cli.positive_int, help="full-intensity label (default: the masks' max)")
+    add("--val_fraction", "--val_split", type=cli.fraction, default=0.1, help="held-out share for validation")
+    add("--random_flip", action="store_true", default=True, help="joint random flips")
+    add("--no_random_flip", dest="random_flip", action="store_false", default=off, help="no flips")
+    add("--num_workers", type=cli.nonnegative_int, default=4, help="data-loading workers per process")
+    add_intensity_flags(data)
+
+    add = p.add_argument_group("model and output").add_argument
     add("--ldm_checkpoint", help="required: checkpoint of the trained LDM (ldm/train.py)")
     add("--vae_pretrained", help="VAE hub id or local folder (default: the LDM checkpoint's)")
-    add(
-        "--output_dir",
-        default="./controlnet_checkpoints",
-        help="checkpoints, samples and logs (default: ./controlnet_checkpoints)",
-    )
+    add("--output_dir", default="./controlnet_checkpoints", help="checkpoints, samples and logs")
     add("--overwrite", action="store_true", help="start over in an output_dir that has checkpoints")
     add("--resume", help="checkpoint or run folder to continue from; 'latest' is output_dir's latest")
     add("--image_size", type=cli.positive_int, help="training resolution (default: the LDM's image_size)")
-    add("--mask_channels", type=int, default=1, choices=(1, 3), help="mask channels (default: 1)")
-    add(
-        "--mask_max_value",
-        type=cli.positive_int,
-        help="label value shown at full intensity (default: largest value in the training masks)",
-    )
-    add_intensity_flags(p)
-    add("--batch_size", type=cli.positive_int, default=8, help="batch size per process (default: 8)")
-    add("--num_epochs", "--epochs", type=cli.positive_int, default=100, help="training epochs (default: 100)")
-    add(
-        "--learning_rate",
-        "--lr",
-        type=cli.positive_float,
-        default=1e-5,
-        help="AdamW learning rate (default: 1e-5)",
-    )
-    add("--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay (default: 0.01)")
-    add(
-        "--lr_scheduler",
-        default="constant",
-        choices=LR_SCHEDULES,
-        help="diffusers learning-rate schedule (default: constant)",
-    )
-    add(
-        "--lr_warmup_steps",
-        type=cli.nonnegative_int,
-        default=0,
-        help="learning-rate warm-up steps (default: 0)",
-    )
-    add(
-        "--gradient_accumulation_steps",
-        type=cli.positive_int,
-        default=1,
-        help="batches per step (default: 1)",
-    )
-    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm (default: 1.0)")
-    add(
-        "--freeze_unet",
-        dest="freeze_unet",
-        action="store_true",
-        default=True,
-        help="keep the LDM UNet frozen (default)",
-    )
-    add(
-        "--no_freeze_unet",
-        dest="freeze_unet",
-        action="store_false",
-        help="train the UNet too; the checkpoint then holds the trained UNet",
-    )
-    add(
-        "--mixed_precision",
-        "--precision",
-        type=cli.mixed_precision,
-        default="no",
-        help="no, fp16 or bf16 (also fp32, auto); the CPU falls back to fp32 with a warning (default: no)",
-    )
-    add(
-        "--gradient_checkpointing",
-        "--grad_checkpointing",
-        action="store_true",
-        help="trade compute for memory",
-    )
+    add("--freeze_unet", action="store_true", default=True, help="keep the LDM UNet frozen")
+    add("--no_freeze_unet", dest="freeze_unet", action="store_false", default=off, help="train the UNet too")
+    add("--cfg_dropout", type=cli.fraction, help="null-class share (default: the LDM's cfg_dropout)")
+    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay of the ControlNet, in [0, 1)")
+
+    add = p.add_argument_group("training").add_argument
+    add("--batch_size", type=cli.positive_int, default=8, help="batch size per process")
+    add("--num_epochs", "--epochs", type=cli.positive_int, default=100, help="training epochs")
+    add("--learning_rate", "--lr", type=cli.positive_float, default=1e-5, help="AdamW learning rate")
+    add("--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay")
+    add("--lr_scheduler", default="constant", choices=LR_SCHEDULES, help="diffusers learning-rate schedule")
+    add("--lr_warmup_steps", type=cli.nonnegative_int, default=0, help="learning-rate warm-up steps")
+    add("--gradient_accumulation_steps", type=cli.positive_int, default=1, help="batches per step")
+    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
+    add("--mixed_precision", "--precision", type=cli.mixed_precision, default="no", help=PRECISION_HELP)
+    add("--gradient_checkpointing", "--grad_checkpointing", action="store_true", help="less memory, slower")
     add("--compile", action="store_true", help="torch.compile the ControlNet and the UNet")
-    add(
-        "--cfg_dropout",
-        type=cli.fraction,
-        help="with --use_class_labels, probability of the null class (default: the LDM's cfg_dropout)",
-    )
-    add(
-        "--ema_decay",
-        type=cli.fraction,
-        default=0.9999,
-        help="EMA decay of the ControlNet, in [0, 1) (default: 0.9999)",
-    )
-    add(
-        "--val_fraction",
-        "--val_split",
-        type=cli.fraction,
-        default=0.1,
-        help="held-out share for validation (default: 0.1)",
-    )
-    add(
-        "--random_flip",
-        dest="random_flip",
-        action="store_true",
-        default=True,
-        help="flip image and mask together at random (default)",
-    )
-    add("--no_random_flip", dest="random_flip", action="store_false", help="no flip augmentation")
-    add(
-        "--save_every",
-        type=cli.positive_int,
-        default=10,
-        help="epochs between checkpoint_epoch_<E>.pt (default: 10)",
-    )
+    add("--seed", type=cli.nonnegative_int, default=42, help="random seed")
+
+    add = p.add_argument_group("checkpoints and sample grids").add_argument
+    add("--save_every", type=cli.positive_int, default=10, help="epochs between checkpoint_epoch_<E>.pt")
     add("--checkpoints_total_limit", type=cli.positive_int, help="keep only the newest N epoch checkpoints")
-    add("--sample_every", type=cli.positive_int, default=5, help="epochs between sample grids (default: 5)")
-    add("--num_sample_masks", type=cli.positive_int, default=4, help="rows of the sample grid (default: 4)")
-    add(
-        "--sample_steps", type=cli.positive_int, default=25, help="UniPC steps for sample grids (default: 25)"
-    )
-    add(
-        "--num_workers",
-        type=cli.nonnegative_int,
-        default=4,
-        help="data-loading workers per process (default: 4)",
-    )
-    add("--seed", type=cli.nonnegative_int, default=42, help="random seed (default: 42)")
+    add("--sample_every", type=cli.positive_int, default=5, help="epochs between sample grids")
+    add("--num_sample_masks", type=cli.positive_int, default=4, help="rows of the sample grid")
+    add("--sample_steps", type=cli.positive_int, default=25, help="UniPC steps for sample grids")
     return p
 
 
@@ -391,16 +312,19 @@ class Diffusion:
             labels = torch.where(drop, torch.full_like(labels, self.ldm.null_label), labels)
         return self.ldm.class_embedder(labels).to(self.dtype)
 
-    def loss(self, model, batch, tokens, noise=None, timesteps=None):
-        """Per-sample diffusion loss (N,); fresh noise and timesteps unless both are given."""
+    def loss(self, model, batch, tokens):
+        """Per-sample diffusion loss (N,) at fresh noise and timesteps."""
         with torch.no_grad():
             latents = encode(self.vae, batch["pixel_values"], self.cfg)
-        if noise is None:
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, self.num_t, (latents.shape[0],), device=latents.device)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.num_t, (latents.shape[0],), device=latents.device)
+        return self.denoising_loss(model, latents, noise, timesteps, tokens, batch["conditioning"])
+
+    def denoising_loss(self, model, latents, noise, timesteps, tokens, conditioning):
+        """Per-sample MSE (N,) between the model's prediction and the schedule's target."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            pred = model(noisy, timesteps, tokens, batch["conditioning"])
+            pred = model(noisy, timesteps, tokens, conditioning)
         target = diffusion_target(self.scheduler, latents, noise, timesteps)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
@@ -408,22 +332,36 @@ class Diffusion:
         side = self.cfg["image_size"] // self.cfg["vae_downsample"]
         return (n, self.ldm.unet.config.in_channels, side, side)
 
+    def batch_of(self, val_set, indices):
+        """The validation pairs at indices stacked into one batch on the device."""
+        items = [val_set[i] for i in indices]
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        return to_device(batch, self.accelerator.device)
+
+    def held_out_batch(self, val_set, indices, grid):
+        """Model inputs for the pairs at indices, each pair at every timestep of grid (pair by pair)."""
+        batch, seed, repeats = self.batch_of(val_set, indices), self.cfg["seed"], len(grid)
+        noise = [torch.randn(self.latent_shape(repeats), generator=pair_generator(seed, i)) for i in indices]
+        # One VAE pass per pair: its latents are the posterior mean, the same at every timestep.
+        latents = encode(self.vae, batch["pixel_values"], self.cfg).repeat_interleave(repeats, dim=0)
+        tokens = self.tokens(batch["label"]).repeat_interleave(repeats, dim=0)
+        conditioning = batch["conditioning"].repeat_interleave(repeats, dim=0)
+        noise = torch.cat(noise).to(latents.device)
+        return latents, noise, grid.repeat(len(indices)), tokens, conditioning
+
     @torch.no_grad()
-    def validation_loss(self, model, val_set, per_sample=4):
+    def validation_loss(self, model, val_set, pairs_per_batch, per_sample=4):
         """Deterministic held-out loss: noise seeded per pair, evenly spaced timesteps."""
-        acc, device, seed = self.accelerator, self.accelerator.device, self.cfg["seed"]
-        grid = torch.tensor(
-            [int(self.num_t * (k + 0.5) / per_sample) for k in range(per_sample)], device=device
-        )
+        acc = self.accelerator
+        steps = [int(self.num_t * (k + 0.5) / per_sample) for k in range(per_sample)]
+        grid = torch.tensor(steps, device=acc.device)
+        mine = list(range(acc.process_index, len(val_set), acc.num_processes))
         total, count = 0.0, 0
-        for index in range(acc.process_index, len(val_set), acc.num_processes):
-            item = {
-                k: v[None] if torch.is_tensor(v) else torch.tensor([v]) for k, v in val_set[index].items()
-            }
-            batch = to_device({k: v.expand(per_sample, *v.shape[1:]) for k, v in item.items()}, device)
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            noise = torch.randn(self.latent_shape(per_sample), generator=generator).to(device)
-            losses = self.loss(model, batch, self.tokens(batch["label"]), noise, grid)
+        # pairs_per_batch pairs x per_sample timesteps per model pass; without gradients that is far
+        # below a training step's memory, and a few large passes beat many small ones.
+        for start in range(0, len(mine), pairs_per_batch):
+            inputs = self.held_out_batch(val_set, mine[start : start + pairs_per_batch], grid)
+            losses = self.denoising_loss(model, *inputs)
             total, count = total + losses.sum().item(), count + len(losses)
         total, count = training.sum_across(acc, total, count)
         return total / count
@@ -431,11 +369,10 @@ class Diffusion:
     @torch.no_grad()
     def sample_grid(self, model, val_set, count, steps):
         """Rows of mask | generated (fixed noise) | ground truth for the first validation pairs, in [0, 1]."""
-        items = [val_set[i] for i in range(min(count, len(val_set)))]
-        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
-        batch = to_device(batch, self.accelerator.device)
+        batch = self.batch_of(val_set, range(min(count, len(val_set))))
         generator = torch.Generator().manual_seed(self.cfg["seed"])
-        noise = torch.randn(self.latent_shape(len(items)), generator=generator).to(self.accelerator.device)
+        noise = torch.randn(self.latent_shape(len(batch["label"])), generator=generator)
+        noise = noise.to(self.accelerator.device)
         scheduler = make_scheduler("unipc", self.ldm.scheduler_config)
         with self.accelerator.autocast():
             tokens = self.tokens(batch["label"])
@@ -443,6 +380,11 @@ class Diffusion:
         generated = decode(self.vae, latents, self.cfg)
         rows = [to_rgb(batch["conditioning"] * 2 - 1), to_rgb(generated), to_rgb(batch["pixel_values"])]
         return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, normalize=True, value_range=(-1, 1))
+
+
+def pair_generator(seed, index):
+    """The private noise stream of validation pair `index`: the same whichever process or batch holds it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
 def to_rgb(images):
@@ -571,7 +513,7 @@ def train_step(net, batch, diffusion, run, dropout):
 def end_of_epoch(run, diffusion, val_set, writer):
     """Validation (EMA weights), best/periodic/latest checkpoints and the sample grid."""
     args, done, is_main = run.args, run.epoch, run.accelerator.is_main_process
-    val_loss = run.emas.swapped_in(lambda: diffusion.validation_loss(run.model, val_set))
+    val_loss = run.emas.swapped_in(lambda: diffusion.validation_loss(run.model, val_set, args.batch_size))
     improved = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
     run.save(*epoch_checkpoints(done, improved, args))

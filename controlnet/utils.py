@@ -5,21 +5,16 @@ from pathlib import Path
 from core import checkpoints, cli
 from core.errors import UserError
 
+# Help texts too long to share a line with their flag; PRECISION_HELP serves train.py and inference.py.
+RANGE_HELP = "float ('F') images: LOW .. HIGH map to black .. white (default: 0 1)"
+PRECISION_HELP = "no, fp16 or bf16 (also fp32, auto); on CPU fp32 with a warning"
+
 
 def add_intensity_flags(parser):
     """--bit_depth and --intensity_range: override the scan's rule for the data set's pixel values."""
-    parser.add_argument(
-        "--bit_depth",
-        type=cli.bit_depth,
-        help="integer images hold values 0 .. 2^N - 1 (default: found by scanning the images, e.g. 12)",
-    )
-    parser.add_argument(
-        "--intensity_range",
-        nargs=2,
-        type=cli.finite_float,
-        metavar=("LOW", "HIGH"),
-        help="float ('F') images: values LOW .. HIGH map to black .. white (default: 0 1)",
-    )
+    add = parser.add_argument
+    add("--bit_depth", type=cli.bit_depth, help="integer images hold 0 .. 2^N - 1 (default: scanned)")
+    add("--intensity_range", nargs=2, type=cli.finite_float, metavar=("LOW", "HIGH"), help=RANGE_HELP)
 
 
 def check_intensity_flags(parser, args):

@@ -29,13 +29,18 @@ def run_script(script, *args, cwd=HERE, timeout=300):
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def infer(checkpoint, *args):
+    """Run inference.py with a checkpoint and more flags, as a user would."""
+    return run_script("inference.py", "--checkpoint", checkpoint, *args)
+
+
 def check(result):
     """Assert a script run succeeded, showing its output otherwise."""
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
 
 
-def tiny_vae(folder):
+def tiny_vae(folder, channels=(8, 16), groups=8, size=IMAGE_SIZE):
     """A 2x-downsampling AutoencoderKL saved with save_pretrained (random weights, real architecture)."""
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -43,11 +48,11 @@ def tiny_vae(folder):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=IMAGE_SIZE,
+        norm_num_groups=groups,
+        sample_size=size,
     )
     vae.save_pretrained(folder)
     return vae

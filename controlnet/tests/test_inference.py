@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGE_SIZE, check, run_script
+from conftest import IMAGE_SIZE, check, infer, run_script
 from core import images
 
 
@@ -14,22 +14,10 @@ def folder_run(tmp_path_factory, trained_run, pair_data):
     """Folder inference, two images per mask, with comparisons and mask scores."""
     out = tmp_path_factory.mktemp("gen")
     result = check(
-        run_script(
-            "inference.py",
-            "--checkpoint",
+        infer(
             trained_run[0] / "checkpoint_best.pt",
-            "--mask-folder",
-            pair_data / "masks",
-            "--num_images",
-            2,
-            "--batch_size",
-            5,
-            "--num_inference_steps",
-            2,
-            "--output_dir",
-            out,
-            "--save_comparison",
-            "--eval_masks",
+            *["--mask-folder", pair_data / "masks", "--output_dir", out],
+            *"--num_images 2 --batch_size 5 --num_inference_steps 2 --save_comparison --eval_masks".split(),
         )
     )
     return out, result
@@ -56,20 +44,10 @@ def test_rerun_skips_existing_and_batching_does_not_change_images(folder_run, tr
     (out / "003_001.png").unlink()
     (out / "005_000.png").write_bytes(before["005_000.png"][:40])  # truncated by a killed run: made again
     rerun = check(
-        run_script(
-            "inference.py",
-            "--checkpoint",
+        infer(
             trained_run[0] / "checkpoint_best.pt",
-            "--mask_folder",
-            pair_data / "masks",
-            "--num_images",
-            2,
-            "--batch_size",
-            1,
-            "--num_inference_steps",
-            2,
-            "--output_dir",
-            out,
+            *["--mask_folder", pair_data / "masks", "--output_dir", out],
+            *"--num_images 2 --batch_size 1 --num_inference_steps 2".split(),
         )
     )
     assert "8 masks x 2 images: 2 to generate" in rerun.stdout

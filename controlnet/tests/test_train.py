@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import train
-from conftest import ENV, FLOAT_RANGE, HERE, IMAGE_SIZE, PYTHON, check, load, run_script, train_args
+from conftest import ENV, FLOAT_RANGE, HERE, IMAGE_SIZE, PYTHON, check, infer, load, run_script, train_args
 from core import images
 from models import load_controlled_unet, load_ldm
 
@@ -116,18 +116,7 @@ def test_class_conditioned_training_and_inference(tmp_path, training_runs, class
     mask = class_data / "malignant" / "masks" / "001.png"
     flags = "--class_name malignant --cfg_scale 2 --scheduler dpm++ --controlnet_scale 1.5 --num_images 2 "
     flags += "--num_inference_steps 3 --save_comparison"
-    result = check(
-        run_script(
-            "inference.py",
-            "--checkpoint",
-            out / "checkpoint_final.pt",
-            "--mask",
-            mask,
-            *flags.split(),
-            "--output_dir",
-            gen,
-        )
-    )
+    result = check(infer(out / "checkpoint_final.pt", "--mask", mask, *flags.split(), "--output_dir", gen))
     assert sorted(p.name for p in (gen / "malignant").iterdir()) == ["001_000.png", "001_001.png"]
     comparison = Image.open(tmp_path / "gen_comparison" / "malignant" / "001.png")
     assert comparison.size == (3 * IMAGE_SIZE, IMAGE_SIZE)
@@ -164,18 +153,7 @@ def test_deep_gray_data_trains_and_samples_at_its_depth(tmp_path, training_runs,
     gen = tmp_path / "gen"
     flags = "--num_images 1 --num_inference_steps 2 --eval_masks".split()
     mask = deep_data / "masks" / "001.png"
-    result = check(
-        run_script(
-            "inference.py",
-            "--checkpoint",
-            out / "checkpoint_final.pt",
-            "--mask",
-            mask,
-            *flags,
-            "--output_dir",
-            gen,
-        )
-    )
+    result = check(infer(out / "checkpoint_final.pt", "--mask", mask, *flags, "--output_dir", gen))
     written = gen / "001_000.png"
     assert Image.open(written).mode == "I;16" and images.scan([written])["intensity"] == twelve_bit
     assert "mask faithfulness over 1 images" in result.stdout
@@ -188,18 +166,7 @@ def test_float_data_trains_and_samples_as_float(tmp_path, training_runs, float_d
     gen = tmp_path / "gen"
     mask = float_data / "masks" / "002.png"
     flags = "--num_images 2 --num_inference_steps 2".split()
-    check(
-        run_script(
-            "inference.py",
-            "--checkpoint",
-            out / "checkpoint_final.pt",
-            "--mask",
-            mask,
-            *flags,
-            "--output_dir",
-            gen,
-        )
-    )
+    check(infer(out / "checkpoint_final.pt", "--mask", mask, *flags, "--output_dir", gen))
     written = sorted(gen.iterdir())
     assert [p.name for p in written] == ["002_000.tif", "002_001.tif"]
     values = np.asarray(Image.open(written[0]))
