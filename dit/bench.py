@@ -14,7 +14,7 @@ from core.errors import run_cli
 from diffusion import create_diffusion
 from models import DiT_models
 from train import latent_batch, train_step
-from utils import load_vae
+from utils import accelerator_for, load_vae
 
 SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
     block_out_channels=(128, 256, 512, 512),
@@ -28,13 +28,10 @@ SD_VAE = dict(  # architecture of stabilityai/sd-vae-ft-ema / -mse
 
 def build_parser():
     parser = cli.Parser(description=__doc__)
-    parser.add_argument(
-        "--batch_size", type=cli.positive_int, help="images per step (default: 1 on CPU, 32 on CUDA)"
-    )
-    parser.add_argument(
-        "--steps", type=cli.positive_int, help="timed steps per setting (default: 2 on CPU, 20 on CUDA)"
-    )
-    parser.add_argument("--vae", help="local diffusers VAE folder (default: random SD-VAE weights)")
+    add = parser.add_argument
+    add("--batch_size", type=cli.positive_int, help="images per step (default: 1 on CPU, 32 on CUDA)")
+    add("--steps", type=cli.positive_int, help="timed steps per setting (default: 2 on CPU, 20 on CUDA)")
+    add("--vae", help="local diffusers VAE folder (default: random SD-VAE weights)")
     return parser
 
 
@@ -56,11 +53,8 @@ def time_steps(model, vae, diffusion, batch, cached, steps, accelerator):
 
 def main():
     args = build_parser().parse_args()
-    accelerator = training.make_accelerator("bf16" if torch.cuda.is_available() else "no")
-    try:
+    with accelerator_for("bf16" if torch.cuda.is_available() else "no") as accelerator:
         bench(args, accelerator)
-    finally:
-        accelerator.end_training()
 
 
 def bench(args, accelerator):

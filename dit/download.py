@@ -44,17 +44,9 @@ def fetch(url, path):
 
 def build_parser():
     parser = Parser(description=__doc__)
-    parser.add_argument(
-        "--image_size",
-        type=int,
-        nargs="+",
-        default=sorted(OFFICIAL_FILES),
-        choices=sorted(OFFICIAL_FILES),
-        help="which official DiT-XL/2 files to fetch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dir", default="pretrained_models", help="destination folder (default: %(default)s)"
-    )
+    add, sizes = parser.add_argument, sorted(OFFICIAL_FILES)
+    add("--image_size", type=int, nargs="+", default=sizes, choices=sizes, help="DiT-XL/2 files to fetch")
+    add("--dir", default="pretrained_models", help="destination folder")
     return parser
 
 

@@ -80,7 +80,6 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes, hidden_size):
         super().__init__()
-        self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, labels):

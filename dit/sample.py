@@ -8,6 +8,7 @@ architecture, image size, classes and decoding rule are read from the checkpoint
 it are an error.
 """
 
+import argparse
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ from core.files import TEMP_MARK, atomic_write, clean_temporaries
 from diffusion import classifier_free_guidance, create_diffusion
 from download import official_checkpoint
 from utils import (
+    accelerator_for,
     add_architecture_flags,
     architecture,
     build_dit,
@@ -42,131 +44,45 @@ from utils import (
 MAX_STEPS = 1000  # the diffusion schedule of every DiT
 
 
+def step_count(text):
+    """argparse type: a number of respaced steps, 1 to MAX_STEPS."""
+    value = cli.positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS}, got {value}")
+    return value
+
+
 def build_parser(ddp=False):
     """Flags of sample.py, or of sample_ddp.py (other defaults, FID sample counts, .npz always)."""
     parser = cli.Parser(description=__doc__)
+    add = parser.add_argument
     add_architecture_flags(parser, None)
-    parser.add_argument(
-        "--checkpoint",
-        "--ckpt",
-        help="checkpoint .pt (default: the official DiT-XL/2 file for --image-size, downloaded if missing)",
-    )
-    parser.add_argument(
-        "--image_size", type=cli.positive_int, help="image side in pixels (default: from the checkpoint)"
-    )
-    parser.add_argument(
-        "--num_classes", type=cli.positive_int, help="number of classes (default: from the checkpoint)"
-    )
-    parser.add_argument(
-        "--vae",
-        help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder "
-        "(default: the training VAE, else ema)",
-    )
-    cfg = 1.5 if ddp else 4.0
-    parser.add_argument(
-        "--cfg_scale",
-        "--guidance_scale",
-        type=cli.finite_float,
-        default=cfg,
-        help="classifier-free guidance scale; 1 = none, 0 = unconditional (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cfg_channels",
-        type=cli.positive_int,
-        help="guide only the first N latent channels; 3 reproduces the published FID protocol (default: all)",
-    )
-    parser.add_argument(
-        "--num_inference_steps",
-        "--num_sampling_steps",
-        type=cli.positive_int,
-        default=250,
-        help=f"respaced diffusion steps, 1..{MAX_STEPS} (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--sampler",
-        choices=["ddpm", "ddim"],
-        default="ddpm",
-        help="ancestral DDPM or DDIM (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--eta",
-        type=cli.nonnegative_float,
-        default=0.0,
-        help="DDIM noise; 0 = deterministic (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--class_labels",
-        nargs="+",
-        help="class indices or names to sample, counts spread evenly over them (default: all classes)",
-    )
+    add("--checkpoint", "--ckpt", help="checkpoint .pt (default: the official DiT-XL/2 file, downloaded)")
+    add("--image_size", type=cli.positive_int, help="image side in pixels (default: from the checkpoint)")
+    add("--num_classes", type=cli.positive_int, help="number of classes (default: from the checkpoint)")
+    add("--vae", help="'ema', 'mse' or a local diffusers folder (default: the training VAE, else ema)")
+    cfg, npz = (1.5, " (default: <output-dir>.npz)") if ddp else (4.0, "")
+    add("--cfg_scale", "--guidance_scale", type=cli.finite_float, default=cfg, help="CFG scale; 1 = none")
+    add("--cfg_channels", type=cli.positive_int, help="guide only the first N latent channels (default: all)")
+    add("--num_inference_steps", "--num_sampling_steps", type=step_count, default=250, help="respaced steps")
+    add("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
+    add("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise; 0 (the default) is deterministic")
+    add("--class_labels", nargs="+", help="class indices or names, spread evenly (default: all classes)")
     if ddp:
-        parser.add_argument(
-            "--num_fid_samples",
-            type=cli.positive_int,
-            default=50000,
-            help="exact total number of images (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--batch_size",
-            "--per_proc_batch_size",
-            type=cli.positive_int,
-            default=32,
-            help="images per process per batch (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--output_dir",
-            help="output folder (default: SAMPLE_DIR/<model>-<ckpt>-size-<S>-cfg-<scale>-seed-<seed>)",
-        )
-        parser.add_argument(
-            "--sample_dir",
-            default="samples",
-            help="parent of the default output folder and .npz, as in the original DiT",
-        )
+        add("--num_fid_samples", type=cli.positive_int, default=50000, help="exact total number of images")
+        add("--batch_size", "--per_proc_batch_size", type=cli.positive_int, default=32, help="per process")
+        add("--output_dir", help="output folder (default: SAMPLE_DIR/<model>-<ckpt>-size-S-cfg-C-seed-N)")
+        add("--sample_dir", default="samples", help="parent of the default output folder and .npz")
     else:
-        parser.add_argument(
-            "--num_samples",
-            type=cli.positive_int,
-            default=8,
-            help="total number of images (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--batch_size", type=cli.positive_int, default=8, help="images per batch (default: %(default)s)"
-        )
-        parser.add_argument("--output_dir", default="samples", help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--npz",
-        help="also write all images as an .npz (arr_0 uint8 NxHxWx3, arr_1 labels, class_names) for the "
-        "ADM evaluator" + (" (default: <output-dir>.npz)" if ddp else ""),
-    )
-    parser.add_argument(
-        "--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--weights",
-        choices=["ema", "model"],
-        default="ema",
-        help="which weights of a train.py checkpoint to use (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--mixed_precision",
-        "--precision",
-        type=cli.mixed_precision,
-        default="no",
-        help="no (fp32, as published), fp16 or bf16 autocast; CUDA only (default: %(default)s)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+        add("--num_samples", type=cli.positive_int, default=8, help="total number of images")
+        add("--batch_size", type=cli.positive_int, default=8, help="images per batch")
+        add("--output_dir", default="samples", help="output folder")
+    add("--npz", help=f"also write an .npz for the ADM evaluator (arr_0 uint8 NxHxWx3, arr_1 labels){npz}")
+    add("--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
+    add("--mixed_precision", "--precision", type=cli.mixed_precision, default="no", help="no, fp16 or bf16")
+    add("--overwrite", action="store_true", help="regenerate images that already exist")
     return parser
-
-
-def parse_args(ddp, argv=None):
-    """Flags, checked before anything is loaded."""
-    parser = build_parser(ddp)
-    args = parser.parse_args(argv)
-    if args.num_inference_steps > MAX_STEPS:
-        parser.error(
-            f"argument --num-sampling-steps: must be at most {MAX_STEPS}, got {args.num_inference_steps}"
-        )
-    return args
 
 
 def checkpoint_weights(ckpt, path, weights):
@@ -345,12 +261,9 @@ def check_outputs(args, config, output_dir, npz_path):
 
 
 def main(ddp=False):
-    args = parse_args(ddp)
-    accelerator = training.make_accelerator(args.mixed_precision)
-    try:
+    args = build_parser(ddp).parse_args()
+    with accelerator_for(args.mixed_precision) as accelerator:
         sample(args, ddp, accelerator)
-    finally:
-        accelerator.end_training()
 
 
 def sample(args, ddp, accelerator):

@@ -26,6 +26,7 @@ from core.errors import UserError, run_cli, warn
 from dataset import ImageFolderDataset
 from diffusion import classifier_free_guidance, create_diffusion
 from utils import (
+    accelerator_for,
     add_architecture_flags,
     architecture,
     build_dit,
@@ -39,6 +40,7 @@ from utils import (
 
 NUMBERED = "[0-9]" * 7 + ".pt"  # RESULTS/NNN-<model>/checkpoints/NNNNNNN.pt, as the original DiT names them
 GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
+LOW_HIGH = dict(type=cli.finite_float, nargs=2, metavar=("LOW", "HIGH"))  # --intensity-range's value pair
 # Checkpoints written before the shared flag vocabulary store their flags under the seed's names.
 SEED_NAMES = {
     "data_path": "data_root", "epochs": "num_epochs", "max_steps": "max_train_steps", "lr": "learning_rate",
@@ -53,142 +55,36 @@ def build_parser():
         epilog="Data layout: DATA/<class_name>/*.{png,jpg,jpeg,bmp,tif,tiff,webp}; grayscale data is "
         "trained through the RGB VAE and sampled back as grayscale. Integer images are scaled by the data "
         "set's bit depth (one scan: the largest value rounded up to 2^k - 1), float images by "
-        "--intensity-range; the rule is stored in the checkpoint and samples are written at that depth.",
+        "--intensity-range; the rule is stored in the checkpoint and samples are written at that depth. "
+        "--mixed-precision fp32 means no; auto picks bf16 where the GPU has it; the CPU always runs fp32.",
     )
+    add = parser.add_argument
     add_architecture_flags(parser, "DiT-B/2")
-    parser.add_argument(
-        "--data_root", "--data_path", help="folder with one sub-folder of images per class (required)"
-    )
-    parser.add_argument(
-        "--results_dir", default="results", help="runs go to RESULTS/NNN-<model>/ (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--image_size",
-        type=cli.positive_int,
-        default=256,
-        help="image side in pixels, a multiple of 8 x patch size (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--num_classes", type=cli.positive_int, help="label-table size (default: the number of class folders)"
-    )
-    parser.add_argument(
-        "--global_batch_size",
-        type=cli.positive_int,
-        default=256,
-        help="batch size over all processes (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--num_epochs",
-        "--epochs",
-        type=cli.positive_int,
-        default=1400,
-        help="training epochs (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max_train_steps",
-        "--max_steps",
-        type=cli.positive_int,
-        help="stop after this many steps (default: no limit)",
-    )
-    parser.add_argument(
-        "--learning_rate",
-        "--lr",
-        type=cli.positive_float,
-        default=1e-4,
-        help="constant AdamW learning rate (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ema_decay",
-        type=cli.fraction,
-        default=0.9999,
-        help="EMA decay per step, in [0, 1) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cfg_dropout",
-        "--class_dropout_prob",
-        type=cli.fraction,
-        default=0.1,
-        help="probability of training on the null class, for guidance (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--vae",
-        default="ema",
-        help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--bit_depth",
-        type=cli.bit_depth,
-        help="bits per pixel of integer images, e.g. 12 for CT in 16-bit files (default: scan the data set)",
-    )
-    parser.add_argument(
-        "--intensity_range",
-        type=cli.finite_float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        help="value range of float ('F') images, mapped onto [0, 1] (default: 0 1)",
-    )
-    parser.add_argument(
-        "--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num_workers",
-        type=cli.nonnegative_int,
-        default=4,
-        help="data loader workers per process (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--log_every",
-        type=cli.positive_int,
-        default=100,
-        help="log the loss every N steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--save_every",
-        "--ckpt_every",
-        type=cli.positive_int,
-        default=50000,
-        help="save a checkpoint every N steps (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit",
-        type=cli.positive_int,
-        help="keep only the newest N numbered checkpoints (default: keep all)",
-    )
-    parser.add_argument(
-        "--sample_every",
-        type=cli.nonnegative_int,
-        default=10000,
-        help="write an EMA sample grid every N steps, 0 = never (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--mixed_precision",
-        "--precision",
-        type=cli.mixed_precision,
-        default="auto",
-        help="no, fp16, bf16 (fp32 = no) or auto (bf16 where the GPU has it, else no); CUDA only, "
-        "the CPU runs fp32 (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="encode the data set once (both flips, latent mean and std) instead of every step",
-    )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument(
-        "--gradient_checkpointing",
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute activations to save memory",
-    )
-    parser.add_argument(
-        "--val_fraction",
-        "--val_split",
-        type=cli.fraction,
-        default=0.0,
-        help="hold out this fraction of the images; their EMA loss at each checkpoint picks "
-        "checkpoints/best.pt (default: 0, train on everything as published)",
-    )
-    parser.add_argument("--resume", help="checkpoint file, or a run folder (resumes its newest checkpoint)")
+    add("--data_root", "--data_path", help="folder with one sub-folder of images per class (required)")
+    add("--results_dir", default="results", help="runs go to RESULTS/NNN-<model>/")
+    add("--image_size", type=cli.positive_int, default=256, help="image side, a multiple of 8 x patch size")
+    add("--num_classes", type=cli.positive_int, help="label-table size (default: number of class folders)")
+    add("--global_batch_size", type=cli.positive_int, default=256, help="batch size over all processes")
+    add("--num_epochs", "--epochs", type=cli.positive_int, default=1400, help="training epochs")
+    add("--max_train_steps", "--max_steps", type=cli.positive_int, help="stop after N steps (default: none)")
+    add("--learning_rate", "--lr", type=cli.positive_float, default=1e-4, help="constant AdamW learning rate")
+    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay per step, in [0, 1)")
+    add("--cfg_dropout", "--class_dropout_prob", type=cli.fraction, default=0.1, help="label dropout for CFG")
+    add("--vae", default="ema", help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder")
+    add("--bit_depth", type=cli.bit_depth, help="integer images' bit depth, e.g. 12 (default: scan the data)")
+    add("--intensity_range", **LOW_HIGH, help="range of float ('F') images mapped onto [0, 1] (default: 0 1)")
+    add("--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add("--num_workers", type=cli.nonnegative_int, default=4, help="data loader workers per process")
+    add("--log_every", type=cli.positive_int, default=100, help="log the loss every N steps")
+    add("--save_every", "--ckpt_every", type=cli.positive_int, default=50000, help="checkpoint every N steps")
+    add("--checkpoints_total_limit", type=cli.positive_int, help="keep N newest checkpoints (default: all)")
+    add("--sample_every", type=cli.nonnegative_int, default=10000, help="EMA grid every N steps, 0 = never")
+    add("--mixed_precision", "--precision", type=cli.mixed_precision, default="auto", help="no, fp16 or bf16")
+    add("--cache_latents", action="store_true", help="encode the data once (both flips, mean and std)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--gradient_checkpointing", "--grad_checkpointing", action="store_true", help="recompute activations")
+    add("--val_fraction", "--val_split", type=cli.fraction, default=0.0, help="held-out share, picks best.pt")
+    add("--resume", help="checkpoint file, or a run folder (resumes its newest checkpoint)")
     return parser
 
 
@@ -668,11 +564,8 @@ def train_step(net, diffusion, optimizer, x0, y, dropout, generator, accelerator
 
 def main():
     args, resume = parse_args()
-    accelerator = training.make_accelerator(args.mixed_precision)
-    try:
+    with accelerator_for(args.mixed_precision) as accelerator:
         train(args, resume, accelerator)
-    finally:
-        accelerator.end_training()
 
 
 def train(args, resume, accelerator):

@@ -1,10 +1,11 @@
 """Pieces shared by train.py, sample.py and sample_ddp.py: model flags, VAE, checkpoints, images."""
 
 import argparse
+import contextlib
 
 import torch
 
-from core import checkpoints, images
+from core import checkpoints, images, training
 from core.cli import positive_int
 from core.errors import UserError
 from models import VARIANTS, DiT, variant_config
@@ -15,13 +16,22 @@ ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 
 def add_architecture_flags(parser, default_model):
     """Flags that pick the DiT variant, optionally shrunk for quick experiments."""
-    shown = default_model or "from the checkpoint"
-    parser.add_argument(
-        "--model", default=default_model, help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}} (default: {shown})"
-    )
-    parser.add_argument("--depth", type=positive_int, help="override the variant's number of blocks")
-    parser.add_argument("--hidden_size", type=positive_int, help="override the variant's hidden size")
-    parser.add_argument("--num_heads", type=positive_int, help="override the variant's attention heads")
+    shown = "" if default_model else " (default: from the checkpoint)"
+    add = parser.add_argument
+    add("--model", default=default_model, help=f"DiT variant: DiT-{{S,B,L,XL}}/{{2,4,8}}{shown}")
+    add("--depth", type=positive_int, help="override the variant's number of blocks")
+    add("--hidden_size", type=positive_int, help="override the variant's hidden size")
+    add("--num_heads", type=positive_int, help="override the variant's attention heads")
+
+
+@contextlib.contextmanager
+def accelerator_for(mixed_precision):
+    """The run's Accelerator; its process group is shut down however the run ends."""
+    accelerator = training.make_accelerator(mixed_precision)
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
 
 
 def load_vae(spec, device):
@@ -144,17 +154,18 @@ def variant_name(facts):
     return None
 
 
+# What a checkpoint's shape fact is called and which flag asks for it, in the order they are checked.
+MISMATCH_CHECKS = {
+    "patch_size": ("patch size", "--model"), "depth": ("depth (number of blocks)", "--model / --depth"),
+    "hidden_size": ("hidden size", "--model / --hidden-size"),
+    "num_classes": ("number of classes", "--num-classes"), "image_size": ("image size", "--image-size"),
+    "in_channels": ("number of latent channels", "--vae"),
+}  # fmt: skip
+
+
 def checkpoint_mismatch(facts, config):
     """Say how a checkpoint's shapes differ from the model the flags ask for, or return None."""
-    checks = [
-        ("patch_size", "patch size", "--model"),
-        ("depth", "depth (number of blocks)", "--model / --depth"),
-        ("hidden_size", "hidden size", "--model / --hidden-size"),
-        ("num_classes", "number of classes", "--num-classes"),
-        ("image_size", "image size", "--image-size"),
-        ("in_channels", "number of latent channels", "--vae"),
-    ]
-    for key, what, flag in checks:
+    for key, (what, flag) in MISMATCH_CHECKS.items():
         if facts[key] != config[key]:
             return f"its {what} is {facts[key]} but {flag} asks for {config[key]}"
     return None

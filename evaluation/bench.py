@@ -54,13 +54,9 @@ def rate(run, side, network):
 def main():
     parser = Parser(description=__doc__.splitlines()[0])
     # At least 4 images: precision/recall with k=3 needs k+1 per side.
-    parser.add_argument(
-        "--images", type=positive_int, default=32, help="images per folder, >= 4 (default 32)"
-    )
-    parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels (default 32)")
-    parser.add_argument(
-        "--batch-size", "--batch_size", type=positive_int, default=32, help="batch size (default 32)"
-    )
+    parser.add_argument("--images", type=positive_int, default=32, help="images per folder, >= 4")
+    parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
+    parser.add_argument("--batch-size", "--batch_size", type=positive_int, default=32, help="batch size")
     args = parser.parse_args()
     if args.images < 4:
         parser.error(f"--images must be at least 4 (precision/recall with k=3 needs k+1), got {args.images}")

@@ -65,6 +65,8 @@ REAL_IMAGES_DIR = "/path/to/real/images"
 
 GEN_IMAGES_DIR = "/path/to/generated/images"
 BATCH_SIZE = 32
+PR_FEATURES = ("vgg16", "inception")  # VGG16 fc2 (Kynkaanniemi et al.) or Inception pool3 (ADM, DiT)
+LOW_HIGH = dict(type=finite_float, nargs=2, metavar=("LOW", "HIGH"))  # --intensity-range's value pair
 
 
 def parse_metrics(text):
@@ -95,151 +97,30 @@ def default_cache_dir():
 
 
 def build_parser():
-    parser = Parser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
     add = parser.add_argument
-    add(
-        "--real",
-        default=REAL_IMAGES_DIR,
-        help="real images: folder (recursive) or .npz (default: REAL_IMAGES_DIR)",
-    )
-    add(
-        "--gen",
-        default=GEN_IMAGES_DIR,
-        help="generated images: folder (recursive) or .npz (default: GEN_IMAGES_DIR)",
-    )
-    add(
-        "--metrics",
-        type=parse_metrics,
-        default=parse_metrics("fid,precision/recall"),
-        help="comma-separated: fid, precision/recall (alias pr), kid, isc (default: fid,precision/recall)",
-    )
-    add(
-        "--batch-size",
-        "--batch_size",
-        type=positive_int,
-        default=BATCH_SIZE,
-        help="images per batch (default: 32)",
-    )
-    add(
-        "--device",
-        default=None,
-        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)",
-    )
-    add(
-        "--num-workers",
-        "--num_workers",
-        type=nonnegative_int,
-        default=min(8, os.cpu_count() or 1),
-        help="DataLoader worker processes decoding images (default: min(8, CPU count))",
-    )
-    add(
-        "--max-samples",
-        "--max_samples",
-        type=positive_int,
-        default=None,
-        help="random subset of N images per side",
-    )
-    add(
-        "--seed",
-        type=seed,
-        default=2020,
-        help="seed of --max-samples subsets, KID subsets and IS splits (default 2020)",
-    )
-    add(
-        "--json",
-        default=None,
-        help="write every metric, count, setting, version and weight file to this file (checked first)",
-    )
-    add(
-        "--per-class",
-        "--per_class",
-        action="store_true",
-        help="also report every metric per class sub-folder",
-    )
-    add(
-        "--cache-dir",
-        "--cache_dir",
-        default=default_cache_dir(),
-        help="cache of real features and of folder scans (default: %(default)s)",
-    )
+    add("--real", default=REAL_IMAGES_DIR, help="real images: folder (recursive) or .npz")
+    add("--gen", default=GEN_IMAGES_DIR, help="generated images: folder (recursive) or .npz")
+    add("--metrics", type=parse_metrics, default="fid,precision/recall", help="any of fid, pr, kid, isc")
+    add("--batch-size", "--batch_size", type=positive_int, default=BATCH_SIZE, help="images per batch")
+    add("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    add("--num-workers", "--num_workers", type=nonnegative_int, help="image decoders (default: min(8, CPUs))")
+    add("--max-samples", "--max_samples", type=positive_int, help="random subset of N images per side")
+    add("--seed", type=seed, default=2020, help="seed of --max-samples subsets, KID subsets and IS splits")
+    add("--json", help="also write metrics, counts, settings and versions as JSON (checked first)")
+    add("--per-class", "--per_class", action="store_true", help="also report every metric per class folder")
+    add("--cache-dir", "--cache_dir", help="cache (default: $EVAL_CACHE_DIR or $TORCH_HOME/fidelity_cache)")
     add("--no-cache", "--no_cache", action="store_true", help="neither read nor write the cache")
-    add(
-        "--bit-depth",
-        "--bit_depth",
-        type=bit_depth,
-        default=None,
-        help="bit depth of integer images, e.g. 12 for CT stored in 16-bit files (default: found per side "
-        "by one scan: the largest value rounded up to 2^k - 1, or the depth our 16-bit PNGs declare)",
-    )
-    add(
-        "--intensity-range",
-        "--intensity_range",
-        type=finite_float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="values of float ('F') images that map onto black and white (default: 0 1)",
-    )
-    add(
-        "--inception-weights",
-        "--inception_weights",
-        default=None,
-        help="local torch-fidelity Inception file (weights-inception-2015-12-05-6726825d.pth), offline use "
-        "(or env EVAL_INCEPTION_WEIGHTS; default: downloaded once into the torch hub folder)",
-    )
-    add(
-        "--vgg-weights",
-        "--vgg_weights",
-        default=None,
-        help="local torchvision VGG16 file (vgg16-397923af.pth), offline use "
-        "(or env EVAL_VGG16_WEIGHTS; default: downloaded once into the torch hub folder)",
-    )
-    add(
-        "--pr-features",
-        "--pr_features",
-        choices=("vgg16", "inception"),
-        default="vgg16",
-        help="precision/recall features: vgg16 fc2 (Kynkaanniemi et al.; default) or inception pool3 (ADM)",
-    )
-    add(
-        "--pr-k",
-        "--pr_k",
-        type=positive_int,
-        default=3,
-        help="k nearest neighbours of precision/recall (default 3)",
-    )
-    add(
-        "--pr-chunk-size",
-        "--pr_chunk_size",
-        type=positive_int,
-        default=1000,
-        help="rows per distance block; peak memory about 20 x chunk x N bytes (default 1000: ~1 GB at N=50k)",
-    )
-    add(
-        "--kid-subset-size",
-        "--kid_subset_size",
-        type=positive_int,
-        default=1000,
-        help="KID subset size (default 1000)",
-    )
-    add(
-        "--kid-subsets",
-        "--kid_subsets",
-        type=positive_int,
-        default=100,
-        help="number of KID subsets (default 100)",
-    )
-    add(
-        "--isc-splits",
-        "--isc_splits",
-        type=positive_int,
-        default=10,
-        help="Inception Score splits (default 10)",
-    )
+    add("--bit-depth", "--bit_depth", type=bit_depth, help="integer bit depth (default: scan each side)")
+    add("--intensity-range", "--intensity_range", **LOW_HIGH, help="float-image range (default: 0 1)")
+    add("--inception-weights", "--inception_weights", help="Inception file (or $EVAL_INCEPTION_WEIGHTS)")
+    add("--vgg-weights", "--vgg_weights", help="VGG16 file (or $EVAL_VGG16_WEIGHTS)")
+    add("--pr-features", "--pr_features", choices=PR_FEATURES, default="vgg16", help="for precision/recall")
+    add("--pr-k", "--pr_k", type=positive_int, default=3, help="k nearest neighbours of precision/recall")
+    add("--pr-chunk-size", "--pr_chunk_size", type=positive_int, default=1000, help="rows per distance block")
+    add("--kid-subset-size", "--kid_subset_size", type=positive_int, default=1000, help="KID subset size")
+    add("--kid-subsets", "--kid_subsets", type=positive_int, default=100, help="number of KID subsets")
+    add("--isc-splits", "--isc_splits", type=positive_int, default=10, help="Inception Score splits")
     return parser
 
 
@@ -250,6 +131,12 @@ def parse_args(argv=None):
         parser.error(
             f"--intensity-range needs LOW < HIGH, got {args.intensity_range[0]} {args.intensity_range[1]}"
         )
+    # Machine-dependent defaults are filled in here, so the README's generated flag table is the same on
+    # every machine.
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1)
+    if args.cache_dir is None:
+        args.cache_dir = default_cache_dir()
     return args
 
 

@@ -60,9 +60,7 @@ def write_random_weights(folder, seed=0):
 def main():
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="where to write random-inception-v3-compat.pth and random-vgg16.pth")
-    parser.add_argument(
-        "--seed", type=nonnegative_int, default=0, help="seed of the random weights (default 0)"
-    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="weights seed (default: 0)")
     args = parser.parse_args()
     for path in write_random_weights(args.folder, args.seed):
         print(path)

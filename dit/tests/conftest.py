@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny VAE, a tiny mixed-format class-folder data set, and one short training run."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,37 +10,24 @@ from PIL import Image
 
 DIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, DIT_DIR)
-PYTHON = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+from core import testing  # noqa: E402
+
 # Tiny DiT on 16 px images: the test VAE downsamples by 2, so latents are 8 x 8 and there are 16 tokens.
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--image-size", "16"]
-# One thread per process: the test machine has two shared cores, and oversubscribed threads crawl.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+# Offline, quiet, one thread per process: the test machine has two shared cores.
+ENV = testing.ENV
 
 torch.set_num_threads(1)
 
 
-def script_command(script, *args, nproc=None):
-    """Command line of a dit script, plain or under a gloo torchrun."""
-    path = os.path.join(DIT_DIR, script)
-    if nproc:
-        return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", path, *map(str, args)]
-    return [PYTHON, path, *map(str, args)]
+def script_command(script, *args):
+    """Command line of a dit script, as a user types it."""
+    return [sys.executable, os.path.join(DIT_DIR, script), *map(str, args)]
 
 
 def run_script(script, *args, nproc=None, cwd=None, check=True):
-    """Run a dit script as a user would; fail with its output if it fails unexpectedly."""
-    result = subprocess.run(
-        script_command(script, *args, nproc=nproc),
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and result.returncode != 0:
-        pytest.fail(f"{script} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    """Run a dit script as a user would (under a gloo torchrun with nproc); fail with its output if asked."""
+    return testing.run(os.path.join(DIT_DIR, script), *args, nproc=nproc, cwd=cwd, check=check)
 
 
 def tiny_vae():
@@ -49,15 +35,9 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return AutoencoderKL(block_out_channels=(8, 8), **blocks, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1, sample_size=16)  # fmt: skip
 
 
 def write_images(root):
