@@ -1,18 +1,13 @@
 """Bad input ends with one clear line on stderr and exit code 2; the cases run as parallel subprocesses,
-typed the way a user types them, and the flag values that the parsers reject through the scripts' own
-main() in this process (the same code path, without a torch import per case)."""
+typed the way a user types them."""
 
-import contextlib
-import io
 import os
-import runpy
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import pytest
 import torch
 
-from conftest import DIT_DIR, TINY, run_script
+from conftest import TINY, run_script
 
 PARALLEL_CASES = 6
 
@@ -171,7 +166,6 @@ def outcomes(workspace, trained, tmp_path_factory):
     torch.save(ldm, tmp / "old-ldm.pt")  # written before LDM checkpoints carried a model_type
     table = cases(workspace, trained, tmp)
     assert sorted(table) == sorted(CASE_NAMES + list(value_cases([], "", "")))
-    at_parse = [name for name in table if name not in CASE_NAMES]
 
     def run(name):
         script, args, _ = table[name]
@@ -180,21 +174,8 @@ def outcomes(workspace, trained, tmp_path_factory):
 
     # A few at a time: each process loads torch, and dozens at once would exhaust the memory.
     with ThreadPoolExecutor(PARALLEL_CASES) as pool:
-        results = dict(zip(CASE_NAMES, pool.map(run, CASE_NAMES), strict=True))
-    results.update({name: run_in_process(*table[name][:2]) for name in at_parse})
+        results = dict(zip(table, pool.map(run, table), strict=True))
     return table, results, tmp
-
-
-def run_in_process(script, args):
-    """(exit code, stderr) of `python script args...` run here, as its `if __name__ == "__main__"` runs it;
-    an uncaught exception fails the whole module."""
-    stderr = io.StringIO()
-    with mock.patch("sys.argv", [script, *map(str, args)]), contextlib.redirect_stderr(stderr):
-        try:
-            runpy.run_path(os.path.join(DIT_DIR, script), run_name="__main__")
-        except SystemExit as stop:
-            return stop.code, stderr.getvalue()
-    return 0, stderr.getvalue()
 
 
 CASE_NAMES = [

@@ -1,27 +1,17 @@
 """Every bad-input case ends with one clear line on stderr and exit code 2, without a traceback.
 
-Two cases run as subprocesses, the way a user types them; the others run what the script's
-`sys.exit(run_cli(main))` runs, in this process, with the same arguments and environment: a process
-each would spend most of its time importing torch. An uncaught exception fails them all.
+Each case runs as a subprocess, the way a user types it.
 """
 
-import contextlib
-import io
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import precision_recall
-from conftest import PARALLEL, SCRIPT, Evil, run_script
-from core.errors import run_cli
-
-IN_A_PROCESS = ("offline without weights", "constants not edited")
+from conftest import PARALLEL, Evil, run_script
 
 
 def good_images(folder, count):
@@ -233,32 +223,12 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outcomes(root, weights):
-    """Run all cases: most here, then the subprocess ones two at a time."""
+    """Run all cases, two at a time (most of each run is starting Python and importing torch)."""
     cases = build_cases(root, weights)
     clean_env = {"EVAL_INCEPTION_WEIGHTS": "", "EVAL_VGG16_WEIGHTS": "", **PARALLEL}
-    results = {n: run_here(a, {**clean_env, **e}) for n, (a, e, _) in cases.items() if n not in IN_A_PROCESS}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            n: pool.submit(run_script, cases[n][0], {**clean_env, **cases[n][1]}) for n in IN_A_PROCESS
-        }
-    results.update({name: future.result() for name, future in futures.items()})
-    return {name: (results[name], cases[name][2]) for name in cases}
-
-
-def run_here(args, env):
-    """The CompletedProcess `python precision_recall.py args...` would give, run in this process."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with (
-        mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", **env}),
-        mock.patch("sys.argv", [SCRIPT]),  # the program name in argparse's messages
-        contextlib.redirect_stdout(stdout),
-        contextlib.redirect_stderr(stderr),
-    ):
-        try:
-            code = run_cli(lambda: precision_recall.main(args))
-        except SystemExit as stop:  # a user error, or a value argparse refused
-            code = stop.code
-    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+        futures = {n: pool.submit(run_script, a, {**clean_env, **e}) for n, (a, e, _) in cases.items()}
+    return {name: (futures[name].result(), cases[name][2]) for name in cases}
 
 
 CASES = [
