@@ -51,6 +51,8 @@ def extract_features(image_set, extractor, args, desc):
                 chunks.append([f.cpu() for f in features] + [sizes])
                 indices.append(index)
                 progress.update(len(index))
+    # Rows come out grouped by image size; the indices put them back in the set's order, which per-class
+    # slicing and the cache rely on.
     order = torch.argsort(torch.cat(indices))
     return {name: torch.cat([c[j] for c in chunks])[order] for j, name in enumerate(names)}
 
@@ -84,6 +86,8 @@ def features_of_both(real, gen, network, extractor, weights, args, log):
         log["extracted"][side][network] = {"images": len(image_set), "seconds": time.perf_counter() - start}
         return features
 
+    # Only the real side is cached: it is the set reused across checkpoints, each generated set is new.
+    # A cache hit is logged as 0 images extracted.
     log["extracted"]["real"][network] = {"images": 0, "seconds": 0.0}
     names = list(extractor.get_requested_features_list()) + ["image_sizes"]
     path = None

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from core import files, images
 from core.errors import UserError, warn
 
+# The project's one list of image suffixes: what the trainers read, the evaluation reads.
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 
 
@@ -29,6 +30,8 @@ DECODING = (
 
 def pil_to_rgb8(image, intensity):
     """Any PIL image as a uint8 (3, H, W) tensor under its set's rule, rounded as the samplers' .npz are."""
+    # torch-fidelity's extractors accept uint8 only, so every rule (16-bit, float) ends in 8-bit RGB here,
+    # by the same round(x * 255) the samplers use when they write their .npz.
     pixels = torch.from_numpy(images.decode(image, intensity, 3)).permute(2, 0, 1)  # (3, H, W) in [0, 1]
     return torch.from_numpy(images.to_uint8_rgb(pixels[None])[0]).permute(2, 0, 1).contiguous()
 
@@ -44,6 +47,8 @@ class FolderImages(Dataset):
 
     def __getitem__(self, index):
         path = os.path.join(self.root, self.files[index])
+        # The error comes back as a value: raised in a DataLoader worker it would reach the user wrapped
+        # in the worker's traceback instead of as one error line.
         try:  # the scan read every file, but one may have changed since; the main process reports it
             return index, pil_to_rgb8(images.open_image(path), self.intensity)
         except UserError as error:
@@ -98,6 +103,8 @@ class ImageSet:
 
     def subset(self, indices):
         """The images at `indices` (sorted), keeping the original total, class list and rule."""
+        # Positions compose: a subset of a subset still names rows of the original .npz, which is what
+        # identity() puts in the cache key.
         files = None if self.files is None else [self.files[i] for i in indices]
         array = None if self.array is None else self.array[indices]
         drawn = indices if self.indices is None else [self.indices[i] for i in indices]
@@ -109,6 +116,8 @@ class ImageSet:
     def identity(self):
         """What its features depend on: every file's path, size and mtime (or the .npz file's and the
         rows drawn from it)."""
+        # Size and mtime stand in for the content: hashing would read every byte on every run. realpath
+        # lets a folder reached through a link or a relative path share one cache entry.
         if self.files is None:
             stat = os.stat(self.path)
             drawn = "all" if self.indices is None else digest(self.indices)
@@ -121,6 +130,7 @@ class ImageSet:
 
 def digest(payload):
     """A short hash of a JSON-able value (cache names)."""
+    # sort_keys: equal payloads hash equal whatever order their dicts were built in.
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -130,6 +140,7 @@ def open_image_set(path, role, constant):
         raise UserError(
             f"{role} images not found: {path} (pass --{role} or edit {constant} at the top of {__file__})"
         )
+    # An .npz is known by its suffix; any other single file is refused rather than guessed at.
     if os.path.isfile(path) and path.lower().endswith(".npz"):
         return load_npz(path)
     if not os.path.isdir(path):
@@ -140,12 +151,16 @@ def open_image_set(path, role, constant):
         raise UserError(
             f"{role} folder {path} {what} (read: {' '.join(IMAGE_EXTENSIONS)}, searched recursively)"
         )
+    # Class = first-level sub-folder (the samplers write <out>/<class_name>/000000.png); images directly in
+    # the root belong to no class.
     classes = [f.split(os.sep)[0] if os.sep in f else None for f in files]
     return ImageSet(path, files=files, classes=classes, total=len(files))
 
 
 def list_images(root):
     """Image files under root (recursively, hidden folders skipped), as sorted relative paths."""
+    # Hidden folders are tool state (caches, trash), not data. The sort makes the order, and so the
+    # --max-samples draw and the cache key, independent of the file system's listing.
     found = []
     for folder, subfolders, names in os.walk(root, followlinks=True):
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
@@ -155,6 +170,7 @@ def list_images(root):
 
 def open_npz(path):
     """np.load of an .npz archive that never unpickles (a lone .npy array is refused too)."""
+    # allow_pickle=False: an .npz from elsewhere cannot run code through an object array.
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError("it holds a single .npy array, not an .npz archive")
@@ -163,6 +179,7 @@ def open_npz(path):
 
 def load_npz(path):
     """arr_0 (uint8 N x H x W [x C]), optional arr_1 labels and class_names of an .npz file."""
+    # The small members are read while the archive is open; arr_0 is opened apart so it can be mapped.
     try:
         with open_npz(path) as data:
             if "arr_0" not in data.files:
@@ -179,6 +196,7 @@ def load_npz(path):
         raise UserError(
             f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 N x H x W x C, C 1/3/4"
         )
+    # Unusable labels are ignored, not refused: the images alone still serve every overall metric.
     valid_labels = (
         labels is not None
         and labels.shape == (len(array),)
@@ -188,6 +206,7 @@ def load_npz(path):
     if not valid_labels:
         return ImageSet(path, array=array, classes=[None] * len(array), total=len(array))
     labels = [int(v) for v in labels]
+    # Bare labels stay ints here; class_names() names them later, from the other side's classes if any.
     if names is None:
         return ImageSet(path, array=array, classes=labels, total=len(array))
     if names.ndim != 1 or names.dtype.kind not in "US" or max(labels) >= len(names):
@@ -202,6 +221,8 @@ def load_npz(path):
 def npz_member(path, name):
     """An array of an .npz, memory-mapped when stored uncompressed (np.savez, as samplers write 50k
     images), so a large file is not read into memory; compressed members are read whole."""
+    # np.load cannot map a member of a zip, but a stored (uncompressed) member is the plain .npy bytes at
+    # one place in the file: find that place and map it.
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{name}.npy")
         if info.compress_type != zipfile.ZIP_STORED:
@@ -209,8 +230,12 @@ def npz_member(path, name):
                 return np.lib.format.read_array(member)
     with open(path, "rb") as handle:
         handle.seek(info.header_offset + 26)  # file name and extra field lengths of the local header
+        # The local header's extra field can differ from the central directory's (zip64 sizes of big
+        # members), so the lengths are read here rather than taken from `info`.
         name_length, extra_length = struct.unpack("<HH", handle.read(4))
         handle.seek(name_length + extra_length, os.SEEK_CUR)
+        # .npy 1.0 and 2.0 differ in the header length's width; np.save writes 3.0 only for utf8 field
+        # names, never for uint8 images, and any other version fails as an unreadable .npz.
         version = np.lib.format.read_magic(handle)
         read_header = {
             (1, 0): np.lib.format.read_array_header_1_0,
@@ -226,6 +251,7 @@ def random_subset(image_set, max_samples, seed):
     """At most max_samples images, drawn without replacement (same seed and input -> same subset)."""
     if max_samples is None or len(image_set) <= max_samples:
         return image_set
+    # Sorted, so the subset keeps the set's own order: files and mapped rows are read front to back.
     indices = np.sort(np.random.default_rng(seed).choice(len(image_set), max_samples, replace=False))
     return image_set.subset(indices.tolist())
 
@@ -236,6 +262,8 @@ def decoding_rule(image_set, args):
     if image_set.files is None:
         return images.EIGHT_BIT
     paths = [os.path.join(image_set.path, f) for f in image_set.files]
+    # The scan is the costliest step before extraction, so it is cached, keyed like the features by the
+    # files' identity, plus the flags that change the rule and DECODING itself.
     if args.no_cache:
         return images.scan(paths, args.bit_depth, args.intensity_range)["intensity"]
     key = [image_set.identity(), args.bit_depth, args.intensity_range, DECODING]
@@ -256,6 +284,8 @@ def damaged_cache(path, reason):
 
 def read_cached_rule(path):
     """A decoding rule saved by an earlier scan, checked field by field (JSON never runs code)."""
+    # Every field is checked: a foreign or hand-edited file must fail as a cache error, not decode wrongly.
+    # `type(depth) is int` also refuses True and 3.0; float_rule() checks low < high.
     try:
         rule = json.loads(Path(path).read_text())
         if rule["kind"] == "float":
@@ -276,6 +306,8 @@ def class_names(own, other):
         return own.classes
     if not other.names:  # no names on the other side either: the numbers are the names
         return [None if c is None else str(c) for c in own.classes]
+    # Label i = i-th sorted class only when the counts agree; with another count the guess would silently
+    # compare different classes.
     if own.label_count != len(other.names):
         raise UserError(
             f"--per-class: {own.path} has labels 0..{own.label_count - 1} but no class_names, and "
@@ -298,12 +330,14 @@ def match_classes(real, gen):
             f"--per-class: no class sub-folders (or npz labels) common to {real.path} and {gen.path} "
             f"(real: {sorted(real_set)[:10]}, gen: {sorted(gen_set)[:10]})"
         )
+    # A class on one side only is skipped, not an error: a sampling run may cover part of the classes.
     if real_set ^ gen_set:
         print(
             f"Per-class: skipping classes found on one side only: {sorted(real_set ^ gen_set)}",
             file=sys.stderr,
         )
 
+    # Index tensors, so per_class_metrics can slice the feature tensors with them directly.
     def indices(names, wanted):
         return torch.tensor([i for i, n in enumerate(names) if n == wanted])
 

@@ -36,11 +36,16 @@ def layer_for(metric, network):
 def metric_values(metric, real, gen, network, args):
     """One metric from features, through torch-fidelity's metric functions."""
     layer = layer_for(metric, network)
+    # FID (Heusel et al. 2017): Frechet distance of Gaussians fitted to the two sets' pool3 features,
+    # |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)).
     if metric == "fid":
         real_stats = fid_features_to_statistics(real[layer])
         fid = fid_statistics_to_metric(real_stats, fid_features_to_statistics(gen[layer]), False)
         return {"fid": fid[KEY_METRIC_FID]}
     if metric == "pr":
+        # Improved precision/recall (Kynkaanniemi et al. 2019): each sample's k-NN distance within its own
+        # set is a ball radius; precision = share of generated samples inside some real ball, recall the
+        # converse.
         # Generated first (torch-fidelity's input1); part-wise distances keep 50k x 50k within a few GB.
         prc = prc_features_to_metric(
             gen[layer].to(args.device),
@@ -55,6 +60,8 @@ def metric_values(metric, real, gen, network, args):
             "recall": prc[KEY_METRIC_RECALL],
             "f_score": prc["f_score"],
         }
+    # KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel (x.y / d + 1)^3, averaged over
+    # random subsets, so unlike FID it has no bias from the sample count.
     if metric == "kid":
         kid = kid_features_to_metric(
             gen[layer],
@@ -65,6 +72,8 @@ def metric_values(metric, real, gen, network, args):
             verbose=False,
         )
         return {"kid_mean": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
+    # Inception Score (Salimans et al. 2016): exp E[KL(p(y|x) || p(y))] on generated images only, from
+    # logits without the final bias as in the original code, mean and spread over shuffled splits.
     isc = isc_features_to_metric(gen[layer], args.isc_splits, True, args.seed)
     return {"isc_mean": isc[KEY_METRIC_ISC_MEAN], "isc_std": isc[KEY_METRIC_ISC_STD]}
 
@@ -92,6 +101,7 @@ def network_of(metric, args):
 
 def minimum_counts(metric, args):
     """(fewest real images, fewest generated images, why) a metric needs."""
+    # FID's covariance divides by N - 1; the k-th neighbour of a point, itself excluded, needs k + 1 points.
     return {
         "fid": (2, 2, "FID needs at least 2 images per side for a covariance"),
         "pr": (

@@ -65,6 +65,8 @@ REAL_IMAGES_DIR = "/path/to/real/images"
 
 GEN_IMAGES_DIR = "/path/to/generated/images"
 BATCH_SIZE = 32
+# Improved precision/recall (Kynkaanniemi et al. 2019) is defined on VGG16 fc2 features; ADM and DiT report
+# it on Inception pool3 instead, so both are offered to match either table.
 PR_FEATURES = ("vgg16", "inception")  # VGG16 fc2 (Kynkaanniemi et al.) or Inception pool3 (ADM, DiT)
 LOW_HIGH = dict(type=finite_float, nargs=2, metavar=("LOW", "HIGH"))  # --intensity-range's value pair
 
@@ -84,6 +86,7 @@ def parse_metrics(text):
 def seed(text):
     """argparse type: a seed that numpy and torch-fidelity accept (0 <= seed < 2^32)."""
     value = nonnegative_int(text)
+    # torch-fidelity seeds KID subsets and IS shuffles with np.random.RandomState, which takes 32 bits.
     if value >= 2**32:
         raise argparse.ArgumentTypeError(f"must be below 2^32, got {text}")
     return value
@@ -97,8 +100,11 @@ def default_cache_dir():
 
 
 def build_parser():
+    # --help reuses the module docstring, so the data layout is written once: its first line above the
+    # flags, everything from its third paragraph on below them.
     parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
     add = parser.add_argument
+    # Inputs, device and run settings.
     add("--real", default=REAL_IMAGES_DIR, help="real images: folder (recursive) or .npz")
     add("--gen", default=GEN_IMAGES_DIR, help="generated images: folder (recursive) or .npz")
     add("--metrics", type=parse_metrics, default="fid,precision/recall", help="any of fid, pr, kid, isc")
@@ -109,10 +115,14 @@ def build_parser():
     add("--seed", type=seed, default=2020, help="seed of --max-samples subsets, KID subsets and IS splits")
     add("--json", help="also write metrics, counts, settings and versions as JSON (checked first)")
     add("--per-class", "--per_class", action="store_true", help="also report every metric per class folder")
+    # The real-feature cache and the decoding rule of folder inputs.
     add("--cache-dir", "--cache_dir", help="cache (default: $EVAL_CACHE_DIR or $TORCH_HOME/fidelity_cache)")
     add("--no-cache", "--no_cache", action="store_true", help="neither read nor write the cache")
     add("--bit-depth", "--bit_depth", type=bit_depth, help="integer bit depth (default: scan each side)")
     add("--intensity-range", "--intensity_range", **LOW_HIGH, help="float-image range (default: 0 1)")
+    # Metric networks and metric settings. k=3 is the paper's neighbourhood (Kynkaanniemi et al. 2019);
+    # KID's 100 subsets of 1000 are torch-fidelity's defaults; 10 IS splits as in Salimans et al. 2016.
+    # Distance blocks are 1000 rows, not torch-fidelity's 10000: 1000 x 50k float32 is 200 MB.
     add("--inception-weights", "--inception_weights", help="Inception file (or $EVAL_INCEPTION_WEIGHTS)")
     add("--vgg-weights", "--vgg_weights", help="VGG16 file (or $EVAL_VGG16_WEIGHTS)")
     add("--pr-features", "--pr_features", choices=PR_FEATURES, default="vgg16", help="for precision/recall")
@@ -127,6 +137,8 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    # argparse checks each value alone; the pair's order is checked here, through parser.error, so it
+    # fails like any other bad flag.
     if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
         parser.error(
             f"--intensity-range needs LOW < HIGH, got {args.intensity_range[0]} {args.intensity_range[1]}"
@@ -146,6 +158,8 @@ def select_device(name):
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise UserError(f"--device {name}: {error}") from None
+    # torch.device accepts "cuda:7" on any machine; checking here makes a missing GPU one clear error
+    # instead of a CUDA failure after the images are read.
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
@@ -160,6 +174,8 @@ def select_device(name):
 def load_inputs(args):
     """Both image sets, subset and checked for the asked metrics, with per-class index pairs; each
     folder is scanned once (all of it, also under --max-samples) for its decoding rule."""
+    # Subsets are drawn from the listing alone; no image is decoded until the counts are known to suffice,
+    # overall and, with --per-class, in every class.
     found = {
         "real": open_image_set(args.real, "real", "REAL_IMAGES_DIR"),
         "gen": open_image_set(args.gen, "gen", "GEN_IMAGES_DIR"),
@@ -169,6 +185,8 @@ def load_inputs(args):
     classes = match_classes(real, gen) if args.per_class else {}
     for name, (real_index, gen_index) in classes.items():
         check_counts(args.metrics, len(real_index), len(gen_index), args, f"class {name}")
+    # The rule comes from the whole folder, not the subset, so a pixel value means the same intensity
+    # whichever images --max-samples draws.
     real.intensity, gen.intensity = decoding_rule(found["real"], args), decoding_rule(found["gen"], args)
     for title, chosen, place in (("Real:", real, args.real), ("Gen: ", gen, args.gen)):
         rule = images.describe(chosen.intensity)
@@ -177,12 +195,14 @@ def load_inputs(args):
 
 
 def networks_used(args):
-    """The networks the asked metrics need, Inception first."""
+    """The networks the asked metrics need, in report order."""
     return list(dict.fromkeys(network_of(m, args) for m in args.metrics))
 
 
 def per_class_metrics(result, metrics, classes, real_features, gen_features, network, args):
     """Add each class's metrics (features sliced by class, no re-extraction) to result['per_class']."""
+    # FID is biased upward at small sample counts (Chong & Forsyth 2020), so per-class values compare with
+    # each other only at equal counts, and not with the overall value.
     for name, (real_index, gen_index) in classes.items():
         counts = {"real": len(real_index), "gen": len(gen_index)}
         entry = result["per_class"].setdefault(name, {"counts": counts, "metrics": {}, "failures": {}})
@@ -197,6 +217,8 @@ def evaluate(args, real, gen, classes, weights):
     """All asked metrics, network by network (each network loads its own weights file)."""
     result = {"metrics": {}, "failures": {}, "per_class": {}, "image_sizes": {}}
     log = {"extracted": {"real": {}, "gen": {}}}
+    # One pass per network feeds every metric on its features (overall and per class); each network's
+    # real features are cached under their own key, since they depend on its weights file.
     for network in networks_used(args):
         metrics = [m for m in args.metrics if network_of(m, args) == network]
         extractor = build_extractor(network, weights[network], args.device)
@@ -207,6 +229,7 @@ def evaluate(args, real, gen, classes, weights):
         result["metrics"].update(values)
         result["failures"].update(failures)
         per_class_metrics(result, metrics, classes, real_features, gen_features, network, args)
+        # Every network sees the same images, so the last network's size histogram stands for all.
         result["image_sizes"] = {
             "real": size_histogram(real_features["image_sizes"]),
             "gen": size_histogram(gen_features["image_sizes"]),
@@ -217,6 +240,8 @@ def evaluate(args, real, gen, classes, weights):
 def describe(args, real, gen, weights, log, seconds):
     """Everything but the metric values that a reader of the numbers needs to reproduce them."""
     used = networks_used(args)
+    # The values move with the feature layer, resize, decoding, weights file and library versions, so these
+    # go next to the numbers: two tables compare only when these agree.
     settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
     return {
         "real": os.path.abspath(args.real),
@@ -253,6 +278,8 @@ def check_outputs(args):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
+    # Outputs and device are checked before any image is read, so a typo fails in a second, not after the
+    # extraction.
     check_outputs(args)
     args.device = select_device(args.device)
     titles = ", ".join(METRIC_TITLES[m] for m in args.metrics)
@@ -261,6 +288,8 @@ def main(argv=None):
         file=sys.stderr,
     )
     real, gen, classes = load_inputs(args)
+    # Weights only for the networks the asked metrics use, after the inputs, so bad input fails before
+    # any download.
     weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in networks_used(args)}
     result, log = evaluate(args, real, gen, classes, weights)
     result.update(describe(args, real, gen, weights, log, time.perf_counter() - start))
@@ -268,6 +297,8 @@ def main(argv=None):
     if args.json:
         write_json(args.json, result)
         print(f"Wrote {args.json}", file=sys.stderr)
+    # Exit 1 when any metric failed, overall or in one class: a script must not take a partial report for
+    # a full one.
     failed = bool(result["failures"]) or any(e["failures"] for e in result["per_class"].values())
     return 1 if failed else 0
 

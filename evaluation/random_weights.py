@@ -20,6 +20,7 @@ from core.errors import run_cli
 
 def _init_variance_preserving(model, seed):
     """Re-initialise so activations keep their scale through depth (features stay informative)."""
+    # He et al. 2015 normal init (std sqrt(2 / fan_in)), the variance-preserving choice for ReLU networks.
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):

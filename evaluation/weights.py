@@ -67,6 +67,7 @@ def download_weights(spec, destination):
         raise UserError(
             f"offline (HF_HUB_OFFLINE is set) and {name} is not in {os.path.dirname(destination)}: {hint}"
         )
+    # torch.hub release files are named <name>-<sha256 prefix>.<ext>; the prefix checks the download.
     hash_prefix = re.search(r"-([a-f0-9]{8,})\.", name)
     print(f"Downloading {spec['url']} -> {destination}", file=sys.stderr)
     previous_timeout = socket.getdefaulttimeout()
@@ -90,7 +91,9 @@ def build_extractor(network, weights, device):
     """torch-fidelity's extractor for `network` from a local file, with every layer a metric may use."""
     spec = NETWORKS[network]
     cls = FEATURE_EXTRACTORS_REGISTRY[spec["extractor"]]
+    # Every layer any metric reads, so one pass over the images serves all of them.
     layers = sorted({cls.get_default_feature_layer_for_metric(m) for m in TORCH_FIDELITY_NAME.values()})
+    # Built on the CPU, then moved: torch-fidelity's cuda=True means the default GPU, not --device's.
     try:
         extractor = create_feature_extractor(
             spec["extractor"],
