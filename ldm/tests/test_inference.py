@@ -124,8 +124,11 @@ def test_per_class_two_processes_counts_resume_npz(named_run, tmp_path):
     assert "2 to generate" in result.stdout
     assert len(sample_tree(out)) == 5
     assert kept.stat().st_mtime_ns == kept_time
+    # Remade alone instead of in a batch of 2: the same noise, but batch-shaped float sums may round one
+    # pixel to the neighbouring 8-bit level, so one level of difference is allowed and no more.
     for path, before in pixels.items():
-        np.testing.assert_array_equal(np.asarray(Image.open(path)), before)
+        remade = np.asarray(Image.open(path)).astype(int)
+        np.testing.assert_allclose(remade, before.astype(int), rtol=0, atol=1)
 
 
 def test_npz_of_grayscale_samples_is_rgb(tmp_path):
