@@ -207,7 +207,7 @@ class Trainer:
         # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
         # sees the same values and all ranks stop (or fail) at the same step.
         votes = (float(self.stop_signal is not None), self.over_budget())
-        total, signals, over = training.sum_across(self.accelerator, loss.item(), *votes)
+        total, signals, over = training.sum_across(self.accelerator, loss.detach(), *votes)
         self.check_finite(total / self.world_size)
         grad_norm = self.optimize(loss)
         self.signalled = self.signalled or signals > 0  # every rank learns that one of them was signalled

@@ -78,7 +78,7 @@ def build_parser(ddp=False):
         add("--batch_size", type=cli.positive_int, default=8, help="images per batch")
         add("--output_dir", default="samples", help="output folder")
     add("--npz", help=f"also write an .npz for the ADM evaluator (arr_0 uint8 NxHxWx3, arr_1 labels){npz}")
-    add("--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add("--seed", "--global_seed", type=int, default=0, help="random seed")
     add("--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint")
     add("--mixed_precision", "--precision", type=cli.mixed_precision, default="no", help="no, fp16 or bf16")
     add("--overwrite", action="store_true", help="regenerate images that already exist")

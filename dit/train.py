@@ -73,7 +73,7 @@ def build_parser():
     add("--vae", default="ema", help="'ema', 'mse' (stabilityai/sd-vae-ft-*) or a local diffusers folder")
     add("--bit_depth", type=cli.bit_depth, help="integer images' bit depth, e.g. 12 (default: scan the data)")
     add("--intensity_range", **LOW_HIGH, help="range of float ('F') images mapped onto [0, 1] (default: 0 1)")
-    add("--seed", "--global_seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add("--seed", "--global_seed", type=int, default=0, help="random seed")
     add("--num_workers", type=cli.nonnegative_int, default=4, help="data loader workers per process")
     add("--log_every", type=cli.positive_int, default=100, help="log the loss every N steps")
     add("--save_every", "--ckpt_every", type=cli.positive_int, default=50000, help="checkpoint every N steps")

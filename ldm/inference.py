@@ -42,7 +42,7 @@ def add_sampling_args(parser, default_output, default_seed):
     add("--cfg_scale", type=cli.nonnegative_float, default=3.0, help="1 = conditional, 0 = unconditional")
     add("--num_inference_steps", type=cli.positive_int, default=50, help="sampling steps")
     add("--scheduler", choices=sorted(SAMPLERS), default="ddim", help="dpmsolver++/unipc: 20-30 steps")
-    add("--seed", type=cli.nonnegative_int, default=default_seed, help="noise seed (default: %(default)s)")
+    add("--seed", type=cli.nonnegative_int, default=default_seed, help="noise seed")
     add("--no_ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add("--vae_pretrained", help="VAE hub id or folder; default: the one recorded in the checkpoint")
     add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="CUDA autocast; ignored on CPU")

@@ -108,7 +108,7 @@ def build_parser():
     add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
     add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1)")
     add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
-    add("--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)")
+    add("--seed", type=cli.nonnegative_int, default=0, help="random seed")
 
     # Validation and sample grids use the EMA weights with fixed noise, so epochs compare like with like.
     add = parser.add_argument_group("checkpoints, validation and samples").add_argument

@@ -62,7 +62,7 @@ def build_parser():
     dataset.add_intensity_args(add)
     add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
     add("--num_workers", type=cli.nonnegative_int, default=4, help="data loader workers per process")
-    add("--seed", type=cli.nonnegative_int, default=0, help="random seed (default: %(default)s)")
+    add("--seed", type=cli.nonnegative_int, default=0, help="random seed")
     add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
     return parser
 

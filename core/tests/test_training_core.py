@@ -233,6 +233,7 @@ def test_stop_signal_records_and_a_cpu_accelerator_falls_back(capsys):
     assert accelerator.mixed_precision == "no" and accelerator.device.type == "cpu"
     assert "needs CUDA" in capsys.readouterr().err
     assert training.sum_across(accelerator, 2, 3.5) == [2.0, 3.5]
+    assert training.sum_across(accelerator, torch.tensor(1.5), torch.tensor([0.25])) == [1.5, 0.25]
 
 
 def test_sum_across_two_gloo_processes(tmp_path):

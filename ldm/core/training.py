@@ -58,9 +58,11 @@ def rng_states(accelerator, generator=None):
 
 
 def sum_across(accelerator, *values):
-    """Each value summed over all processes (every process must call this)."""
+    """Each value (a number or a one-element tensor) summed over all processes (every process must call
+    this). A tensor stays on its device until the one .tolist() at the end, so a step syncs once."""
     # float64, so that summed per-process loss totals over a large held-out set lose no digits.
-    tensor = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)
+    device = accelerator.device
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     if accelerator.num_processes > 1:
         tensor = accelerator.reduce(tensor, reduction="sum")
     return tensor.tolist()
