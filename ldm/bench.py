@@ -71,6 +71,7 @@ def steps_per_second(model, optimizer, codec, loader, cached, scheduler, steps):
             start = time.perf_counter()
         inputs, labels = next(batches)
         latents = train.training_latents(inputs, codec, cached, flip=True)
+        # 0.1 is train.py's default --cfg_dropout, so the timed step includes the label dropout.
         loss = train.diffusion_loss(model, scheduler, latents, labels, 0.1, model.class_embedder.num_classes)
         loss.backward()
         optimizer.step()
@@ -109,11 +110,13 @@ def best_of(first, second, rounds=ROUNDS):
 def main():
     args = parse_args()
     size, batch = args.image_size, args.batch_size
+    # Fixed seed: weights and batch order repeat, so two bench runs time the same computation.
     torch.manual_seed(0)
     print("LDM benchmark (CPU here; the model hub is unreachable, so models are small, local and random):")
     with tempfile.TemporaryDirectory() as tmp:
         make_data(Path(tmp) / "data", size)
         make_vae(Path(tmp) / "vae", size)
+        # Through load_vae, the path train.py takes for --vae_pretrained FOLDER.
         codec = LatentCodec(load_vae(str(Path(tmp) / "vae")), 3)
         _, samples = find_class_images(Path(tmp) / "data")
         images = ClassImageDataset(samples, size, 3, EIGHT_BIT)

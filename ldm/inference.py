@@ -99,6 +99,7 @@ def resolve_classes(tokens, class_names):
         if token in class_names:
             chosen.append(class_names.index(token))
         elif token.lstrip("-").isdigit():
+            # Negative numbers pass the test above, so the range check names them instead of 'not a class'.
             index = int(token)
             if not 0 <= index < len(class_names):
                 raise UserError(
@@ -180,6 +181,7 @@ def outside_samples(path, output_dir, flag):
 
 def save_grid(rows, path):
     """One preview grid (8-bit PNG), a row per class, written atomically."""
+    # An 8-bit preview whatever the data's depth: it is for looking at, never for evaluation.
     grid = make_grid(torch.cat(rows), nrow=len(rows[0]))
     files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
     print(f"grid saved to {path}")
@@ -189,6 +191,7 @@ def build_parser():
     parser = cli.Parser(description=__doc__)
     add_sampling_args(parser, default_output="./generated", default_seed=42)
     add = parser.add_argument
+    # This script's own flags; the sampling ones are shared with inference_per_class.py.
     add("--class_label", nargs="+", help="class names or indices to generate (default: every class)")
     add("--num_samples", type=cli.positive_int, default=10, help="images per class")
     add("--save_grid", action="store_true", help="also save a grid, a row per class, <output_dir>_grid.png")
@@ -209,6 +212,7 @@ def grid_destination(args):
     path = outside_samples(
         args.grid_path or beside(args.output_dir, "_grid.png"), args.output_dir, "--grid_path"
     )
+    # Without --overwrite an existing grid is kept and the new one takes the next free number.
     return cli.ensure_writable_file(path if args.overwrite else free_path(path), "--grid_path")
 
 
@@ -227,6 +231,7 @@ def main():
     sampler = LDMSampler(ckpt, args, device)
     rule, channels = sampler.intensity, sampler.codec.image_channels
     clean_sample_tree(args.output_dir, sampler.class_names)
+    # Timed from here: loading the model and the VAE is not part of the images/s figure.
     timer = training.Timer(device)
     made, num_batches, rows = 0, 0, []
     for label in classes:
@@ -234,6 +239,7 @@ def main():
         # Without image files there is nothing to skip: the grid's samples are all generated.
         todo = missing_indices(args.output_dir, name, args.num_samples, rule, args.overwrite or not write)
         made_now = {}
+        # Batches never mix classes: one label per call, each index with its own noise.
         for chunk in batches(todo, args.batch_size):
             samples = sampler.sample(label, chunk)
             made_now.update(zip(chunk, samples, strict=True))
@@ -251,6 +257,7 @@ def main():
                 for i in range(args.num_samples)
             ]
             rows.append(torch.stack(row))  # (num_samples, C, H, W)
+    # Throughput of what this run generated; skipped files do not count.
     print(training.timing_line(made, args.num_inference_steps, num_batches, timer.elapsed()), flush=True)
     if grid_path is not None:
         save_grid(rows, grid_path)

@@ -148,10 +148,12 @@ class EMA:
         self.num_updates += 1
         # Warm-up (1 + n) / (10 + n): early averages forget the random initial weights quickly.
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        # Parameters only: the UNet's GroupNorm and LayerNorm keep no running statistics to average.
         for ema_param, param in zip(self.model.parameters(), model.parameters(), strict=True):
             ema_param.lerp_(param.detach().float(), 1.0 - decay)
 
     def state_dict(self):
+        # Only the counters: the averaged weights are saved as ema_unet / ema_class_embedder.
         return {"decay": self.decay, "num_updates": self.num_updates}
 
     def load_state_dict(self, state):
@@ -160,6 +162,7 @@ class EMA:
 
 def looks_like_path(name):
     """True when the value is meant as a local folder rather than a hub id like org/name."""
+    # A hub id is exactly org/name; one part, three parts, ./, ~ or an absolute path means a folder.
     return os.path.isabs(name) or name.startswith((".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
 
@@ -203,6 +206,7 @@ class LatentCodec:
         self.scale = float(vae.config.scaling_factor)
         self.shift = float(vae.config.shift_factor or 0.0)
         self.latent_channels = vae.config.latent_channels
+        # Every encoder level but the last halves the resolution: four levels give SD's 8x.
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def _to_vae(self, images):
@@ -242,6 +246,7 @@ def sample_latent(mean, std):
 
 def make_sampler(name, scheduler_config):
     """Inference scheduler of the given kind, built from the training noise schedule."""
+    # from_config carries over T, the betas and the prediction type, so sampling inverts the trained process.
     cls, extra = SAMPLERS[name]
     return cls.from_config(scheduler_config, **extra)
 
@@ -258,6 +263,7 @@ def guided_prediction(model, latents, t, labels, cfg_scale):
 def denoise(model, scheduler, noise, labels, cfg_scale, num_steps):
     """Reverse diffusion from noise (N, c, h, w) for labels (N,) -> clean scaled latents."""
     scheduler.set_timesteps(num_steps, device=noise.device)
+    # init_noise_sigma is 1 for these samplers; multiplied anyway so a sigma-scaled scheduler starts right.
     latents = noise * scheduler.init_noise_sigma
     # The scheduler steps in fp32 whatever the model's precision: its update mixes large and small terms.
     for t in scheduler.timesteps:
@@ -302,6 +308,7 @@ def default_noise_scheduler(num_train_timesteps, beta_schedule, prediction_type)
 
 def plain(value):
     """Config objects made JSON-plain (dicts, lists, scalars) for weights_only checkpoints."""
+    # Keys starting with '_' are diffusers' private bookkeeping, not settings of the model.
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, (list, tuple)):

@@ -150,12 +150,14 @@ def training_latents(batch, codec, cached, flip):
     if cached:  # inputs: (N, F, 2, c, h, w) moments of the image and, with flips, of its mirror
         view = inputs[torch.arange(inputs.shape[0]), mirror.long()]  # (N, 2, c, h, w)
         return sample_latent(view[:, 0], view[:, 1])
+    # Uncached: the (mirrored) images are encoded on the fly, a VAE forward pass per step.
     images = torch.where(mirror[:, None, None, None], inputs.flip(-1), inputs)
     return sample_latent(*codec.moments(images))
 
 
 def diffusion_loss(model, noise_scheduler, latents, labels, cfg_dropout, null_class):
     """MSE between the UNet output and its target at random timesteps, with label dropout."""
+    # The simple objective of Ho et al. 2020 (eq. 14): a uniform timestep and fresh Gaussian noise per image.
     noise = torch.randn_like(latents)
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -174,6 +176,7 @@ def diffusion_loss(model, noise_scheduler, latents, labels, cfg_dropout, null_cl
 
 def diffusion_target(noise_scheduler, latents, noise, timesteps):
     """Noise for epsilon-prediction, velocity for v-prediction."""
+    # v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0 (Salimans & Ho 2022), computed by the scheduler.
     if noise_scheduler.config.prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     return noise
@@ -198,10 +201,12 @@ def validation_loss(model, noise_scheduler, latents, labels, seed, num_timesteps
         noise = torch.cat([noise_for(seed, i, range(num_timesteps), latents.shape[1:]) for i in chunk]).to(
             device
         )
+        # Image-major rows, K per image: timesteps cycle and labels repeat, matching x0 and noise above.
         t = steps.repeat(len(chunk))
         y = labels[chunk].to(device).repeat_interleave(num_timesteps)
         prediction = model(noise_scheduler.add_noise(x0, noise, t), t, y).float()
         target = diffusion_target(noise_scheduler, x0, noise, t).float()
+        # Mean over pixels, then over the K timesteps: one figure per image, added to the running sum.
         loss_sum += F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)).sum() / num_timesteps
     return loss_sum, len(indices)
 
@@ -247,9 +252,11 @@ def main():
     ema.model.to(device)
     set_seed(args.seed + accelerator.process_index)  # different noise and flips per process
 
+    # progress is the loop's position; saved in every checkpoint, it lets a resume continue mid-epoch.
     progress = dict(epoch=0, step_in_epoch=0, global_step=0, best_val_loss=float("inf"), val_history=[])
     if resume is not None:  # weights, EMA, optimizer, schedule, RNG and position in the epoch
         progress = restore_training_state(resume, accelerator, model, ema, optimizer, lr_scheduler)
+    # Only the main process writes logs; elsewhere writer is None and logging is skipped.
     writer = SummaryWriter(str(output_dir / "logs")) if accelerator.is_main_process else None
     run = Run(accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, codec, config,
               class_names, intensity, output_dir, writer, args, progress)  # fmt: skip
@@ -388,11 +395,13 @@ def run_config(args, codec, model):
 
 def restore_training_state(ckpt, accelerator, model, ema, optimizer, lr_scheduler):
     """Load weights, optimizer, schedules and RNG streams; returns the saved progress counters."""
+    # Into the plain modules: checkpoint_state saved them unwrapped, without DDP's 'module.' prefix.
     model = accelerator.unwrap_model(model)
     model.unet.load_state_dict(ckpt["unet"])
     model.class_embedder.load_state_dict(ckpt["class_embedder"])
     ema.model.unet.load_state_dict(ckpt["ema_unet"])
     ema.model.class_embedder.load_state_dict(ckpt["ema_class_embedder"])
+    # The EMA's update count too: it fixes where the decay warm-up stands.
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -436,6 +445,7 @@ def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
     """One epoch (or its remainder after a resume); returns a signal number when asked to stop."""
     accelerator, args, progress = run.accelerator, run.args, run.progress
     model = run.model
+    # A resumed epoch continues after its last optimizer step; epoch_loader keeps the same order.
     skip = progress["step_in_epoch"] if progress["epoch"] == epoch else 0  # batches trained before a stop
     loader = epoch_loader(train_set, args, epoch, accelerator, skip)
     accum = args.gradient_accumulation_steps
@@ -456,12 +466,14 @@ def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
             bar.update(1)
             if not group_end:
                 continue
+            # A group is complete: step, then record the position that a checkpoint taken now resumes from.
             grad_norm = optimizer_step(run)
             progress.update(epoch=epoch, step_in_epoch=index + 1, global_step=progress["global_step"] + 1)
             log_step(run, window, grad_norm, bar)
             signum = stop.agreed(accelerator)  # the same answer on every process: all stop together
             if signum:
                 return signum
+    # The epoch is done: a resume from here starts the next epoch at its first batch.
     progress.update(epoch=epoch + 1, step_in_epoch=0)
     return 0
 
@@ -469,7 +481,9 @@ def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
 def backward_micro_batch(run, inputs, labels, epoch, group_size):
     """Gradients of one micro-batch, scaled by its accumulation group's size; returns the mean loss."""
     accelerator, args = run.accelerator, run.args
+    # Latents are drawn outside autocast, so the frozen VAE encodes in its own precision.
     latents = training_latents(inputs, run.codec, args.cache_latents, not args.no_flip)
+    # The null class is ClassEmbedder's extra row, index len(class_names).
     with accelerator.autocast():
         loss = diffusion_loss(
             run.model,
@@ -492,6 +506,7 @@ def optimizer_step(run):
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
     optimizer.step()
     run.lr_scheduler.step()
+    # None rather than zeros: the next backward writes fresh gradients instead of adding to zero tensors.
     optimizer.zero_grad(set_to_none=True)
     run.ema.update(accelerator.unwrap_model(model))  # the EMA follows the plain module, not DDP
     return grad_norm
@@ -514,6 +529,7 @@ def log_step(run, window, grad_norm, bar):
     """Loss, learning rate, grad norm and throughput to tqdm and TensorBoard (main process)."""
     writer, step = run.writer, run.progress["global_step"]
     lr = run.lr_scheduler.get_last_lr()[0]
+    # window['loss'] is the mean over this step's micro-batches and processes (see train_epoch).
     bar.set_postfix(loss=f"{window['loss']:.4f}", lr=f"{lr:.2e}")
     if writer is not None:
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -545,6 +561,7 @@ def end_of_epoch(run, epochs_done, val_latents, val_labels):
         names.append(f"checkpoint_epoch_{epochs_done}.pt")
     if last:
         names.append("checkpoint_final.pt")
+    # Grids come from the main process alone; the others wait for it at the checkpoint barrier.
     if epochs_done % args.sample_every == 0 and accelerator.is_main_process:
         save_sample_grid(run, epochs_done)
     save_checkpoints(run, [*names, "checkpoint_latest.pt"])
@@ -586,6 +603,7 @@ def save_sample_grid(run, epochs_done):
     shape = (codec.latent_channels, run.config["latent_size"], run.config["latent_size"])
     noise = torch.cat([noise_for(args.seed, c, range(args.grid_samples_per_class), shape) for c in classes])
     labels = torch.tensor(classes, device=device).repeat_interleave(args.grid_samples_per_class)
+    # A separate DDIM scheduler (Song et al. 2021): its set_timesteps leaves the training one untouched.
     sampler = make_sampler("ddim", run.noise_scheduler.config)
     with run.accelerator.autocast():
         latents = denoise(
@@ -607,6 +625,7 @@ def save_on_main(accelerator, make_state, paths):
     # Every process's random state is gathered first, so that a resume gives each rank its own stream.
     rng = training.rng_states(accelerator)
     if accelerator.is_main_process:
+        # Built once, written under every name: the best, periodic and latest files of an epoch are identical.
         state = make_state(rng)
         for path in paths:
             files.atomic_save(state, path)
@@ -632,6 +651,7 @@ def checkpoint_state(run, rng):
         "channels": run.config["image_channels"],
         "scheduler_config": plain(run.noise_scheduler.config),
         "config": run.config,
+        # Resume state: optimizer moments, LR schedule, fp16 loss scale and EMA counters.
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

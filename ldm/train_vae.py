@@ -51,6 +51,7 @@ def build_parser():
     add("--latent_channels", type=cli.positive_int, help="latent channels of a new VAE")
     add("--norm_num_groups", type=cli.positive_int, help="GroupNorm groups of a new VAE")
     parser.set_defaults(**NEW_VAE)
+    # 1e-6 is the KL weight of SD's KL-f8 autoencoder: a light pull on the latents; reconstruction dominates.
     add("--kl_weight", type=cli.nonnegative_float, default=1e-6, help="KL weight")
     add("--perceptual_weight", type=cli.nonnegative_float, default=0.0, help="VGG16 feature loss weight")
     add("--batch_size", type=cli.positive_int, default=8, help="images per process")
@@ -106,6 +107,7 @@ class Reconstruction(torch.nn.Module):
         self.vae = vae
 
     def forward(self, images):
+        # A sampled latent, not the mean: the decoder learns to take the draws train.py's sample_latent makes.
         posterior = self.vae.encode(images).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior.kl()  # (N, 3, H, W), (N,)
 
@@ -166,6 +168,7 @@ def validate(vae, loader, device):
     for batch, _ in loader:
         batch = to_three(batch.to(device))
         reconstruction = vae.decode(vae.encode(batch).latent_dist.mean).sample
+        # Sums of per-image means over the count: a short last batch weighs what its images weigh.
         total += F.l1_loss(reconstruction.float(), batch, reduction="sum").item() / batch[0].numel()
         count += batch.shape[0]
     vae.train()
@@ -248,6 +251,7 @@ def main():
     model, optimizer = accelerator.prepare(Reconstruction(vae), optimizer)
     vae = accelerator.unwrap_model(model).vae  # the bare VAE, for validation and saving
     set_seed(args.seed + accelerator.process_index)  # different latent samples per process
+    # epoch counts finished epochs (where a resume starts); best is the lowest held-out L1 so far.
     progress = {"epoch": 0, "best": float("inf")}
     if resume is not None:
         progress = restore(resume, vae, optimizer, lr_scheduler, accelerator)
@@ -261,6 +265,7 @@ def main():
             sys.exit(128 + signum)
         end_of_epoch(run, epoch + 1, val_loader)
     if accelerator.is_main_process:
+        # final is written by the main process alone; the barrier below holds the others until it is saved.
         finalise(vae, args, output_dir / "final", val_loader)
         print(f"done: use --vae_pretrained {output_dir / 'best'} with train.py")
     accelerator.wait_for_everyone()
@@ -291,6 +296,7 @@ def datasets(args, train_samples, val_samples, data):
 def optimization(args, vae, train_set, accelerator):
     """AdamW (torch's default weight decay) and its cosine schedule with warm-up, in steps."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.learning_rate)
+    # No accumulation in this script: each batch is one optimizer step of the schedule.
     steps_per_epoch = len(dataset.epoch_loader(train_set, args, 0, accelerator))
     lr_scheduler = get_cosine_schedule_with_warmup(
         optimizer, args.lr_warmup_steps, steps_per_epoch * args.num_epochs
@@ -329,6 +335,7 @@ def train_epoch(run, train_set, epoch, stop):
             raise training.TrainingHalted(
                 f"VAE loss became non-finite in epoch {epoch + 1}; lower --learning_rate"
             )
+        # One optimizer step per batch; accelerate unscales fp16 gradients before the clipping.
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -344,6 +351,7 @@ def train_epoch(run, train_set, epoch, stop):
 def end_of_epoch(run, epochs_done, val_loader):
     """Validate, save the best folder when it improved, then the resume state."""
     accelerator, progress = run.accelerator, run.progress
+    # Each process validates the whole held-out set (not a shard), so all agree on best without a reduce.
     val = validate(run.vae, val_loader, accelerator.device)
     progress.update(epoch=epochs_done, best=min(progress["best"], val))
     if accelerator.is_main_process:
@@ -391,6 +399,7 @@ def restore(ckpt, vae, optimizer, lr_scheduler, accelerator):
             "--resume checkpoint does not fit the VAE built from the flags: "
             "resume with the flags it was trained with"
         ) from None
+    # AdamW's moments and the schedule's position continue where the run stopped.
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     restore_rng(ckpt, accelerator)
