@@ -18,6 +18,19 @@ from .guidance import guided
 TIME_SCALE = 999  # continuous t in [0, 1] -> the network's DDPM timestep input in [0, 999]
 
 
+def randn(shape, generator=None, device=None, dtype=torch.float32):
+    """Gaussian noise drawn on the generator's own device and moved to device: a CPU generator then
+    seeds CUDA runs too, with the same numbers on any device."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def rand(shape, generator=None, device=None, dtype=torch.float32):
+    """Uniform [0, 1) numbers, drawn like randn()."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def _expand(values, x):
     """Per-sample values (batch,) shaped to broadcast over x (batch, ...)."""
     return values.reshape(-1, *([1] * (x.dim() - 1)))
@@ -57,7 +70,7 @@ class SDE:
 
     def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32):
         """A sample of the prior p_T."""
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.prior_std
+        return randn(shape, generator, device, dtype) * self.prior_std
 
     def prior_logp(self, z):
         """log p_T(z) of the Gaussian prior, summed over each sample's dims: (batch,)."""
@@ -263,6 +276,8 @@ PARAMETERS = {
     "flow": (),
 }
 COMMON_KEYS = ("objective", "eps", "likelihood_weighting")
+# "ddpm" is each folder's own discrete 1000-step DDPM (not in this module), the default everywhere.
+OBJECTIVES = ("ddpm", *PROCESSES)
 ALL_KEYS = COMMON_KEYS + ("beta_min", "beta_max", "sigma_min", "sigma_max", "N")
 
 
@@ -349,13 +364,13 @@ class Objective:
 
     def sample_time(self, batch, generator=None, device=None):
         """t ~ U[eps, T] for training: (batch,)."""
-        u = torch.rand(batch, generator=generator, device=device)
+        u = rand(batch, generator, device)
         return u * (self.T - self.eps) + self.eps
 
     def loss(self, model, x0, y=None, generator=None):
         """Mean denoising score matching (eps or velocity regression) loss of one batch: a scalar."""
         t = self.sample_time(x0.shape[0], generator, x0.device).to(x0.dtype)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
         mean, std = self.process.marginal_prob(x0, t)
         output = model(mean + _expand(std, x0) * noise, t * TIME_SCALE, y)
         if self.is_flow:
@@ -367,3 +382,18 @@ class Objective:
             diffusion = self.process.sde(x0, t)[1]
             per_sample = per_sample * diffusion**2 / std**2
         return per_sample.mean()
+
+
+def objective_of(config):
+    """The Objective a run config (flags or a checkpoint's config) names; None for the discrete DDPM.
+
+    Configs without an "objective" key (every checkpoint written before this module) are DDPM runs.
+    """
+    name = config.get("objective") or "ddpm"
+    if name == "ddpm":
+        # A constant of the continuous objectives given to a DDPM run would silently do nothing.
+        stray = [k for k in ALL_KEYS[1:] if config.get(k) not in (None, False)]
+        if stray:
+            raise UserError(f"{stray[0]} applies to --objective vp, subvp, ve or flow, not to ddpm")
+        return None
+    return Objective.from_config({key: config.get(key) for key in ALL_KEYS})

@@ -22,11 +22,19 @@ import math
 import torch
 
 from .errors import UserError
-from .sde import VPSDE, _expand
+from .sde import VPSDE, _expand, rand, randn
 
 METHODS = ("pc", "euler", "heun", "rk45", "ode", "dpm++")
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 ODE_METHODS = ("euler", "heun", "rk45")
+# Steps when none are asked for: score_sde's 1000 for PC, few for the ODE solvers (rk45 adapts its own).
+DEFAULT_STEPS = {"pc": 1000, "euler": 100, "heun": 50, "rk45": None, "ode": None, "dpm++": 20}
+
+
+def resolve_sampler(objective, method=None, steps=None):
+    """(method, steps) with the defaults filled in: pc for the SDEs, euler for flow (which has no SDE)."""
+    method = method or ("euler" if objective.is_flow else "pc")
+    return method, steps if steps is not None else DEFAULT_STEPS.get(method)
 
 
 def _device_of(model):
@@ -130,7 +138,7 @@ def _batch_time(t, x):
 
 
 def _noise(x, generator):
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _pc(model, objective, x, steps, predictor, snr, corrector_steps, generator, guidance):
@@ -241,14 +249,13 @@ def dequantize(x, bit_depth=8, generator=None):
     """Uniform dequantisation of integer data scaled to [-1, 1]: spreads each level over its bin."""
     levels = 2**bit_depth
     integers = torch.round((x + 1) / 2 * (levels - 1))
-    uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    uniform = rand(x.shape, generator, x.device, x.dtype)
     return (integers + uniform) / levels * 2 - 1
 
 
 def _probes(x, hutchinson, generator):
     if hutchinson == "rademacher":
-        signs = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
-        return signs.to(x.dtype) * 2 - 1
+        return (rand(x.shape, generator, x.device) < 0.5).to(x.dtype) * 2 - 1
     if hutchinson == "gaussian":
         return _noise(x, generator)
     raise UserError(f"unknown Hutchinson estimator {hutchinson!r}: choose rademacher or gaussian")

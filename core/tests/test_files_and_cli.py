@@ -84,3 +84,57 @@ def test_parse_time_checks_are_one_line(flag, value, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+def config_parser():
+    parser = cli.Parser(prog="train.py")
+    parser.add_argument("--config", help=cli.CONFIG_HELP)
+    parser.add_argument("--learning_rate", "--lr", type=cli.positive_float, default=1e-4)
+    parser.add_argument("--objective", default="ddpm", choices=("ddpm", "vp"))
+    parser.add_argument("--hflip", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+")
+    return parser
+
+
+def test_config_file_sets_flags_and_typed_flags_override_it(tmp_path):
+    path = tmp_path / "vp.yaml"
+    path.write_text("objective: vp\nlearning-rate: 2.0e-4\nhflip: true\nsizes: [8, 16]\n")
+    parser = config_parser()
+    args = parser.parse_args(["--config", str(path)])
+    assert (args.objective, args.learning_rate, args.hflip, args.sizes) == ("vp", 2e-4, True, [8, 16])
+    args = parser.parse_args([f"--config={path}", "--lr", "3e-4"])
+    assert args.learning_rate == 3e-4 and args.objective == "vp"
+    # Keys of the file count as typed, so that a resumed run takes them over the checkpoint's values.
+    assert {"objective", "learning_rate", "hflip"} <= cli.explicit_flags(parser, ["--config", str(path)])
+    path.write_text("hflip: false\n")
+    assert parser.parse_args(["--config", str(path)]).hflip is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("objective: [vp\n", "is not valid YAML"),
+        ("- vp\n", "must be a mapping of flag names"),
+        ("objectiv: vp\n", "'objectiv' is not a flag of train.py"),
+        ("hflip: 1\n", "hflip is a switch, give it true or false"),
+        ("objective: ve\n", "invalid choice: 've'"),
+        ("learning_rate: -1\n", "must be a number > 0"),
+        (None, "cannot be read"),
+    ],
+)
+def test_bad_config_files_are_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    code = (
+        "import sys\n"
+        "from core.errors import run_cli\n"
+        "from core.tests.test_files_and_cli import config_parser\n"
+        "run_cli(lambda: config_parser().parse_args(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]

@@ -354,3 +354,34 @@ def test_guided_exact_model_moves_each_class_to_its_mean():
     )
     assert x[labels == 0].mean().item() == pytest.approx(-0.5, abs=0.05)
     assert x[labels == 1].mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_objective_of_a_run_config():
+    from core.sde import objective_of
+    from core.sde_sampling import resolve_sampler
+
+    # Checkpoints from before the continuous objectives have no "objective" key: they are DDPM runs.
+    assert (
+        objective_of({}) is None
+        and objective_of({"objective": "ddpm", "likelihood_weighting": False}) is None
+    )
+    with pytest.raises(UserError, match="beta_max applies to --objective vp"):
+        objective_of({"objective": "ddpm", "beta_max": 10.0})
+    vp = objective_of({"objective": "vp", "beta_max": 10.0, "sigma_min": None, "likelihood_weighting": True})
+    assert vp.process.beta_1 == 10.0 and vp.likelihood_weighting
+    assert objective_of(vp.to_config()).to_config() == vp.to_config()
+    flow = objective_of({"objective": "flow", "likelihood_weighting": False})
+    assert resolve_sampler(flow) == ("euler", 100) and resolve_sampler(vp) == ("pc", 1000)
+    assert resolve_sampler(vp, "rk45") == ("rk45", None) and resolve_sampler(vp, "dpm++", 7) == ("dpm++", 7)
+
+
+def test_a_cpu_generator_seeds_samples_on_any_device():
+    # The sampled numbers depend on the generator alone, not on the device they are moved to.
+    from core.sde import rand, randn
+
+    a = randn((2, 3), torch.Generator().manual_seed(1), device="cpu")
+    b = randn((2, 3), torch.Generator().manual_seed(1), device="meta")
+    assert b.device.type == "meta" and a.shape == b.shape
+    assert torch.equal(
+        rand(4, torch.Generator().manual_seed(2)), torch.rand(4, generator=torch.Generator().manual_seed(2))
+    )

@@ -57,6 +57,17 @@ class Parser(argparse.ArgumentParser):
         names, kwargs = _both_spellings(names, kwargs)
         return super().add_argument(*names, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(self.expand_config(sys.argv[1:] if args is None else args), namespace)
+
+    def expand_config(self, argv):
+        """argv with the flags of its --config YAML file put in front, so typed flags override the file."""
+        argv = list(argv)
+        if "config" not in {action.dest for action in self._actions}:
+            return argv
+        path = _config_path(argv)
+        return argv if path is None else config_file_argv(self, path) + argv
+
     def add_argument_group(self, *args, **kwargs):
         # Groups keep their own add_argument (argparse's containers do not share it): wrap that one too.
         group = super().add_argument_group(*args, **kwargs)
@@ -83,8 +94,66 @@ def _both_spellings(names, kwargs):
     return spellings(names), kwargs
 
 
+CONFIG_HELP = "YAML file of flag values (keys: flag names); flags typed on the command line override it"
+
+
+def _config_path(argv):
+    """The value of the last --config in argv, or None."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return path
+
+
+def config_file_argv(parser, path):
+    """The flags a YAML mapping of flag names to values stands for, as command-line tokens.
+
+    Going through argv keeps one set of checks: a value in the file is parsed and refused exactly like
+    the same value typed. true / false switch a flag on / off; a list gives a flag of several values.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file)
+    except OSError as error:
+        raise UserError(f"--config {path} cannot be read ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must be a mapping of flag names to values, e.g. objective: vp")
+    actions = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            actions[option[2:].replace("-", "_")] = action
+    tokens = []
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("config", "help"):
+            raise UserError(f"--config {path}: {key!r} is not a flag of {parser.prog} (see --help)")
+        option = action.option_strings[0]
+        if action.nargs == 0:  # a switch such as --hflip
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} is a switch, give it true or false, not {value!r}")
+            tokens += [option] if value else []
+        elif value is not None:
+            items = value if isinstance(value, list) else [value]
+            tokens += [
+                option,
+                *(str(item).lower() if isinstance(item, bool) else str(item) for item in items),
+            ]
+    return tokens
+
+
 def explicit_flags(parser, argv):
-    """Dests of the flags the user typed, so a resumed run can tell them from defaults."""
+    """Dests of the flags the user typed (or set in a --config file), so a resumed run can tell them
+    from defaults."""
+    argv = parser.expand_config(argv) if hasattr(parser, "expand_config") else argv
     # --flag=value and --flag value both count; abbreviations cannot occur (allow_abbrev=False).
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     return {a.dest for a in parser._actions if given.intersection(a.option_strings)}
