@@ -17,6 +17,7 @@ from models import SCHEDULERS, decode, load_controlled_unet, load_ldm, load_vae,
 from models import sample_latents as run_sampler
 from utils import PRECISION_HELP, load_checkpoint
 
+# Shown as the --help epilog: where every output goes and how masks are read, in one place.
 LAYOUT = """outputs:
   <output_dir>/<mask_stem>_<k:03d>.png               k = 0 .. num_images-1 (null-class token)
   <output_dir>/<class_name>/<mask_stem>_<k:03d>.png  with --class_name / --class_label
@@ -32,6 +33,7 @@ resized nearest-neighbour to the model's image size and the centre is cropped.""
 def build_parser():
     """The command line; the first name of a flag is canonical, later ones are accepted aliases."""
     p = cli.Parser(description=__doc__, epilog=LAYOUT)
+    # One line per flag; cli.Parser appends each flag's default to its help.
     add = p.add_argument
     add("--checkpoint", "--ckpt", required=True, help="ControlNet checkpoint (controlnet/train.py)")
     add("--ldm_checkpoint", help="LDM checkpoint (default: the path recorded in --checkpoint)")
@@ -62,6 +64,7 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    # Exactly one source of masks; p.error prints the usual usage line and exits with status 2.
     if (args.mask is None) == (args.mask_folder is None):
         p.error("give exactly one of --mask and --mask_folder")
     return args
@@ -70,6 +73,7 @@ def parse_args(argv=None):
 def mask_files(args):
     """The masks to follow, from --mask or --mask_folder."""
     if args.mask:
+        # Checked before any model loads, so a wrong path costs nothing and reads as one error line.
         if not Path(args.mask).is_file():
             raise UserError(f"--mask {args.mask} does not exist")
         return [Path(args.mask)]
@@ -83,6 +87,7 @@ def mask_files(args):
 
 def class_choice(args, class_names):
     """(label, folder name) of the requested class, or (None, None) for the null-class token."""
+    # A name wins over a label when both are given.
     if args.class_name is not None:
         if args.class_name not in class_names:
             raise UserError(
@@ -93,11 +98,13 @@ def class_choice(args, class_names):
         if not 0 <= args.class_label < len(class_names):
             raise UserError(f"--class_label {args.class_label} is out of range 0..{len(class_names) - 1}")
         return args.class_label, class_names[args.class_label]
+    # None selects the null-class token: samples follow the mask alone, with no class guidance.
     return None, None
 
 
 def job_seed(seed, stem, k):
     """Seed of image k of a mask: independent of batching and of which files already exist."""
+    # crc32 rather than hash(): Python salts str hashes per process, which would break reproducibility.
     return seed * 1_000_003 + zlib.crc32(f"{stem}:{k}".encode())
 
 
@@ -107,9 +114,11 @@ class Generator:
     def __init__(self, args):
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # TF32 matmuls on Ampere and later: much faster sampling for a precision loss sampling tolerates.
         torch.backends.cuda.matmul.allow_tf32 = True
         ckpt = load_checkpoint(args.checkpoint, "controlnet", "--checkpoint")
         self.cfg = ckpt["config"]
+        # train.py records the LDM's absolute path; --ldm_checkpoint overrides it when the file has moved.
         ldm_path = args.ldm_checkpoint or self.cfg["ldm_checkpoint"]
         if not Path(ldm_path).is_file():
             raise UserError(f"LDM checkpoint {ldm_path} not found; pass it with --ldm_checkpoint")
@@ -128,6 +137,7 @@ class Generator:
             mode = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
         if mode == "no":
             return None
+        # Half precision is only used on CUDA; elsewhere fp32 with a warning, so GPU command lines still run.
         if self.device.type != "cuda":
             warnings.warn(
                 f"--mixed_precision {self.args.mixed_precision} needs CUDA; using fp32", stacklevel=2
@@ -138,6 +148,7 @@ class Generator:
     def tokens(self, n):
         """Conditioning and null tokens (N, 1, D); null is None when no guidance applies."""
         null = self.embedder(torch.full((n,), self.ldm.null_label, device=self.device))
+        # No class chosen: the null token is the conditioning itself and guidance has nothing to contrast.
         if self.label is None:
             return null, None
         return self.embedder(torch.full((n,), self.label, device=self.device)), null
@@ -146,12 +157,14 @@ class Generator:
         """(N, c, h, w) starting noise, one generator per image."""
         side = self.cfg["image_size"] // self.cfg["vae_downsample"]
         shape = (self.model.unet.config.in_channels, side, side)
+        # One CPU generator per image: image k's noise depends only on its seed, not on its batch or device.
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     @torch.no_grad()
     def generate(self, conditioning, seeds):
         """Images (N, C, H, W) in [0, 1] following conditioning (N, Cm, H, W)."""
         tokens, null = self.tokens(len(seeds))
+        # A fresh scheduler per batch: the multistep solvers keep state from their previous steps.
         scheduler = make_scheduler(self.args.scheduler, self.ldm.scheduler_config)
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
@@ -167,6 +180,7 @@ class Generator:
                 self.args.controlnet_scale,
                 self.args.num_inference_steps,
             )
+            # Decoded under the same autocast as sampling; back to fp32 and from [-1, 1] to [0, 1] for saving.
             return (decode(self.vae, latents, self.cfg).float() + 1) / 2
 
 
@@ -187,6 +201,8 @@ def comparison_folder(args):
     """Where comparisons go: --comparison_dir, else <output_dir>_comparison beside the samples."""
     if args.comparison_dir:
         return Path(args.comparison_dir)
+    # Beside output_dir, not inside it, so output_dir holds only samples; a root folder has no name
+    # to suffix and needs an explicit --comparison_dir.
     out = Path(args.output_dir).absolute()
     if not out.name:
         raise UserError(f"--output_dir {out} has no parent folder for comparisons: pass --comparison_dir")
@@ -206,6 +222,7 @@ def plan_jobs(args, masks, class_folder, intensity):
     return [
         (m, k)
         for m, k in jobs
+        # A truncated file (a run killed mid-write) is unreadable, so it counts as missing and is made again.
         if not images.is_readable_image(output_path(args, class_folder, m.stem, k, intensity))
     ]
 
@@ -213,6 +230,7 @@ def plan_jobs(args, masks, class_folder, intensity):
 def comparison_row(mask, generated):
     """mask | image 0 | image 1 ... as one (C, H, W) tensor in [0, 1]; gray tiles become RGB beside colour."""
     tiles = [mask, *generated]
+    # Tiles join along the width (dim 2), which needs one channel count: gray goes to RGB beside colour.
     if len({t.shape[0] for t in tiles}) > 1:
         tiles = [t.expand(3, -1, -1) if t.shape[0] == 1 else t for t in tiles]
     return torch.cat(tiles, dim=2)
@@ -230,15 +248,20 @@ def run(args):
     masks = mask_files(args)
     check_outputs(args)
     gen = Generator(args)
+    # Masks are prepared as in training: size, channels and label scale come from the checkpoint.
     size, channels = gen.cfg["image_size"], gen.cfg["mask_channels"]
     max_value = args.mask_max_value or gen.cfg["mask_max_value"]
+    # Each mask is loaded once and reused for generation, comparisons and the mask scores.
     conditioning = {m: load_mask(m, channels, max_value, size) for m in masks}  # (Cm, H, W) each
     folder = output_folder(args, gen.class_folder)
     folder.mkdir(parents=True, exist_ok=True)
     files.clean_temporaries(folder)  # left by a run killed while writing
     jobs = plan_jobs(args, masks, gen.class_folder, gen.intensity)
     print(f"{len(masks)} masks x {args.num_images} images: {len(jobs)} to generate in {args.output_dir}")
+    # The timer starts after loading: the timing line covers sampling, decoding and saving only.
     timer = training.Timer(gen.device)
+    # Batches mix masks freely: job_seed makes every image independent of the batch it lands in.
+    # Each batch is saved at once, so a killed run keeps its finished images for the next run.
     for i in range(0, len(jobs), args.batch_size):
         batch = jobs[i : i + args.batch_size]
         samples = gen.generate(
@@ -265,6 +288,7 @@ def save_comparisons(args, gen, masks, conditioning):
     folder = comparison_folder(args) / (gen.class_folder or "")
     folder.mkdir(parents=True, exist_ok=True)
     files.clean_temporaries(folder)
+    # Rows are built from the files on disk, so images skipped as already made appear too.
     for m in masks:
         channels = gen.cfg["image_channels"]
         generated = [images.load(p, gen.intensity, channels) for p in saved_paths(args, gen, m)]
@@ -279,6 +303,7 @@ def evaluate(args, gen, masks):
         for m in masks
         for p in saved_paths(args, gen, m)
     ]
+    # score() returns None for a pair it cannot score; the summary covers the others.
     print(f"{summary([s for s in scores if s is not None])} (controlnet_scale {args.controlnet_scale})")
 
 
@@ -287,4 +312,5 @@ def main():
 
 
 if __name__ == "__main__":
+    # run_cli turns a UserError into one 'error: ...' line on stderr and a non-zero exit.
     run_cli(main)

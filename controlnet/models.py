@@ -20,9 +20,13 @@ from core.errors import UserError
 from core.images import EIGHT_BIT
 from utils import load_checkpoint
 
+# Keys ldm/train.py writes and the ControlNet cannot do without; checked up front so an old or
+# foreign checkpoint fails with one clear line instead of a KeyError.
 LDM_KEYS = ("unet_config", "unet", "class_embedder", "class_names", "scheduler_config", "config")
 # Widths of ControlNet's mask encoder; one stride-2 stage per factor 2 of the VAE's downsampling.
 CONDITIONING_WIDTHS = (16, 32, 96, 256)
+# Every sampler is built from the LDM's own training schedule (make_scheduler), so any of them
+# can sample a model trained with DDPM noise.
 SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
@@ -38,6 +42,7 @@ class ClassEmbedder(nn.Module):
         self.embedding = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels):
+        # One token per image: the UNet's cross-attention attends over a length-1 sequence.
         return self.embedding(labels)[:, None, :]  # (N, 1, D)
 
 
@@ -63,6 +68,7 @@ def load_weights(module, state, source):
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
+        # torch lists every mismatched key; its first detail line is enough to say which part is off.
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise UserError(f"{source}: weights do not fit the stored architecture ({first[:150]})") from None
 
@@ -74,8 +80,10 @@ def load_ldm(path):
     if missing:
         raise UserError(f"--ldm_checkpoint {path} lacks {missing}; re-save it with the current ldm/train.py")
     unet = UNet2DConditionModel.from_config(ckpt["unet_config"])
+    # Prefer the EMA weights: they are what the LDM samples with, so the ControlNet learns to steer those.
     load_weights(unet, ckpt.get("ema_unet") or ckpt["unet"], f"--ldm_checkpoint {path}")
     embedder_state = ckpt.get("ema_class_embedder") or ckpt["class_embedder"]
+    # The row count fixes the class count (the last row is the null class): no extra config key needed.
     rows, dim = embedder_state["embedding.weight"].shape
     embedder = ClassEmbedder(rows - 1, dim)
     load_weights(embedder, embedder_state, f"--ldm_checkpoint {path}")
@@ -92,10 +100,15 @@ def load_ldm(path):
 
 def build_controlnet(unet, mask_channels, vae_downsample):
     """ControlNet copying the UNet's encoder; its outputs are zero-initialised, so it starts as a no-op."""
+    # The mask encoder must bring a full-size mask down to latent size: one stage at full resolution,
+    # then one stride-2 stage per halving done by the VAE.
     stages = int(math.log2(vae_downsample)) + 1
     if 2 ** (stages - 1) != vae_downsample:
         raise UserError(f"VAE downsampling factor {vae_downsample} is not a power of two")
+    # VAEs downsampling more than 8x repeat the last width for their extra stages.
     widths = (CONDITIONING_WIDTHS + (CONDITIONING_WIDTHS[-1],) * stages)[:stages]
+    # from_unet copies the UNet's encoder weights and zero-initialises the output convolutions
+    # (Zhang et al. 2023, "zero convolutions"), so training starts from the unchanged LDM.
     return ControlNetModel.from_unet(
         unet, conditioning_channels=mask_channels, conditioning_embedding_out_channels=widths
     )
@@ -110,6 +123,8 @@ class ControlledUNet(nn.Module):
         self.unet = unet
 
     def forward(self, latents, timesteps, tokens, conditioning, conditioning_scale=1.0):
+        # The ControlNet sees the same noisy latents, timestep and class token as the UNet; its outputs are
+        # added to the UNet's skip connections and middle block.
         down, mid = self.controlnet(
             latents,
             timesteps,
@@ -130,9 +145,11 @@ class ControlledUNet(nn.Module):
 
 def load_vae(source):
     """AutoencoderKL from a local folder (or its vae/ subfolder) or a hub id; fails fast when offline."""
+    # A full diffusers pipeline keeps its VAE in vae/; a bare AutoencoderKL folder has config.json on top.
     subfolder = "vae" if (Path(source) / "vae" / "config.json").is_file() else None
     try:
         vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+    # What from_pretrained raises for a missing folder or an unreachable hub: both are user errors.
     except (OSError, ValueError) as err:
         raise UserError(
             f"cannot load the VAE '{source}' ({str(err).splitlines()[0][:120]}); pass a local diffusers "
@@ -144,6 +161,8 @@ def load_vae(source):
 def encode(vae, pixels, cfg):
     """(N, C, H, W) in [-1, 1] -> latents as the LDM made them: (posterior mean - shift) * scale."""
     pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels  # the VAE takes RGB
+    # The posterior mean, not a sample: deterministic, and what the LDM trained on, so the shift and
+    # scale below match its latent statistics. The VAE may sit in half precision; latents return to fp32.
     mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
     return (mean - cfg["latent_shift"]) * cfg["latent_scale"]  # (N, c, h, w)
 
@@ -151,6 +170,7 @@ def encode(vae, pixels, cfg):
 def decode(vae, latents, cfg):
     """Latents -> (N, C, H, W) in [-1, 1]; 1-channel data averages the VAE's RGB output."""
     images = vae.decode((latents / cfg["latent_scale"] + cfg["latent_shift"]).to(vae.dtype)).sample.float()
+    # The VAE decodes gray as three near-equal channels; their mean is the one channel back.
     return images.mean(1, keepdim=True) if cfg["image_channels"] == 1 else images
 
 
@@ -162,10 +182,13 @@ def make_scheduler(name, scheduler_config):
 
 def guided_prediction(model, latents, t, tokens, null_tokens, conditioning, cfg_scale, control_scale):
     """Classifier-free guidance: both halves in one batch; a single half where the other has weight 0."""
+    # Ho & Salimans 2022: at weight 1 the unconditional term cancels, at 0 the conditional one does,
+    # so a single pass gives the same result at half the cost.
     if null_tokens is None or cfg_scale == 1:
         return model(latents, t, tokens, conditioning, control_scale)
     if cfg_scale == 0:
         return model(latents, t, null_tokens, conditioning, control_scale)
+    # One doubled batch rather than two passes: same result, better use of the device.
     doubled = torch.cat([latents, latents])  # (2N, c, h, w)
     t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # per-sample timesteps double too
     cond, uncond = model(
@@ -188,6 +211,8 @@ def sample_latents(
 ):
     """Run the reverse process from `noise` following the masks in `conditioning`."""
     scheduler.set_timesteps(steps, device=noise.device)
+    # init_noise_sigma and scale_model_input are identities for these variance-preserving schedulers,
+    # but they are part of the scheduler contract, so they stay.
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
@@ -200,6 +225,7 @@ def sample_latents(
 
 def diffusion_target(scheduler, latents, noise, timesteps):
     """Regression target for the LDM's prediction type."""
+    # epsilon: the simple loss of Ho et al. 2020 (eq. 14); v: Salimans & Ho 2022; sample: x0 itself.
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -212,12 +238,15 @@ def diffusion_target(scheduler, latents, noise, timesteps):
 
 def load_controlled_unet(ckpt, ldm, use_ema=True):
     """ControlNet (and, if it was trained, the UNet) from a controlnet checkpoint on top of the LDM."""
+    # The residuals only fit, and only mean something for, the UNet the ControlNet was copied from.
     if ckpt["unet_config"] != ldm.unet_config:
         raise UserError(
             "--ldm_checkpoint has another UNet architecture than the one this ControlNet was trained on"
         )
     controlnet = ControlNetModel.from_config(ckpt["controlnet_config"])
+    # --no_ema (use_ema=False), or a checkpoint without EMA weights, falls through to the raw weights.
     load_weights(controlnet, (use_ema and ckpt.get("ema_controlnet")) or ckpt["controlnet"], "--checkpoint")
+    # A run trained with --no_freeze_unet stored its fine-tuned UNet; it replaces the LDM's weights.
     if ckpt.get("unet") is not None:
         load_weights(ldm.unet, (use_ema and ckpt.get("ema_unet")) or ckpt["unet"], "--checkpoint")
     return ControlledUNet(controlnet, ldm.unet).requires_grad_(False).eval()

@@ -34,7 +34,9 @@ from models import (
 )
 from utils import PRECISION_HELP, add_intensity_flags, check_intensity_flags, load_checkpoint
 
+# Schedule names diffusers.optimization.get_scheduler accepts.
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# --resume and checkpoint pruning find checkpoints by these names; PERIODIC is a glob.
 LATEST, PERIODIC = "checkpoint_latest.pt", "checkpoint_epoch_*.pt"
 
 LAYOUT = """data layout:
@@ -115,6 +117,7 @@ def parse_args(argv=None):
 
 def check_output_dir(args):
     """Refuse to overwrite a previous run unless resuming or told to; prove output_dir writable."""
+    # Runs before the accelerator starts, so these mistakes cost no model loading.
     if not args.ldm_checkpoint:
         raise UserError(
             "--ldm_checkpoint is required: train the LDM first (ldm/train.py) and pass its checkpoint"
@@ -124,6 +127,7 @@ def check_output_dir(args):
         raise UserError(
             f"{out} already holds a run; pass --resume latest to continue or --overwrite to start over"
         )
+    # Resolved to one checkpoint file here, once; 'latest' stands for this output_dir.
     if args.resume:
         wanted = out if args.resume == "latest" else args.resume
         args.resume = str(checkpoints.find_resume(wanted, LATEST, PERIODIC))
@@ -140,6 +144,8 @@ def local_or_hub(source):
 
 def run_config(args, ldm, mask_max_value):
     """Full run configuration stored in every checkpoint."""
+    # Everything inference needs travels in the checkpoint: the latent normalisation and sizes come from
+    # the LDM, so the ControlNet sees latents exactly as its UNet learned them.
     cfg, ldm_cfg = checkpoints.plain(vars(args)), ldm.config
     cfg.update(
         ldm_checkpoint=str(Path(args.ldm_checkpoint).resolve()),
@@ -164,6 +170,7 @@ def scan_images(args, samples, ldm, verbose):
     rule = images.scan([img for img, _, _ in samples], args.bit_depth, args.intensity_range)["intensity"]
     if verbose:
         print(f"images: {images.describe(rule)}")
+        # Only a warning: fine-tuning on differently scaled data is legitimate, but should not go unnoticed.
         if rule != ldm.intensity:
             warn(
                 f"the LDM was trained on {images.describe(ldm.intensity)}, these images are "
@@ -180,6 +187,7 @@ def build_datasets(args, ldm, verbose):
     mask_max = scan_mask_max([m for _, m, _ in samples], args.mask_channels, args.mask_max_value, verbose)
     cfg = run_config(args, ldm, mask_max)
     train_idx, val_idx = training.split_heldout(len(samples), args.val_fraction, args.seed)
+    # Validating on training pairs beats failing: a tiny data set still trains and still picks a best.
     if not val_idx:
         warn("no held-out pairs (--val_fraction 0 or one pair): validating on training pairs")
         val_idx = train_idx
@@ -189,6 +197,7 @@ def build_datasets(args, ldm, verbose):
         sizes = (cfg["image_size"], cfg["image_channels"], cfg["mask_channels"], cfg["mask_max_value"])
         return MaskPairDataset(chosen, *sizes, flip, cfg["seed"], intensity)
 
+    # Validation never flips, so its loss compares across epochs.
     return subset(train_idx, args.random_flip), subset(val_idx, False), intensity, cfg
 
 
@@ -196,6 +205,8 @@ def train_loader(train_set, args, accelerator, epoch, skip):
     """This epoch's loader for this process, skipping the batches a resumed epoch already did."""
     train_set.set_epoch(epoch)
     world, rank = accelerator.num_processes, accelerator.process_index
+    # A DistributedSampler even on one process: one code path, and a shuffle fixed by seed and epoch,
+    # which skip_first_batches needs to resume mid-epoch at the exact batch.
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     sampler.set_epoch(epoch)
     loader = DataLoader(
@@ -204,6 +215,7 @@ def train_loader(train_set, args, accelerator, epoch, skip):
         sampler=sampler,
         num_workers=args.num_workers,
         worker_init_fn=training.ignore_sigint,
+        # Seeds the workers' base seed (augmentation RNG) per epoch.
         generator=torch.Generator().manual_seed(args.seed + epoch),
     )
     return skip_first_batches(loader, skip) if skip else loader
@@ -225,6 +237,7 @@ class Emas:
 
     def __init__(self, trainable, decay):
         self.modules = trainable
+        # One EMAModel per module so each can be saved and loaded under its own checkpoint key.
         self.emas = {name: EMAModel(m.parameters(), decay=decay) for name, m in trainable.items()}
 
     def step(self):
@@ -246,6 +259,7 @@ class Emas:
         for name, ema in self.emas.items():
             weights = ckpt[f"ema_{name}"]
             named = self.modules[name].named_parameters()
+            # Matched by parameter name, like a state_dict, rather than by position in a list.
             ema.shadow_params = [weights[key].to(p.device).clone() for key, p in named]
             ema.optimization_step = ckpt["ema_steps"][name]
 
@@ -256,6 +270,7 @@ class Emas:
             ema.copy_to(self.modules[name].parameters())
         try:
             return fn()
+        # The trained weights come back even if fn raises, so a failed validation cannot leave EMA in.
         finally:
             for name, ema in self.emas.items():
                 ema.restore(self.modules[name].parameters())
@@ -266,6 +281,7 @@ def build_model(args, cfg, ldm, vae, accelerator):
     device = accelerator.device
     controlnet = build_controlnet(ldm.unet, args.mask_channels, cfg["vae_downsample"])
     ldm.unet.requires_grad_(not args.freeze_unet)
+    # The class embedder stays frozen: the class tokens keep the meaning the LDM gave them.
     ldm.class_embedder.requires_grad_(False).to(device)
     model = ControlledUNet(controlnet, ldm.unet).to(device)
     if args.gradient_checkpointing:
@@ -274,6 +290,7 @@ def build_model(args, cfg, ldm, vae, accelerator):
     if args.compile:  # in place, so state_dict keys stay those of the plain modules
         controlnet.compile()
         ldm.unet.compile()
+    # Trained modules stay fp32 (AdamW's master weights); autocast runs their maths in dtype.
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(device)
     if dtype != torch.float32:  # frozen parts run in half precision to save memory
@@ -285,6 +302,7 @@ def build_model(args, cfg, ldm, vae, accelerator):
 
 
 def build_optimizer(args, trainable, steps_per_epoch):
+    # Only the trained modules reach AdamW; the schedule counts optimizer steps, not micro-batches.
     params = [p for m in trainable.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     total = args.num_epochs * steps_per_epoch
@@ -302,11 +320,14 @@ class Diffusion:
 
     def __init__(self, ldm, vae, cfg, accelerator, dtype):
         self.ldm, self.vae, self.cfg, self.accelerator, self.dtype = ldm, vae, cfg, accelerator, dtype
+        # The DDPM forward process, for noising only; samplers are built from the same config elsewhere.
         self.scheduler = DDPMScheduler.from_config(ldm.scheduler_config)
         self.num_t = self.scheduler.config.num_train_timesteps
 
     def tokens(self, labels, dropout=0.0):
         """Class tokens (N, 1, D); each class is replaced by the null class with probability dropout."""
+        # Class dropout trains the null token alongside the classes, which classifier-free guidance
+        # needs at sampling time (Ho & Salimans 2022).
         if dropout:
             drop = torch.rand(labels.shape, device=labels.device) < dropout
             labels = torch.where(drop, torch.full_like(labels, self.ldm.null_label), labels)
@@ -314,9 +335,11 @@ class Diffusion:
 
     def loss(self, model, batch, tokens):
         """Per-sample diffusion loss (N,) at fresh noise and timesteps."""
+        # The VAE is frozen: no graph through the encoder.
         with torch.no_grad():
             latents = encode(self.vae, batch["pixel_values"], self.cfg)
         noise = torch.randn_like(latents)
+        # Timesteps uniform over the whole training range, as in Ho et al. 2020 (Algorithm 1).
         timesteps = torch.randint(0, self.num_t, (latents.shape[0],), device=latents.device)
         return self.denoising_loss(model, latents, noise, timesteps, tokens, batch["conditioning"])
 
@@ -326,6 +349,7 @@ class Diffusion:
         with self.accelerator.autocast():
             pred = model(noisy, timesteps, tokens, conditioning)
         target = diffusion_target(self.scheduler, latents, noise, timesteps)
+        # The loss in fp32 whatever autocast used; per sample (N,) so validation can sum it exactly.
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def latent_shape(self, n):
@@ -353,6 +377,8 @@ class Diffusion:
     def validation_loss(self, model, val_set, pairs_per_batch, per_sample=4):
         """Deterministic held-out loss: noise seeded per pair, evenly spaced timesteps."""
         acc = self.accelerator
+        # Bin centres of [0, num_t): a fixed, evenly spread timestep grid, so epochs compare.
+        # Pairs are strided over processes; sum_across adds totals and counts for the global mean.
         steps = [int(self.num_t * (k + 0.5) / per_sample) for k in range(per_sample)]
         grid = torch.tensor(steps, device=acc.device)
         mine = list(range(acc.process_index, len(val_set), acc.num_processes))
@@ -370,6 +396,7 @@ class Diffusion:
     def sample_grid(self, model, val_set, count, steps):
         """Rows of mask | generated (fixed noise) | ground truth for the first validation pairs, in [0, 1]."""
         batch = self.batch_of(val_set, range(min(count, len(val_set))))
+        # The same noise every epoch: the grids then show training progress, not new noise.
         generator = torch.Generator().manual_seed(self.cfg["seed"])
         noise = torch.randn(self.latent_shape(len(batch["label"])), generator=generator)
         noise = noise.to(self.accelerator.device)
@@ -378,6 +405,7 @@ class Diffusion:
             tokens = self.tokens(batch["label"])
             latents = sample_latents(model, scheduler, noise, batch["conditioning"], tokens, steps=steps)
         generated = decode(self.vae, latents, self.cfg)
+        # Masks are in [0, 1]; * 2 - 1 puts them on the images' [-1, 1] scale for one normalisation.
         rows = [to_rgb(batch["conditioning"] * 2 - 1), to_rgb(generated), to_rgb(batch["pixel_values"])]
         return make_grid(torch.stack(rows, 1).flatten(0, 1), nrow=3, normalize=True, value_range=(-1, 1))
 
@@ -418,6 +446,7 @@ class Run:
             "controlnet": self.model.controlnet.state_dict(),
             "ema_controlnet": self.emas.weights("controlnet"),
             "unet_config": self.ldm.unet_config,
+            # A frozen UNet is the LDM's own and is not stored again; inference reloads it from the LDM.
             "unet": self.ldm.unet.state_dict() if unet_trained else None,
             "ema_unet": self.emas.weights("unet"),
             "class_embedder": self.ldm.class_embedder.state_dict(),
@@ -439,6 +468,7 @@ class Run:
 
     def save(self, *names):
         """Write the checkpoint under each name (atomically) from the main process; all processes call it."""
+        # rng_states gathers from every process, so all must get here; only the main one writes.
         rng_states = training.rng_states(self.accelerator)
         if self.accelerator.is_main_process:
             state = self.state(rng_states)
@@ -452,12 +482,14 @@ class Run:
         ckpt = load_checkpoint(path, "controlnet", "--resume")
         if ckpt["unet_config"] != self.ldm.unet_config:
             raise UserError(f"--resume {path} was trained on another LDM than --ldm_checkpoint")
+        # Another decoding rule would silently change the intensities the ControlNet sees: refuse.
         trained_on = ckpt.get("intensity", images.EIGHT_BIT)
         if trained_on != self.intensity:
             raise UserError(
                 f"--resume {path} was trained on {images.describe(trained_on)}, these images are "
                 f"{images.describe(self.intensity)}: set --bit_depth / --intensity_range as in that run"
             )
+        # Raw weights go into the modules and EMA shadows load apart: training continues from the raw ones.
         load_weights(self.model.controlnet, ckpt["controlnet"], f"--resume {path}")
         if ckpt["unet"] is not None:
             load_weights(self.ldm.unet, ckpt["unet"], f"--resume {path}")
@@ -496,6 +528,7 @@ def train_step(net, batch, diffusion, run, dropout):
     with acc.accumulate(net):
         loss = diffusion.loss(net, batch, diffusion.tokens(batch["label"], dropout)).mean()
         mean_loss = acc.reduce(loss.detach(), "mean")  # every process sees it, so all stop on a NaN
+        # Checked before backward, so a NaN stops the run before it reaches the weights or the EMA.
         training.check_finite(mean_loss, f"step {run.global_step}")
         acc.backward(loss)
         grad_norm = (
@@ -503,6 +536,7 @@ def train_step(net, batch, diffusion, run, dropout):
         )
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+    # Schedule, EMA and step counter advance once per optimizer step, not per micro-batch.
     if acc.sync_gradients:
         run.lr_scheduler.step()
         run.emas.step()
@@ -513,9 +547,11 @@ def train_step(net, batch, diffusion, run, dropout):
 def end_of_epoch(run, diffusion, val_set, writer):
     """Validation (EMA weights), best/periodic/latest checkpoints and the sample grid."""
     args, done, is_main = run.args, run.epoch, run.accelerator.is_main_process
+    # Validation and samples use the EMA weights, the ones inference loads by default.
     val_loss = run.emas.swapped_in(lambda: diffusion.validation_loss(run.model, val_set, args.batch_size))
     improved = val_loss < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, val_loss)
+    # Checkpoints are written before sampling, so a failure while sampling loses no training.
     run.save(*epoch_checkpoints(done, improved, args))
     writer.scalars(run.global_step, **{"val/loss": val_loss})
     if is_main:
@@ -526,6 +562,7 @@ def end_of_epoch(run, diffusion, val_set, writer):
         path = Path(args.output_dir) / "samples" / f"epoch_{done:04d}.png"
         files.atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
         writer.image("samples/mask_generated_truth", grid, run.global_step)
+    # The others wait while the main process samples, so all start the next epoch together.
     run.accelerator.wait_for_everyone()
 
 
@@ -555,9 +592,11 @@ def train(args, accelerator):
         print(training.parameter_table(parts))
         sizes = f"train pairs: {len(train_set)}, validation pairs: {len(val_set)}"
         print(f"{sizes}, mask labels scaled by 1/{cfg['mask_max_value']}")
+    # Resume before prepare(): DDP then wraps, and broadcasts from rank 0, the restored weights.
     if args.resume:
         run.resume(args.resume)
     net, run.optimizer = accelerator.prepare(model, optimizer)  # net: DDP-wrapped; evaluation uses model
+    # Without class labels every pair carries the null token: there is nothing to drop.
     dropout = cfg["cfg_dropout"] if args.use_class_labels else 0.0
 
     # The handlers go in before the log folder appears, so a signal after that is always caught.
@@ -570,6 +609,7 @@ def train(args, accelerator):
         bar = tqdm(loader, desc=desc, disable=not is_main, initial=run.batch_in_epoch, total=batches)
         for batch in bar:
             loss, grad_norm = train_step(net, to_device(batch, accelerator.device), diffusion, run, dropout)
+            # batch_in_epoch counts micro-batches, so a resume skips exactly those already done.
             run.batch_in_epoch += 1
             lr = run.lr_scheduler.get_last_lr()[0]
             norm = {} if grad_norm is None else {"train/grad_norm": float(grad_norm)}
@@ -582,7 +622,9 @@ def train(args, accelerator):
                 if is_main:
                     print(f"stopped by signal {signum}; saved {LATEST} (--resume latest)")
                 writer.close()
+                # 128 + signal number: the shell's convention for a process ended by a signal.
                 return 128 + signum
+        # The counters advance before end_of_epoch, so its checkpoints record a finished epoch.
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
         end_of_epoch(run, diffusion, val_set, writer)
     run.save("checkpoint_final.pt", LATEST)
@@ -598,6 +640,7 @@ def main(argv=None):
     accelerator = training.make_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
     try:
         code = train(args, accelerator)
+    # end_training in finally: trackers and the process group close even after an error.
     finally:
         accelerator.end_training()
     if code:
