@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import cli, datasets, images, training
+import likelihood
+from core import cli, datasets, images, sde, sde_sampling, training
 from core.files import clean_temporaries
-from diffusion import Diffusion
-from flags import add_train_args, parse_flags
+from diffusion import Diffusion, sample_objective
+from flags import add_config_flag, add_train_args, parse_flags
 from modules import build_model
-from run_config import ARCH_KEYS, model_config
+from run_config import ARCH_KEYS, model_config, saved_config
 from trainer import train
 from utils import (
     UserError,
@@ -38,6 +39,11 @@ from utils import (
 MODES = ("train", "train_ddp", "sample", "sample_ddp")
 GRID_MAX_ROWS = 10
 USE_EMA_HELP = "EMA weights (unset: EMA for a training checkpoint); --use-ema false: the raw weights"
+DISCRETE_SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = DISCRETE_SAMPLERS + sde_sampling.METHODS
+SAMPLER_HELP = "ddpm / ddim for ddpm models; pc, euler, heun, rk45 (= ode), dpm++ for vp / subvp / ve / flow"
+STEPS_HELP = "sampling steps (unset: ddpm 1000, ddim 50, pc 1000, euler 100, heun 50, dpm++ 20; rk45 adapts)"
+LIKELIHOOD_HELP = "instead of sampling: bits/dim of the images in this folder (vp / subvp / ve / flow)"
 
 
 def add_sample_args(parser):
@@ -51,9 +57,16 @@ def add_sample_args(parser):
     flag("class_labels", nargs="+", help="classes to generate, as indices or folder names (unset: all)")
     flag("cfg_scale", type=cli.nonnegative_float, default=3.0, help="CFG scale (0: unconditional, 1: no CFG)")
     flag("output_dir", default="samples", help="writes <output-dir>/<class_name>/<index>.png")
-    flag("sampler", default="ddpm", choices=("ddpm", "ddim"), help="ancestral DDPM or DDIM")
-    flag("steps", type=cli.positive_int, help="denoising steps (unset: 1000 for ddpm, 50 for ddim)")
+    flag("sampler", choices=SAMPLERS, help=SAMPLER_HELP + " (unset: ddpm; pc for SDEs; euler for flow)")
+    flag("steps", type=cli.positive_int, help=STEPS_HELP)
     flag("eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    # The continuous-time samplers' settings, with score_sde's defaults.
+    flag("predictor", default="reverse_diffusion", choices=sde_sampling.PREDICTORS, help="pc: predictor")
+    flag("snr", type=cli.positive_float, default=0.16, help="pc: signal-to-noise ratio of the Langevin steps")
+    flag("corrector_steps", type=cli.nonnegative_int, default=1, help="pc: Langevin steps per step (0: none)")
+    flag("rtol", type=cli.positive_float, default=1e-5, help="rk45 and --likelihood: relative tolerance")
+    flag("atol", type=cli.positive_float, default=1e-5, help="rk45 and --likelihood: absolute tolerance")
+    flag("likelihood", metavar="FOLDER", help=LIKELIHOOD_HELP)
     flag("npz", action="store_true", help="also <output-dir>.npz: arr_0 uint8 N x H x W x 3, arr_1 labels")
     flag("grid_path", help="also an image grid of the samples, one column per class (outside --output-dir)")
 
@@ -61,6 +74,7 @@ def add_sample_args(parser):
 def build_parser():
     parser = cli.Parser(description=__doc__, epilog=datasets.CLASS_LAYOUT)
     add_flag(parser, "mode", default="train", choices=MODES, help="what to run (_ddp: one process per GPU)")
+    add_config_flag(parser)
     add_train_args(parser.add_argument_group("training"), conditional=True)
     add_sample_args(parser.add_argument_group("sampling"))
     parser.set_defaults(batch_size=8)  # per process, as in the original examples
@@ -71,14 +85,43 @@ def build_parser():
 
 
 def load_sampling_model(args, explicit):
-    """The UNet to sample from, with its class names, training config, intensity rule and which weights."""
+    """The UNet to sample from, with its class names, training config, intensity rule, which weights and
+    the sampling plan; the sampler settings are checked before the model is built."""
     if args.ckpt is None:
         raise UserError("pass --ckpt with a checkpoint, e.g. ./models/DDPM_conditional/ema_ckpt.pt")
     ckpt = load_checkpoint(args.ckpt)
     # Files of this project carry the architecture; a bare state_dict (the original's ckpt.pt) does not.
-    if is_full_checkpoint(ckpt):
-        return model_from_full_checkpoint(ckpt, args, explicit)
-    return model_from_state_dict(ckpt, args)
+    full = is_full_checkpoint(ckpt)
+    plan = sampling_plan(args, saved_config(ckpt) if full else vars(args))
+    built = model_from_full_checkpoint(ckpt, args, explicit) if full else model_from_state_dict(ckpt, args)
+    return (*built, plan)
+
+
+def sampling_plan(args, config):
+    """The objective (None: discrete DDPM), sampler and steps a run uses; a setting that does not apply to
+    the checkpoint's objective is a UserError."""
+    objective = sde.objective_of(config)
+    if objective is None:
+        if args.sampler not in (None, *DISCRETE_SAMPLERS) or args.likelihood:
+            wanted = "--likelihood" if args.likelihood else f"--sampler {args.sampler}"
+            raise UserError(
+                f"{args.ckpt} is a ddpm-objective model, which samples with ddpm or ddim: {wanted} needs a "
+                "model trained with --objective vp, subvp, ve or flow"
+            )
+        if args.steps is not None and args.steps > config["noise_steps"]:
+            raise UserError(f"--steps must be between 1 and {config['noise_steps']}, got {args.steps}")
+        return {"objective": None, "method": args.sampler or "ddpm", "steps": args.steps}
+    if args.sampler in DISCRETE_SAMPLERS:
+        raise UserError(
+            f"{args.ckpt} is a {objective.name}-objective model, which samples with "
+            f"{'euler, heun or rk45' if objective.is_flow else 'pc, euler, heun, rk45 or dpm++'}, "
+            f"not --sampler {args.sampler}"
+        )
+    method, steps = sde_sampling.resolve_sampler(objective, args.sampler, args.steps)
+    settings = dict(predictor=args.predictor, snr=args.snr, corrector_steps=args.corrector_steps)
+    settings.update(rtol=args.rtol, atol=args.atol)
+    sde_sampling.check_sampler(objective, method, steps, **settings)
+    return {"objective": objective, "method": method, "steps": steps, **settings}
 
 
 def flag_intensity(args):
@@ -99,7 +142,7 @@ def pick_weights(ckpt, args):
 
 def model_from_full_checkpoint(ckpt, args, explicit):
     """Rebuild the UNet from the config a training run stored."""
-    config = ckpt["config"]
+    config = saved_config(ckpt)
     # Architecture flags are optional here, but one that contradicts the checkpoint is a mistake to report.
     for key in ARCH_KEYS:
         if key in explicit and getattr(args, key) != config.get(key):
@@ -189,12 +232,6 @@ def npz_path(args):
     return out.with_name(out.name + ".npz")
 
 
-def check_sample_args(args, noise_steps):
-    """Checks that need the checkpoint (single values are checked at parsing)."""
-    if args.steps is not None and args.steps > noise_steps:
-        raise UserError(f"--steps must be between 1 and {noise_steps}, got {args.steps}")
-
-
 def prepare_outputs(args, plan):
     """Prove every output location writable before sampling, and remove a killed run's temporaries."""
     # All checks come before the first denoising step, so a bad path costs no sampling time.
@@ -215,8 +252,8 @@ def prepare_outputs(args, plan):
         cli.ensure_writable_file(grid, "--grid-path")
 
 
-def generate(plan, model, diffusion, args, accelerator, intensity):
-    """Sample this rank's share of the missing images; returns (written, batches run, skipped)."""
+def generate(plan, draw, args, accelerator, intensity):
+    """Sample this rank's share of the missing images; returns (written, batches run, skipped, NFE)."""
     # A file that does not decode (a run killed mid-write by an older version) is redone.
     # Decided before any rank writes, so all ranks agree on the list they split.
     todo = [
@@ -228,6 +265,7 @@ def generate(plan, model, diffusion, args, accelerator, intensity):
     # Strided shares: ranks differ by at most one image, and every rank knows the others' shares.
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     batches = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    nfe = 0
     for batch in batches:
         # Noise depends on the images' indices, not on the rank that draws them.
         # A CPU generator draws the same noise on any device and for any number of processes.
@@ -235,22 +273,34 @@ def generate(plan, model, diffusion, args, accelerator, intensity):
         labels = (
             None if batch[0][1] is None else torch.tensor([b[1] for b in batch], device=accelerator.device)
         )
-        samples = diffusion.sample(
-            model,
-            len(batch),
-            labels,
-            args.cfg_scale,
-            log_time=False,
-            sampler=args.sampler,
-            steps=args.steps,
-            eta=args.eta,
-            generator=gen,
-            output_type="float",
-        )
+        samples, batch_nfe = draw(len(batch), labels, gen)
+        nfe += batch_nfe
         # Each file is written atomically as soon as its batch is done: a killed job keeps what it finished.
         for (_, _, path), sample_01 in zip(batch, samples, strict=True):
             images.save(sample_01, path, intensity)
-    return len(mine), len(batches), len(plan) - len(todo)
+    return len(mine), len(batches), len(plan) - len(todo), nfe
+
+
+def sampler_for(model, config, sampler, args, device):
+    """draw(n, labels, generator) -> (images in [0, 1], NFE) for the plan of sampling_plan()."""
+    if sampler["objective"] is not None:
+        options = {k: v for k, v in sampler.items() if k != "objective"}
+        return lambda n, labels, generator: sample_objective(
+            model, sampler["objective"], n, labels, args.cfg_scale, generator, **options
+        )
+    diffusion = Diffusion.from_config(config, device)
+    method = sampler["method"]
+    # The scheduler's own step count (e.g. 50 for DDIM when unset); guidance's two halves are one batch.
+    steps = len(diffusion.make_sampler(method, sampler["steps"]).timesteps)
+
+    def draw(n, labels, generator):
+        out = diffusion.sample(
+            model, n, labels, args.cfg_scale, log_time=False, sampler=method, steps=sampler["steps"],
+            eta=args.eta, generator=generator, output_type="float",
+        )  # fmt: skip
+        return out, steps
+
+    return draw
 
 
 def write_extras(plan, args, class_names, intensity, channels):
@@ -273,32 +323,41 @@ def write_extras(plan, args, class_names, intensity, channels):
 
 def sample(args, explicit):
     """Write --num-samples images, skipping those already there, split over the processes."""
-    model, class_names, config, intensity, weights = load_sampling_model(args, explicit)
-    check_sample_args(args, config["noise_steps"])
+    model, class_names, config, intensity, weights, sampler = load_sampling_model(args, explicit)
+    if args.likelihood:
+        return likelihood.report(args, model, class_names, intensity, sampler["objective"])
     plan = plan_outputs(args, class_names, model.num_classes is not None, images.suffix(intensity))
     prepare_outputs(args, plan)
     # Every check is done: only now start the process group (one process under python, several under
     # torchrun or accelerate launch); sampling needs no mixed precision from it.
     accelerator = make_accelerator(args.device)
+    try:
+        sample_on(accelerator, plan, model, config, sampler, args, class_names, intensity, weights)
+    finally:
+        accelerator.end_training()
+
+
+def sample_on(accelerator, plan, model, config, sampler, args, class_names, intensity, weights):
+    """The sampling of sample() once the process group runs: images, then the summary, .npz and grid."""
     model = model.to(accelerator.device).eval()
-    diffusion = Diffusion.from_config(config, accelerator.device)
-    steps = len(diffusion.make_sampler(args.sampler, args.steps).timesteps)
+    draw = sampler_for(model, config, sampler, args, accelerator.device)
     start = time.perf_counter()
-    written, batches, skipped = generate(plan, model, diffusion, args, accelerator, intensity)
+    written, batches, skipped, nfe = generate(plan, draw, args, accelerator, intensity)
     # The sum is collective, so it also waits for every rank's last file before the .npz reads them.
-    (total,) = training.sum_across(accelerator, written)
+    total, nfe_total, batches_total = training.sum_across(accelerator, written, nfe, batches)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - start
     if accelerator.is_main_process:
+        # NFE: network evaluations per batch (rk45 chooses its own, so it is an average over batches).
+        nfe_per_batch = round(nfe_total / batches_total) if batches_total else 0
         print(
-            f"{args.sampler} with cfg_scale {args.cfg_scale} and the {weights} of {args.ckpt} on "
-            f"{accelerator.num_processes} process(es), {accelerator.device}; "
+            f"{sampler['method']}, NFE {nfe_per_batch} per batch, cfg_scale {args.cfg_scale}, the {weights} "
+            f"of {args.ckpt} on {accelerator.num_processes} process(es), {accelerator.device}; "
             f"writing {images.describe(intensity)}"
         )
-        print(training.timing_line(int(total), steps, batches, seconds))
+        print(training.timing_line(int(total), nfe_per_batch, batches, seconds))
         print(f"{len(plan)} images in {args.output_dir} ({int(total)} new, {skipped} already there)")
         write_extras(plan, args, class_names, intensity, model.c_in)
-    accelerator.end_training()
 
 
 def main(argv=None):

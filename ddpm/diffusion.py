@@ -1,5 +1,6 @@
 """The DDPM diffusion process: linear beta schedule, forward noising, the training loss, and DDPM and DDIM
-sampling with classifier-free guidance (one batched forward pass for both branches)."""
+sampling with classifier-free guidance (one batched forward pass for both branches); and sampling of the
+continuous-time objectives of core/sde.py with the same output types."""
 
 import time
 
@@ -111,3 +112,28 @@ class Diffusion:
         if log_time:
             print(timing_line(n, len(scheduler.timesteps), 1, time.perf_counter() - start))
         return samples
+
+
+@torch.no_grad()
+def sample_objective(model, objective, n, labels=None, cfg_scale=3.0, generator=None, **sampler):
+    """n images (n, C, H, W) as float32 in [0, 1] from a continuous-time model, and the NFE per image.
+
+    sampler holds core.sde_sampling.sample's keywords (method, steps, snr, corrector_steps, ...).
+    """
+    from core import sde_sampling
+
+    device = next(model.parameters()).device
+    dtype = sampling_dtype(device)
+    was_training = model.training
+    model.eval()
+    # Guidance needs a conditional model; an unconditional one ignores the scale, as Diffusion.sample does.
+    null = model.null_labels(n, device) if labels is not None else None
+    scale = cfg_scale if labels is not None else 1.0
+    shape = (n, model.c_in, model.img_size, model.img_size)
+    # Autocast covers the network only: the solvers' arithmetic on x stays in float32.
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        x, nfe = sde_sampling.sample(
+            model, objective, shape, y=labels, null_y=null, cfg_scale=scale, generator=generator, **sampler
+        )
+    model.train(was_training)
+    return to_unit(x.float()).cpu(), nfe

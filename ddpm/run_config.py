@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from core import cli, images
+from core import cli, images, sde
 from core.files import clean_temporaries
 from modules import check_architecture
 from utils import (
@@ -28,11 +28,27 @@ ARCH_KEYS = (
     "noise_steps",
     "beta_start",
     "beta_end",
+    # The continuous-time objective and its constants fix what the network predicts.
+    "objective",
+    "likelihood_weighting",
+    "beta_min",
+    "beta_max",
+    "sigma_min",
+    "sigma_max",
 )
 
 
+# What the objective keys mean in a checkpoint written before they existed: the discrete DDPM.
+OLD_RUN_DEFAULTS = {"objective": "ddpm", "likelihood_weighting": False}
+
+
+def saved_config(ckpt):
+    """A checkpoint's run config, with the keys that older files lack filled in."""
+    return {**OLD_RUN_DEFAULTS, **ckpt["config"]}
+
+
 # Settings of one invocation that a resumed run does not inherit.
-RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minutes")
+RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minutes", "config")
 
 
 OUTPUT_KINDS = ("models", "results", "runs")  # the folders of a run under --workdir
@@ -55,7 +71,7 @@ def resolve_config(args, explicit):
         raise UserError(
             f"{path} cannot be resumed: it is not a training checkpoint (use models/<run>/ckpt.pt)"
         )
-    for key, value in ckpt["config"].items():
+    for key, value in saved_config(ckpt).items():
         if key in ARCH_KEYS and key in explicit and config[key] != value:
             raise UserError(
                 f"{path} was trained with {key}={value}, not {config[key]}: drop that flag to resume"
@@ -73,6 +89,7 @@ def run_dir(config, kind):
 def validate(config, fresh):
     """Fail early, before touching any file, on settings that cannot work (single values: at parsing)."""
     pick_device(config["device"])  # an unavailable device fails now, before any data is read
+    sde.objective_of(config)  # e.g. --beta-max with --objective ddpm, or --likelihood-weighting with flow
     if config["dataset_path"] is None:
         raise UserError("pass --data_root with the training images (--help shows the layout)")
     if fresh and (run_dir(config, "models") / "ckpt.pt").exists() and not config["overwrite"]:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core import checkpoints, cli, images, training
+from core import checkpoints, cli, images, sde, training
 from core.files import atomic_save
-from diffusion import Diffusion
+from diffusion import Diffusion, sample_objective
 from flags import parse_flags
 from modules import build_model
 from run_config import (
@@ -70,6 +70,7 @@ class Trainer:
         )
         self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, config["lr_warmup_steps"])
         self.diffusion = Diffusion.from_config(config, self.device)
+        self.objective = sde.objective_of(config)  # None: the discrete DDPM of `diffusion`
         # Flips, timesteps, noise and label dropout all come from this per-rank generator, which the
         # checkpoint stores: a resumed run draws exactly what the uninterrupted one would have.
         self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1000 + self.rank)
@@ -193,17 +194,21 @@ class Trainer:
         if self.config["hflip"]:  # flips drawn from the checkpointed generator keep resume exact
             flip = torch.rand(n, generator=gen, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        # Timesteps and noise come from the run's own generator too: a resumed run draws the same ones.
-        t = self.diffusion.sample_timesteps(n, gen)
-        noise = torch.randn(x.shape, generator=gen, device=self.device)
-        x_t = self.diffusion.noise_images(x, t, noise)
+        if self.objective is None:
+            # Timesteps and noise come from the run's own generator too: a resumed run draws the same ones.
+            t = self.diffusion.sample_timesteps(n, gen)
+            noise = torch.randn(x.shape, generator=gen, device=self.device)
+            x_t = self.diffusion.noise_images(x, t, noise)
         labels = None
         if self.config["conditional"]:  # label dropout to the null class trains the unconditional branch
             drop = torch.rand(n, generator=gen, device=self.device) < self.config["cfg_dropout"]
             labels = torch.where(drop, self.config["num_classes"], y)
         with self.accelerator.autocast():
-            pred = self.net(x_t, t, labels)
-        loss = F.mse_loss(pred.float(), noise)  # in fp32, whatever autocast computed the prediction in
+            if self.objective is None:
+                # In fp32, whatever precision autocast computed the prediction in.
+                loss = F.mse_loss(self.net(x_t, t, labels).float(), noise)
+            else:  # continuous t, noise and the regression target, drawn from the same generator
+                loss = self.objective.loss(self.net, x, labels, gen).float()
         # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
         # sees the same values and all ranks stop (or fail) at the same step.
         votes = (float(self.stop_signal is not None), self.over_budget())
@@ -337,6 +342,12 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.config["seed"])
         total = 0.0
         for x, y in DataLoader(self.val_set, batch_size=self.config["batch_size"]):
+            if self.objective is not None:  # per-image mean over pixels, as the DDPM branch below
+                labels = y.to(self.device) if self.config["conditional"] else None
+                with self.accelerator.autocast():
+                    loss = self.objective.loss(self.ema_model, x.to(self.device), labels, gen)
+                total += loss.item() * x.shape[0] * x[0].numel()
+                continue
             t = torch.randint(0, self.diffusion.noise_steps, (x.shape[0],), generator=gen).to(self.device)
             noise = torch.randn(x.shape, generator=gen).to(self.device)
             x_t = self.diffusion.noise_images(x.to(self.device), t, noise)
@@ -352,6 +363,12 @@ class Trainer:
         classes = min(self.config["num_classes"] or 0, 16)
         labels = torch.arange(classes, device=self.device).repeat(4) if classes else None
         gen = torch.Generator().manual_seed(self.config["seed"])
+        if self.objective is not None:  # probability-flow ODE, Euler steps: deterministic and cheap
+            n, steps = len(labels) if classes else 16, self.config["preview_steps"]
+            samples, _ = sample_objective(
+                self.ema_model, self.objective, n, labels, PREVIEW_CFG, gen, method="euler", steps=steps
+            )
+            return samples, classes or 4
         samples = self.diffusion.sample(
             self.ema_model,
             len(labels) if classes else 16,

@@ -142,3 +142,17 @@ def trained_run(tmp_path_factory, gray_data):
     result = run_script("ddpm_conditional.py", "--dataset-path", gray_data, *flags.split(), *TINY, cwd=work)
     assert result.returncode == 0, result.stderr
     return work
+
+
+@pytest.fixture(scope="session")
+def objective_runs(tmp_path_factory, gray_data):
+    """{objective: run folder} of tiny conditional runs of the continuous-time objectives (3 steps each)."""
+    work = tmp_path_factory.mktemp("objectives")
+    flags = "--num-classes 3 --batch-size 4 --max-steps 3 --val-split 0.2 --ema-warmup-steps 0".split()
+    runs = {}
+    for objective in ("vp", "subvp", "ve", "flow"):
+        argv = ("--dataset-path", gray_data, *flags, *TINY, "--objective", objective, "--run-name", objective)
+        result = run_script("ddpm_conditional.py", *argv, cwd=work)
+        assert result.returncode == 0, result.stderr
+        runs[objective] = work / "models" / objective
+    return runs

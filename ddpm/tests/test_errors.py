@@ -57,14 +57,37 @@ sample_with_other_bit_depth   sample --bit-depth 16                 | 8-bit inte
 bare_state_dict_without_flags bare                                  | pass --num-classes
 bare_state_dict_wrong_flags   bare --num-classes 3 --image-size 16  | does not fit a UNet built from the flags
 bare_state_dict_with_ema      bare --num-classes 3 --use-ema        | drop --use-ema
+unknown_objective             train --objective edm                 | invalid choice: 'edm'
+sde_constant_on_ddpm          train --beta-max 10                   | beta_max applies to --objective vp
+flow_likelihood_weighting     train --objective flow --likelihood-weighting | not to flow
+ve_sigmas_reversed            train --objective ve --sigma-min 5 --sigma-max 1 | need 0 < sigma_min <
+resume_with_other_objective   resume --objective vp                 | trained with objective=ddpm, not vp
+resume_vp_as_flow             vp_resume --objective flow            | trained with objective=vp, not flow
+config_missing                train --config nowhere.yaml           | --config nowhere.yaml cannot be read
+snr_zero                      vp_sample --snr 0                     | --snr: must be a number > 0, got 0
+rtol_negative                 vp_sample --rtol -1                   | --rtol: must be a number > 0
+corrector_steps_negative      vp_sample --corrector-steps -1        | must be an integer >= 0
+ve_with_dpm_solver            ve_sample --sampler dpm++             | applies to vp and subvp, not ve
+flow_with_pc                  flow_sample --sampler pc              | no SDE for the pc sampler
+ddim_on_vp_checkpoint         vp_sample --sampler ddim              | vp-objective model, which samples
+pc_with_too_few_steps         vp_sample --sampler pc --steps 10     | needs steps > beta_max = 20, got 10
+dpm_solver_too_many_steps     vp_sample --sampler dpm++ --steps 2000 | at most N = 1000 steps
+sde_sampler_on_ddpm           sample --sampler euler                | samples with ddpm or ddim: --sampler
+likelihood_on_ddpm            sample --likelihood .                 | --likelihood needs a model trained with
+likelihood_missing_folder     vp_sample --likelihood nowhere        | --likelihood nowhere is not a folder
 """
 
 
-def commands(root, trained_run, data):
+def commands(root, trained_run, data, objective_runs):
     """The commands that REFUSED names, each the start of a command line."""
     models = trained_run / "models/tiny"
     train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
+    continuous = {
+        f"{name}_sample": (*SAMPLE[:5], "--ckpt", run / "ckpt.pt") for name, run in objective_runs.items()
+    }
     return {
+        **continuous,
+        "vp_resume": (*train, "--resume", objective_runs["vp"] / "ckpt.pt"),
         "conditional": ("ddpm_conditional.py",),
         "unconditional": ("ddpm.py",),
         "train": train,
@@ -78,13 +101,13 @@ def commands(root, trained_run, data):
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, trained_run):
+def bad_inputs(tmp_path_factory, trained_run, objective_runs):
     """Build every broken input once; returns {case: (script and args, expected text)}."""
     root = tmp_path_factory.mktemp("bad")
     data = make_class_folders(root / "data", classes=3, per_class=2)
     model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
     torch.save(model.state_dict(), root / "bare.pt")
-    starts = commands(root, trained_run, data)
+    starts = commands(root, trained_run, data, objective_runs)
     cases = {}
     for line in REFUSED.strip().splitlines():
         spec, expected = (part.strip() for part in line.split("| "))
@@ -112,6 +135,8 @@ def bad_files(root, trained_run, starts):
     (root / "out_class_file" / "class_0").parent.mkdir()
     (root / "out_class_file" / "class_0").write_text("not a folder")
     (root / "samples.npz").mkdir()
+    make_class_folders(root / "strangers", classes=1, per_class=1)
+    (root / "strangers" / "class_0").rename(root / "strangers" / "stranger")
     floats = root / "floats" / "class_0"
     floats.mkdir(parents=True)
     Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), "F").save(floats / "a.tif")
@@ -157,6 +182,18 @@ def bad_files(root, trained_run, starts):
             (*sample, "--output-dir", root / "s2", "--grid-path", root / "s2" / "grid.png"),
             "is inside --output-dir",
         ),
+        "config_unknown_key": (
+            (*train, "--config", write(root / "typo.yaml", "objectiv: vp\n")),
+            "'objectiv' is not",
+        ),
+        "config_not_a_mapping": (
+            (*train, "--config", write(root / "list.yaml", "- vp\n")),
+            "must be a mapping",
+        ),
+        "likelihood_of_strangers": (
+            (*starts["flow_sample"], "--likelihood", root / "strangers"),
+            "class folder 'stranger' is not one of the checkpoint's classes",
+        ),
         "grid_path_under_a_file": (
             (*sample, "--grid-path", a_file / "g.png"),
             f"cannot be written: {a_file} is a",
@@ -174,6 +211,11 @@ def bad_files(root, trained_run, starts):
         case = f"resume_{name}_checkpoint" if flag == "--resume" else f"{name}_checkpoint_to_sampler"
         cases[case] = ((*command, root / f"{name}.pt"), f"is {what}, not a DDPM one: use it with {script}")
     return cases
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
 
 
 def other_folders_checkpoints(root):
@@ -224,7 +266,11 @@ steps_zero steps_above_noise_steps sample_batch_size_zero use_ema_bad_value no_e
 sample_with_other_bit_depth output_dir_is_a_file output_dir_under_a_file class_folder_is_a_file
 npz_path_is_a_folder grid_path_inside_output_dir grid_path_under_a_file ldm_checkpoint_to_sampler
 controlnet_checkpoint_to_sampler dit_official_checkpoint_to_sampler
-dit_trained_checkpoint_to_sampler
+dit_trained_checkpoint_to_sampler unknown_objective sde_constant_on_ddpm flow_likelihood_weighting
+ve_sigmas_reversed resume_with_other_objective resume_vp_as_flow config_missing snr_zero rtol_negative
+corrector_steps_negative ve_with_dpm_solver flow_with_pc ddim_on_vp_checkpoint pc_with_too_few_steps
+dpm_solver_too_many_steps sde_sampler_on_ddpm likelihood_on_ddpm likelihood_missing_folder
+config_unknown_key config_not_a_mapping likelihood_of_strangers
 """.split()
 
 

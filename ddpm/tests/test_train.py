@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import DDPM_DIR, TINY, make_class_folders, run_script, torchrun
@@ -85,9 +86,11 @@ print("params", count_parameters(model)["total"])
     assert "4 images, 5 steps" in out.stdout
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "vp"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, objective):
     data = make_class_folders(tmp_path / "data", classes=2, per_class=5)
     flags = "--num-classes 2 --batch-size 2 --epochs 5 --hflip --val-split 0.2 --save-interval 1"
+    flags += f" --objective {objective}"
     common = [
         "--dataset-path",
         data,
@@ -271,7 +274,7 @@ def test_sampling_uses_the_ema_weights_unless_raw_ones_are_asked_for(tmp_path, t
         (["--use-ema", "false"], "model"),
     ):
         argv = ["--mode", "sample", "--ckpt", str(tmp_path / "ckpt.pt"), *flags]
-        model, *_, which = load_sampling_model(parse_flags(parser, argv), set())
+        model, *_, which, _sampler = load_sampling_model(parse_flags(parser, argv), set())
         assert which == ("EMA weights" if expected == "ema" else "raw weights"), flags
         for key, value in model.state_dict().items():
             assert torch.equal(value, ckpt[expected][key]), (flags, key)
