@@ -143,7 +143,8 @@ def test_pc_takes_its_last_step_without_noise(predictor):
     x, _ = sample(model, model.objective, (4, 1, 2, 2), 30, "pc", predictor=predictor)
     last, t_model = model.last_input
     t = t_model / TIME_SCALE
-    assert t.allclose(torch.full((4,), model.objective.eps))
+    # score_sde's sampling eps for the VP family: 1e-3, not the training eps 1e-5.
+    assert model.objective.sampling_eps == 1e-3 and t.allclose(torch.full((4,), 1e-3))
     reverse = model.objective.process.with_steps(30).reverse(model.objective.score_fn(model))
     if predictor == "reverse_diffusion":
         want = last - reverse.discretize(last, t)[0]
@@ -385,3 +386,8 @@ def test_a_cpu_generator_seeds_samples_on_any_device():
     assert torch.equal(
         rand(4, torch.Generator().manual_seed(2)), torch.rand(4, generator=torch.Generator().manual_seed(2))
     )
+
+
+def test_samplers_stop_at_score_sde_s_sampling_eps():
+    eps = {name: objective(name).sampling_eps for name in ("vp", "subvp", "ve", "flow")}
+    assert eps == {"vp": 1e-3, "subvp": 1e-3, "ve": 1e-5, "flow": 1e-5}

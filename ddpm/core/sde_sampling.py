@@ -1,6 +1,6 @@
 """Samplers and likelihood for the continuous-time objectives of sde.py.
 
-sample() draws from the prior and integrates back to t = eps with one of (NFE in brackets):
+sample() draws from the prior and integrates back to t = objective.sampling_eps with one of (NFE in brackets):
   pc      score_sde's predictor-corrector: a reverse-diffusion (or Euler-Maruyama) predictor and
           corrector_steps Langevin corrector steps at signal-to-noise ratio snr per step, the last
           step without noise, on the SDE discretised into `steps` steps [steps * (corrector_steps + 1)]
@@ -129,8 +129,8 @@ def sample(
         return _dpm_solver(model, objective, x, steps, guidance)
     drift = functools.partial(objective.ode_drift, model, **guidance)
     if method in ("rk45", "ode"):
-        return _rk45(drift, x, objective.T, objective.eps, rtol, atol)
-    return _fixed_step_ode(drift, x, objective.T, objective.eps, steps, heun=method == "heun")
+        return _rk45(drift, x, objective.T, objective.sampling_eps, rtol, atol)
+    return _fixed_step_ode(drift, x, objective.T, objective.sampling_eps, steps, heun=method == "heun")
 
 
 def _batch_time(t, x):
@@ -148,7 +148,7 @@ def _pc(model, objective, x, steps, predictor, snr, corrector_steps, generator, 
     reverse = sde.reverse(score_fn)
     predict = _reverse_diffusion if predictor == "reverse_diffusion" else _euler_maruyama
     x_mean = x
-    for t in torch.linspace(sde.T, objective.eps, steps, device=x.device, dtype=x.dtype):
+    for t in torch.linspace(sde.T, objective.sampling_eps, steps, device=x.device, dtype=x.dtype):
         t = _batch_time(t, x)
         for _ in range(corrector_steps):
             x, x_mean = _langevin(sde, score_fn, x, t, snr, generator)
@@ -238,7 +238,7 @@ def _dpm_solver(model, objective, x, steps, guidance):
     scheduler.set_timesteps(steps, device=x.device)
     alpha_bars = scheduler.alphas_cumprod.double()
     for timestep in scheduler.timesteps:
-        t = sde.time_for_alpha_bar(alpha_bars[int(timestep)]).clamp(objective.eps, sde.T)
+        t = sde.time_for_alpha_bar(alpha_bars[int(timestep)]).clamp(objective.sampling_eps, sde.T)
         t = _batch_time(t, x)
         eps = objective.prediction(model, x * _expand(sde.vp_scale(t), x), t, **guidance)
         x = scheduler.step(eps, timestep, x).prev_sample
