@@ -1,7 +1,9 @@
 """Speed figures of the pixel-space DDPM on this machine, measured side by side in one run.
 
-Prints training images/s, sampling images/s with DDPM-1000 and DDIM-50 and their ratio, and the speed of
-attention through scaled_dot_product_attention against a plain softmax(QK^T)V.
+Prints training images/s, sampling images/s with DDPM-1000 and DDIM-50 and their ratio, the speed of
+attention through scaled_dot_product_attention against a plain softmax(QK^T)V, and the continuous-time
+samplers side by side (PC-1000, Euler-ODE-100, adaptive RK45, DPM-Solver++-20: images/s and NFE) on a vp
+model trained briefly on scikit-learn's digits (or on --objective-ckpt, e.g. the demo's vp run).
 """
 
 import time
@@ -9,11 +11,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core import cli
+from core import cli, sde, sde_sampling
 from core.errors import UserError, run_cli
 from diffusion import Diffusion
-from modules import SelfAttention, UNet_conditional
-from utils import add_flag, pick_device
+from modules import SelfAttention, UNet_conditional, build_model
+from utils import add_flag, load_checkpoint, pick_device
+
+# The continuous-time samplers compared, each at its usual step count (rk45 chooses its own).
+OBJECTIVE_SAMPLERS = (("pc", 1000), ("euler", 100), ("rk45", None), ("dpm++", 20))
 
 
 def timed(fn, repeats):
@@ -58,6 +63,65 @@ def bench_sampling(model, diffusion, n, sampler, steps):
     return n / (time.perf_counter() - start)
 
 
+def digits_batch(size, device):
+    """scikit-learn's 1797 digits as (N, 1, size, size) in [-1, 1] and their labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError(
+            "the objective benchmark trains on scikit-learn's digits: pip install scikit-learn"
+        ) from None
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16 * 2 - 1  # 0..16 -> [-1, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.to(device), torch.tensor(digits.target, device=device)
+
+
+def vp_model(args, device):
+    """The --objective-ckpt model, else a small vp UNet trained for --objective-steps on the digits."""
+    if args.objective_ckpt:
+        ckpt = load_checkpoint(args.objective_ckpt)
+        objective = sde.objective_of(ckpt.get("config", {}))
+        if objective is None or objective.is_flow:
+            raise UserError(f"--objective-ckpt {args.objective_ckpt} is not a vp, subvp or ve model")
+        model = build_model(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval(), objective, "its checkpoint"
+    objective = sde.Objective.from_config({"objective": "vp"})
+    model = UNet_conditional(c_in=1, c_out=1, num_classes=10, img_size=16, base_channels=16, time_dim=64)
+    model = model.to(device)
+    x, y = digits_batch(16, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator(device).manual_seed(0)
+    for _ in range(args.objective_steps):
+        pick = torch.randint(0, len(x), (64,), generator=gen, device=device)
+        # Label dropout to the null class (10) trains the unconditional half that guidance needs.
+        labels = torch.where(torch.rand(64, generator=gen, device=device) < 0.1, 10, y[pick])
+        loss = objective.loss(model, x[pick], labels, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval(), objective, f"{args.objective_steps} steps on the digits"
+
+
+def bench_objective_samplers(model, objective, n):
+    """{sampler: (images/s, NFE)} of the continuous-time samplers with CFG 3 on one batch."""
+    device = next(model.parameters()).device
+    labels = torch.arange(n, device=device) % model.num_classes
+    null = model.null_labels(n, device)
+    shape = (n, model.c_in, model.img_size, model.img_size)
+    results = {}
+    for method, steps in OBJECTIVE_SAMPLERS:
+        gen = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        _, nfe = sde_sampling.sample(
+            model, objective, shape, steps, method, labels, null, 3.0, rtol=1e-5, atol=1e-5, generator=gen
+        )
+        sync()
+        results[method] = (n / (time.perf_counter() - start), nfe)
+    return results
+
+
 def plain_attention(attn, x):
     """The same attention block with softmax(QK^T / sqrt(d)) V written out."""
     n, c, h, w = x.shape
@@ -83,8 +147,10 @@ def main():
         ("base_channels", 16, "UNet width (even)"),
         ("batch_size", 32, "training batch"),
         ("num_samples", 4, "sampling batch"),
+        ("objective_steps", 300, "training steps of the vp model of the sampler comparison"),
     ):
         add_flag(parser, name, type=cli.positive_int, default=default, help=help_text)
+    add_flag(parser, "objective_ckpt", help="a vp / subvp / ve checkpoint for the sampler comparison")
     args = parser.parse_args()
     device = pick_device()
     torch.manual_seed(0)
@@ -114,6 +180,16 @@ def main():
     print(f"attention SDPA:       {1000 * sdpa_s:9.2f} ms per forward (16 x 128 ch x 16x16 tokens)")
     print(f"attention plain:      {1000 * plain_s:9.2f} ms per forward (max difference {diff:.1e})")
     print(f"plain / SDPA:         {plain_s / sdpa_s:9.2f}x")
+    model, objective, source = vp_model(args, device)
+    print(
+        f"continuous-time samplers on a {objective.name} model ({source}), batch {args.num_samples}, CFG 3:"
+    )
+    results = bench_objective_samplers(model, objective, args.num_samples)
+    slowest = min(ips for ips, _ in results.values())
+    for method, steps in OBJECTIVE_SAMPLERS:
+        ips, nfe = results[method]
+        name = f"{method.upper()}-{steps}" if steps else "RK45 (adaptive)"
+        print(f"  {name:18s} {ips:9.3f} images/s, NFE {nfe:5d}, {ips / slowest:6.1f}x the slowest")
 
 
 if __name__ == "__main__":
