@@ -58,19 +58,19 @@ def tiny_vae(folder, channels=(8, 16), groups=8, size=IMAGE_SIZE):
     return vae
 
 
-def tiny_unet():
-    """A two-level UNet2DConditionModel with 16-dimensional class tokens."""
+def tiny_unet(side=IMAGE_SIZE // 2, widths=(16, 32), token_dim=16, head_dim=4, groups=8):
+    """A two-level UNet2DConditionModel on side x side latents with token_dim-dimensional class tokens."""
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
+        sample_size=side,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=widths,
         layers_per_block=1,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
+        cross_attention_dim=token_dim,
+        attention_head_dim=head_dim,
+        norm_num_groups=groups,
     )
 
 
