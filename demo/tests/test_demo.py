@@ -39,7 +39,8 @@ def test_upscaled_digits_keep_their_content():
     assert correlation > 0.9 and images.max() > 200  # same strokes, full 0..255 range
 
 
-def test_tiny_demo_run_writes_the_grid_and_reports_timing_and_recognised_share(tmp_path):
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_tiny_demo_run_writes_the_grid_and_reports_timing_and_recognised_share(tmp_path, objective):
     # A floor above what 3 s of training give on two CPU cores, so the run normally also resumes up to it.
     cmd = [
         sys.executable,
@@ -56,6 +57,8 @@ def test_tiny_demo_run_writes_the_grid_and_reports_timing_and_recognised_share(t
         "3",
         "--output-dir",
         str(tmp_path / "out"),
+        "--objective",
+        objective,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -64,6 +67,7 @@ def test_tiny_demo_run_writes_the_grid_and_reports_timing_and_recognised_share(t
     assert grid.mode == "L" and grid.size == (10 * 18 + 2, 18 + 2)  # ten 16 px digits with 2 px padding
     assert len(list((tmp_path / "out" / "samples").rglob("*.png"))) == 10
     assert (tmp_path / "out" / "models" / "digits" / "ckpt_final.pt").is_file()
+    assert f"sampling every class with CFG and {'ddim' if objective == 'ddpm' else 'heun'}" in result.stdout
     assert "grid:" in result.stdout and "steps/s" in result.stdout and "images/s" in result.stdout
     steps = int(re.search(r"training [0-9.]+ s for (\d+) steps", result.stdout).group(1))
     assert steps >= MIN_STEPS
