@@ -32,6 +32,7 @@ class Diffusion:
             beta_start=beta_start,
             beta_end=beta_end,
             beta_schedule="linear",
+            # Each step clips the predicted x0 to [-1, 1], the data range: guided steps can overshoot it.
             clip_sample=True,
         )
 
@@ -58,18 +59,21 @@ class Diffusion:
             raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
         scheduler_cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
         scheduler = scheduler_cls.from_config(self.scheduler.config)
+        # DDPM defaults to every training step; 50 is a common DDIM quality/speed trade (Song et al. 2021).
         scheduler.set_timesteps(steps or (self.noise_steps if sampler == "ddpm" else 50))
         return scheduler
 
     @staticmethod
     def guided_noise(model, x, t, labels, cfg_scale):
         """Noise prediction with classifier-free guidance; both halves share one forward pass."""
+        # Scale 1 is the conditional model alone and 0 the unconditional one: no doubled batch needed.
         if labels is None or cfg_scale == 1:
             return model(x, t, labels)
         if cfg_scale == 0:
             return model(x, t, None)
         null = model.null_labels(x.shape[0], x.device)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        # Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional prediction.
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
 
     @torch.no_grad()
@@ -97,6 +101,7 @@ class Diffusion:
         scheduler = self.make_sampler(sampler, steps)
         device = next(model.parameters()).device
         dtype = sampling_dtype(device)
+        # Eval mode for sampling, then the caller's mode back: mid-training previews must not stay in eval.
         was_training = model.training
         model.eval()
         start = time.perf_counter()
@@ -105,6 +110,7 @@ class Diffusion:
         extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
         for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", leave=False, disable=not log_time):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                # The network runs under autocast; the scheduler step gets eps back in float32.
                 eps = self.guided_noise(model, x, t.to(device).expand(n), labels, cfg_scale).float()
             x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
         samples = (to_unit(x) if output_type == "float" else to_uint8(x)).cpu()

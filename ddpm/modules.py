@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 CHANNEL_MULT = (1, 2, 4, 4)  # three downsamplings, so image sizes must be divisible by 8
+# At 16 px the lowest level is already 2x2; smaller images leave nothing for its 3x3 convolutions.
 MIN_IMAGE_SIZE = 16
 
 
@@ -42,6 +43,8 @@ def count_parameters(model):
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of (possibly fractional) timesteps t: (N,) -> (N, dim)."""
+    # Geometric frequencies from 1 down toward 1/max_period, as in the Transformer's position encoding
+    # (Vaswani et al. 2017); float t lets continuous-time objectives use the same embedding.
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # (N, half)
@@ -50,6 +53,7 @@ def timestep_embedding(t, dim, max_period=10000):
 
 def group_norm(channels):
     """GroupNorm with up to 32 groups that divide the channel count."""
+    # 32 groups is the usual UNet choice (Wu & He 2018); the gcd keeps narrow test models valid.
     return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
@@ -65,6 +69,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x)  # (N, C_out, H, W)
+        # The embedding acts as a per-channel bias between the two convolutions, as in Ho et al. 2020's UNet.
         h = h + self.emb_proj(emb)[:, :, None, None]
         return self.skip(x) + self.out_layers(h)
 
@@ -81,8 +86,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
+        # One 1x1 conv gives q, k and v; every pixel is a token, so the cost grows with (H*W)^2.
         qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (N, heads, HW, head_dim)
+        # SDPA scales by 1/sqrt(head_dim) and picks a fused kernel where the device has one.
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, head_dim)
         return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
@@ -97,6 +104,8 @@ class Level(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x, emb):
+        # Only while training: eval and sampling run without gradients, so there is nothing to save.
+        # The non-reentrant variant is the one torch recommends; it also accepts inputs that need no grad.
         if self.grad_checkpointing and self.training:
             return checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
@@ -128,15 +137,18 @@ class UNet(nn.Module):
         self.c_in, self.img_size, self.num_classes = c_in, img_size, num_classes
         chans = [base_channels * m for m in CHANNEL_MULT]
         uses_attn = [r in attn_resolutions for r in level_resolutions(img_size)]
+        # The sinusoidal embedding has base_channels dimensions; the MLP widens it to time_dim.
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
         )
         self.conv_in = nn.Conv2d(c_in, chans[0], 3, padding=1)
+        # The down path keeps one skip per level; the up path concatenates it back, hence prev + ch inputs.
         self.down = nn.ModuleList()
         prev = chans[0]
         for ch, attn in zip(chans, uses_attn, strict=True):
             self.down.append(Level(prev, ch, time_dim, attn))
             prev = ch
+        # The bottleneck always attends, whatever attn_resolutions says: global context is cheapest there.
         self.mid = nn.ModuleList([Level(prev, prev, time_dim, True), Level(prev, prev, time_dim, False)])
         self.up = nn.ModuleList()
         for ch, attn in reversed(list(zip(chans, uses_attn, strict=True))):
@@ -155,10 +167,12 @@ class UNet(nn.Module):
         h = self.conv_in(x)  # (N, C0, H, W)
         skips = []
         for i, level in enumerate(self.down):
+            # Downsample between levels, not before the first: level 0 runs at full resolution.
             h = level(h if i == 0 else F.avg_pool2d(h, 2), emb)
             skips.append(h)
         for level in self.mid:
             h = level(h, emb)
+        # Mirror of the down path: upsample before every level but the first, then join the matching skip.
         for i, level in enumerate(self.up):
             h = h if i == 0 else F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = level(torch.cat([h, skips.pop()], dim=1), emb)
@@ -172,6 +186,7 @@ class UNet(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Load a bare state_dict or a checkpoint file's dict written by this project's training."""
+        # A training checkpoint holds the weights under "model" beside "model_config": unwrap it.
         if "model" in state_dict and "model_config" in state_dict:
             state_dict = state_dict["model"]
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -184,6 +199,7 @@ class UNet_conditional(UNet):
         if not num_classes or num_classes < 1:
             raise ValueError("UNet_conditional needs num_classes >= 1")
         super().__init__(c_in, c_out, time_dim, img_size=img_size, num_classes=num_classes, **kwargs)
+        # One row more than the classes: the last is the null label that training's label dropout uses.
         self.label_emb = nn.Embedding(num_classes + 1, time_dim)
 
     def null_labels(self, n, device):
@@ -191,11 +207,13 @@ class UNet_conditional(UNet):
         return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
 
     def embed(self, t, y):
+        # y=None is the unconditional branch, embedded as the null class so both branches share one path.
         y = self.null_labels(t.shape[0], t.device) if y is None else y
         return super().embed(t, y) + self.label_emb(y)
 
 
 def build_model(config):
     """Rebuild UNet or UNet_conditional from the config dict stored in a checkpoint."""
+    # num_classes None or 0 marks an unconditional checkpoint.
     cls = UNet_conditional if config.get("num_classes") else UNet
     return cls(**config)
