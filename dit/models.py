@@ -25,6 +25,7 @@ def plain_attention(q, k, v):
 
 
 ATTENTION = {"sdpa": F.scaled_dot_product_attention, "plain": plain_attention}
+POSITION_EMBEDDINGS = ("sincos", "rope")
 
 
 def sincos_1d(dim, positions):
@@ -32,6 +33,34 @@ def sincos_1d(dim, positions):
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = positions.double()[:, None] * omega[None]  # (T, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def rope_tables(grid_size, head_dim, device=None, base=10000.0):
+    """cos and sin (2, T, head_dim / 4) of 2-D axial RoPE on a square grid: [0] for rows, [1] for columns."""
+    if head_dim % 4:
+        raise ValueError(f"rope needs a head size divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    # Each axis gets half the head dims, i.e. head_dim / 4 rotated pairs, with the standard frequencies.
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    positions = torch.stack([rows.flatten(), cols.flatten()]).to(device)  # (2, T)
+    angles = (positions.double()[..., None] * freqs).float()  # (2, T, head_dim/4)
+    return angles.cos(), angles.sin()
+
+
+def rotate_pairs(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + k]) of x (..., T, 2k) by the angles whose cos and sin are (T, k)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def apply_rope(x, rope):
+    """2-D RoPE on queries or keys (N, H, T, D/H): the first half of the head dims turns with the patch
+    row, the second half with the column, so q.k depends on positions only through their difference."""
+    cos, sin = rope
+    rows, cols = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([rotate_pairs(rows, cos[0], sin[0]), rotate_pairs(cols, cos[1], sin[1])], dim=-1)
+    return rotated.to(x.dtype)  # autocast's dtype: SDPA wants q, k and v alike
 
 
 def sincos_2d(dim, grid_size):
@@ -96,10 +125,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = self.attend(qkv[0], qkv[1], qkv[2])  # (N, H, T, D/H)
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.attend(q, k, v)  # (N, H, T, D/H)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -126,9 +157,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, rope=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, 1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -147,7 +178,12 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer predicting noise and a variance interpolation for each latent channel."""
+    """Diffusion Transformer predicting noise and a variance interpolation for each latent channel (or,
+    with learn_sigma=False, only the noise or velocity that a continuous-time objective regresses).
+
+    pos_embed "sincos" adds the published fixed table to the tokens; "rope" rotates queries and keys
+    instead and has no table, so the model runs at any latent size.
+    """
 
     def __init__(
         self,
@@ -161,10 +197,13 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         attention="sdpa",
+        pos_embed="sincos",
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"latent size {input_size} is not a multiple of the patch size {patch_size}")
+        if pos_embed not in POSITION_EMBEDDINGS:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; choose one of {POSITION_EMBEDDINGS}")
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -173,9 +212,14 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.head_dim = hidden_size // num_heads
         # Stored as a frozen parameter (not a buffer) so it is counted and saved like the published model.
         grid = input_size // patch_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self.pos_embed = None
+        if pos_embed == "sincos":
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        else:
+            rope_tables(grid, self.head_dim)  # a head size that RoPE cannot split fails here, not later
         self.blocks = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio, attention) for _ in range(depth)]
         )
@@ -188,10 +232,11 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.pos_embed.device.type == "meta":
+        if self.x_embedder.proj.weight.device.type == "meta":
             return
-        grid = int(self.pos_embed.shape[1] ** 0.5)
-        self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid))
+        if self.pos_embed is not None:
+            grid = int(self.pos_embed.shape[1] ** 0.5)
+            self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid))
         proj = self.x_embedder.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
@@ -218,13 +263,18 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) noisy latents, t: (N,) timesteps, y: (N,) labels (null_class = unconditional)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        rope = None
+        if self.pos_embed is None:  # rope: the tables follow the grid of this input, whatever its size
+            rope = rope_tables(int(x.shape[1] ** 0.5), self.head_dim, x.device)
+        else:
+            x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)
+                x = block(x, c, rope)
         return self.unpatchify(self.final_layer(x, c))  # (N, out_channels, H, W)
 
 

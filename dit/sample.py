@@ -4,8 +4,9 @@ DiT file (a plain state_dict such as pretrained_models/DiT-XL-2-256x256.pt from 
 Images go to OUTPUT/<class_name>/<index:06d>.png, written atomically at the training data's bit depth and
 channel count (a 16-bit gray data set gives 16-bit gray PNGs, float data .tif files). Files that already
 exist and decode completely are kept and skipped, so an interrupted run continues where it stopped. The
-architecture, image size, classes and decoding rule are read from the checkpoint; flags that contradict
-it are an error.
+architecture, image size, classes, decoding rule and objective are read from the checkpoint; flags that
+contradict it are an error. A ddpm checkpoint samples with ddpm or ddim; a vp, subvp, ve or flow one with
+pc, euler, heun, rk45 or dpm++ (--likelihood DIR reports bits/dim of the VAE latents instead).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from core import cli, images, training
 from core.errors import UserError, run_cli
 from core.files import TEMP_MARK, atomic_write, clean_temporaries
 from diffusion import classifier_free_guidance, create_diffusion
+from diffusion.objectives import STEPS_HELP, add_sampler_flags, choose_sampler, sample_latents, saved_keys
 from download import official_checkpoint
 from utils import (
     accelerator_for,
@@ -64,9 +66,9 @@ def build_parser(ddp=False):
     cfg, npz = (1.5, " (default: <output-dir>.npz)") if ddp else (4.0, "")
     add("--cfg_scale", "--guidance_scale", type=cli.finite_float, default=cfg, help="CFG scale; 1 = none")
     add("--cfg_channels", type=cli.positive_int, help="guide only the first N latent channels (default: all)")
-    add("--num_inference_steps", "--num_sampling_steps", type=step_count, default=250, help="respaced steps")
-    add("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
+    add("--num_inference_steps", "--num_sampling_steps", type=step_count, help=STEPS_HELP)
     add("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise; 0 (the default) is deterministic")
+    add_sampler_flags(parser)
     add("--class_labels", nargs="+", help="class indices or names, spread evenly (default: all classes)")
     if ddp:
         add("--num_fid_samples", type=cli.positive_int, default=50000, help="exact total number of images")
@@ -114,10 +116,12 @@ def resolve_config(args, facts, saved, vae):
     saved_arch = saved if name == saved.get("model") else {}
     flags = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads")}
     arch = architecture(name, {k: flags[k] if flags[k] is not None else saved_arch.get(k) for k in flags})
-    image_size = args.image_size or facts["image_size"]
+    # A RoPE model has no table to read its size from, and samples at any size that fits the patches.
+    image_size = args.image_size or facts["image_size"] or saved["image_size"]
     return dict(
         model=name,
         **arch,
+        **saved_keys(saved),
         image_size=image_size,
         num_classes=args.num_classes or facts["num_classes"],
         in_channels=vae.config.latent_channels,
@@ -128,14 +132,17 @@ def resolve_config(args, facts, saved, vae):
 
 
 def load_model(args, device):
-    """DiT (strictly loaded), its config (with the data's decoding rule and channels) and the VAE."""
+    """DiT (strictly loaded), its config (with the data's decoding rule and channels, and the sampling plan
+    of choose_sampler() under "sampling") and the VAE."""
     path = args.checkpoint
     ckpt = load_checkpoint(path)
     state, saved = checkpoint_weights(ckpt, path, args.weights)
+    plan = choose_sampler(args, saved, path)  # a sampler that does not apply fails before the VAE loads
     vae = load_vae(args.vae or saved.get("vae") or "ema", device)
     facts = state_dict_facts(state, vae_downsample(vae))
     config = resolve_config(args, facts, saved, vae)
     config["intensity"], config["channels"] = data_rule(ckpt)
+    config["sampling"] = plan
     problem = checkpoint_mismatch(facts, config)
     if problem:
         raise UserError(f"{path} does not fit the chosen model: {problem}")
@@ -209,16 +216,37 @@ def clean_stale_temporaries(plan, output_dir, npz_path):
 
 
 def sample_batch(model, vae, diffusion, config, args, labels, seed, accelerator):
-    """Decoded images (N, channels, H, W) in [0, 1] for one batch; its noise depends only on the seed."""
-    device = accelerator.device
+    """(images (N, channels, H, W) in [0, 1], NFE) of one batch; its noise depends only on the seed."""
+    device, plan = accelerator.device, config["sampling"]
     generator = torch.Generator(device).manual_seed(seed)
     size = config["input_size"]
-    noise = torch.randn(len(labels), config["in_channels"], size, size, generator=generator, device=device)
+    shape = (len(labels), config["in_channels"], size, size)
     y = torch.tensor(labels, device=device)
+    # One guidance wrapper for every sampler: both halves run as one batch, so they count as one NFE.
     model_fn = classifier_free_guidance(model, args.cfg_scale, model.null_class, args.cfg_channels)
     with accelerator.autocast():
-        latents = diffusion.sample_loop(model_fn, noise, y, args.sampler, args.eta, generator)
-    return images_from_latents(vae, latents.float(), config["latent_scale"], config["channels"])
+        if plan["objective"] is None:
+            noise = torch.randn(shape, generator=generator, device=device)
+            latents = diffusion.sample_loop(model_fn, noise, y, plan["method"], args.eta, generator)
+            nfe = plan["steps"]
+        else:
+            latents, nfe = sample_latents(model_fn, plan, shape, y, generator, device)
+    return images_from_latents(vae, latents.float(), config["latent_scale"], config["channels"]), nfe
+
+
+def objective_name(sampler):
+    return "ddpm" if sampler["objective"] is None else sampler["objective"].name
+
+
+def print_summary(sampler, args, count, batch_count, nfe_total, seconds, world):
+    """The sampler line with its NFE, and the timing line."""
+    # rk45 picks its own steps, so its NFE is an average over the batches (and stands in for steps).
+    nfe = round(nfe_total / batch_count) if batch_count else 0
+    shown = sampler["steps"] or "adaptive"
+    print(f"{sampler['method']}, {shown} steps, NFE {nfe} per batch, cfg {args.cfg_scale}")
+    # ms/step is per batch of one process: the processes run their batches side by side.
+    steps, batches = sampler["steps"] or nfe, math.ceil(batch_count / world)
+    print(training.timing_line(count, steps, batches, seconds, "Timing"))
 
 
 def default_output_dir(args, config, ckpt_path):
@@ -273,6 +301,12 @@ def sample(args, ddp, accelerator):
         with accelerator.main_process_first():  # the official file is downloaded once, by the main process
             args.checkpoint = official_path(args)
     model, config, vae, ckpt_path = load_model(args, accelerator.device)
+    sampler = config["sampling"]
+    if args.likelihood:
+        # Imported here: the data set code brings in torchvision, seconds that plain sampling never needs.
+        from likelihood import report_likelihood
+
+        return report_likelihood(args, model, vae, config, sampler["objective"], accelerator)
     output_dir = args.output_dir or default_output_dir(args, config, ckpt_path)
     npz_path = args.npz or (f"{output_dir.rstrip('/')}.npz" if ddp else None)
     check_outputs(args, config, output_dir, npz_path)
@@ -286,7 +320,7 @@ def sample(args, ddp, accelerator):
     # Batch j goes to process j % world and its noise depends only on the seed and j, so the images do
     # not depend on the number of processes. A file counts as done only if it decodes completely: a
     # truncated one from a killed run is made again.
-    diffusion = create_diffusion(args.num_inference_steps)
+    diffusion = create_diffusion(sampler["steps"]) if sampler["objective"] is None else None
     batches = [plan[i : i + args.batch_size] for i in range(0, len(plan), args.batch_size)]
     mine = [(j, b) for j, b in enumerate(batches) if j % world == rank]
     todo = [(j, b) for j, b in mine if args.overwrite or not all(images.is_readable_image(p) for _, p in b)]
@@ -294,31 +328,27 @@ def sample(args, ddp, accelerator):
     if accelerator.is_main_process:
         print(
             f"Sampling {len(plan)} images of {config['model']} ({ckpt_path}) into {output_dir}: "
-            f"{args.sampler} {args.num_inference_steps} steps, cfg {args.cfg_scale}, "
+            f"{objective_name(sampler)} objective, cfg {args.cfg_scale}, "
             f"{world} process(es) on {accelerator.device}; {config['channels']}-channel "
             f"{images.describe(rule)}; {int(done)} of {len(batches)} batches already done"
         )
-    timer, generated = training.Timer(accelerator.device), 0
+    timer, generated, nfe = training.Timer(accelerator.device), 0, 0
     for j, batch in tqdm(todo, disable=not accelerator.is_main_process, desc="batches", file=sys.stdout):
         labels = [label for label, _ in batch]
-        samples = sample_batch(
+        samples, batch_nfe = sample_batch(
             model, vae, diffusion, config, args, labels, args.seed * 1_000_003 + j, accelerator
         )
+        nfe += batch_nfe
         for (_, path), sample_image in zip(batch, samples, strict=True):
             if args.overwrite or not images.is_readable_image(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 images.save(sample_image, path, rule)
         generated += len(batch)
     seconds = timer.elapsed()
-    count, batch_count = training.sum_across(accelerator, generated, len(todo))
+    count, batch_count, nfe_total = training.sum_across(accelerator, generated, len(todo), nfe)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # ms/step is per batch of one process: the processes run their batches side by side.
-        print(
-            training.timing_line(
-                int(count), args.num_inference_steps, math.ceil(batch_count / world), seconds, "Timing"
-            )
-        )
+        print_summary(sampler, args, int(count), batch_count, nfe_total, seconds, world)
         if npz_path:
             class_names = [class_folder(config, label) for label in range(config["num_classes"])]
             shape = write_npz(plan, npz_path, rule, config["channels"], class_names)

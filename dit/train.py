@@ -21,15 +21,18 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from core import checkpoints, cli, files, images, training
+from core import checkpoints, cli, files, images, sde, sde_sampling, training
 from core.errors import UserError, run_cli, warn
 from dataset import ImageFolderDataset
 from diffusion import classifier_free_guidance, create_diffusion
+from diffusion.objectives import add_objective_flags, check_resume, model_keys
+from models import POSITION_EMBEDDINGS
 from utils import (
     accelerator_for,
     add_architecture_flags,
     architecture,
     build_dit,
+    encode,
     images_from_latents,
     latent_size,
     load_checkpoint,
@@ -40,6 +43,7 @@ from utils import (
 
 NUMBERED = "[0-9]" * 7 + ".pt"  # RESULTS/NNN-<model>/checkpoints/NNNNNNN.pt, as the original DiT names them
 GRID_IMAGES, GRID_STEPS, GRID_CFG = 16, 50, 4.0
+POS_HELP = "sincos: the published fixed table; rope: 2-D rotary embeddings (samples at other sizes)"
 LOW_HIGH = dict(type=cli.finite_float, nargs=2, metavar=("LOW", "HIGH"))  # --intensity-range's value pair
 # Checkpoints written before the shared flag vocabulary store their flags under the seed's names.
 SEED_NAMES = {
@@ -60,6 +64,8 @@ def build_parser():
     )
     add = parser.add_argument
     add_architecture_flags(parser, "DiT-B/2")
+    add_objective_flags(parser)
+    add("--pos_embed", default="sincos", choices=POSITION_EMBEDDINGS, help=POS_HELP)
     add("--data_root", "--data_path", help="folder with one sub-folder of images per class (required)")
     add("--results_dir", default="results", help="runs go to RESULTS/NNN-<model>/")
     add("--image_size", type=cli.positive_int, default=256, help="image side, a multiple of 8 x patch size")
@@ -92,6 +98,7 @@ def parse_args(argv=None):
     """Flags and the checkpoint to resume; with --resume, flags not typed keep the resumed run's values."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    typed = cli.explicit_flags(parser, sys.argv[1:] if argv is None else argv)
     resume = None
     if args.resume:
         path = find_checkpoint(args.resume)
@@ -101,6 +108,8 @@ def parse_args(argv=None):
         parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
         args = parser.parse_args(argv)
         args.resume = str(path)
+        check_resume(resume["config"], args, typed, path)
+    sde.objective_of(vars(args))  # e.g. --beta-max with ddpm: one line now, before any data is read
     if args.intensity_range and not args.intensity_range[0] < args.intensity_range[1]:
         parser.error(f"--intensity-range needs LOW < HIGH, got {' '.join(map(str, args.intensity_range))}")
     if args.data_root is None:
@@ -174,10 +183,14 @@ def model_config(args, dataset, vae):
             f"--num-classes {num_classes} is less than the {len(dataset.class_names)} class folders "
             f"in {args.data_root}"
         )
+    head_dim = arch["hidden_size"] // arch["num_heads"]
+    if args.pos_embed == "rope" and head_dim % 4:
+        raise UserError(f"--pos-embed rope needs a head size (hidden / heads) divisible by 4, not {head_dim}")
     downsample = vae_downsample(vae)
     return dict(
         model=args.model,
         **arch,
+        **model_keys(args),
         image_size=args.image_size,
         num_classes=num_classes,
         input_size=latent_size(args.image_size, downsample, arch["patch_size"]),
@@ -257,13 +270,6 @@ def epoch_batches(loader, step, steps_per_epoch, accelerator):
     loader.set_epoch(step // steps_per_epoch)
     done = step % steps_per_epoch
     return accelerator.skip_first_batches(loader, done) if done else loader
-
-
-def encode(vae, pixels, scale):
-    """Scaled mean and std of the VAE posterior for images in [-1, 1]."""
-    with torch.no_grad():
-        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-    return posterior.mean.float() * scale, posterior.std.float() * scale
 
 
 def encode_images(dataset, indices, vae, scale, device):
@@ -367,15 +373,25 @@ def training_data(dataset, vae, config, args, run_dir, accelerator, logger, resu
     heldout = None
     if accelerator.is_main_process:  # only the main process evaluates and writes best.pt
         heldout = HeldOut(
-            dataset, heldout_indices, vae, config["latent_scale"], accelerator.device, args.seed
+            dataset,
+            heldout_indices,
+            vae,
+            config["latent_scale"],
+            accelerator.device,
+            args.seed,
+            sde.objective_of(config),
         )
     return Subset(data, train_indices), heldout
 
 
 class HeldOut:
-    """Held-out images with fixed timesteps and noise; their loss under the EMA weights selects best.pt."""
+    """Held-out images with fixed timesteps and noise; their loss under the EMA weights selects best.pt.
 
-    def __init__(self, dataset, indices, vae, scale, device, seed):
+    A continuous objective draws its times and noise from a generator seeded afresh at every evaluation,
+    so every save scores the same draws too.
+    """
+
+    def __init__(self, dataset, indices, vae, scale, device, seed, objective):
         chunks = [indices[i : i + 32] for i in range(0, len(indices), 32)]
         self.latents = torch.cat(
             [encode_images(dataset, c, vae, scale, device)["mean"][:, 0] for c in chunks]
@@ -384,15 +400,18 @@ class HeldOut:
         generator = torch.Generator().manual_seed(seed)
         self.t = torch.randint(0, 1000, (len(indices),), generator=generator)
         self.noise = torch.randn(self.latents.shape, generator=generator)
-        self.device, self.best = device, math.inf
+        self.device, self.best, self.seed, self.objective = device, math.inf, seed, objective
 
     @torch.no_grad()
     def loss(self, ema, diffusion):
-        """Mean hybrid loss of the EMA model on the held-out set."""
-        total = 0.0
+        """Mean loss (hybrid, or the objective's) of the EMA model on the held-out set."""
+        total, generator = 0.0, torch.Generator().manual_seed(self.seed)
         for i in range(0, len(self.t), 64):
             part = [x[i : i + 64].to(self.device) for x in (self.latents, self.t, self.labels, self.noise)]
-            total += diffusion.training_losses(ema, *part)["loss"].sum().item()
+            if self.objective is None:
+                total += diffusion.training_losses(ema, *part)["loss"].sum().item()
+            else:  # a batch mean: weighted by the batch's size
+                total += self.objective.loss(ema, part[0], part[2], generator).item() * len(part[0])
         return total / len(self.t)
 
     def improved(self, ema, diffusion, step, logger, writer):
@@ -469,7 +488,11 @@ class LossMeter:
 
 
 class Grids:
-    """EMA samples from fixed noise, to TensorBoard and RUN/samples/NNNNNNN.png (8-bit previews)."""
+    """EMA samples from fixed noise, to TensorBoard and RUN/samples/NNNNNNN.png (8-bit previews).
+
+    Continuous objectives preview with Euler steps of the probability-flow ODE from a prior drawn by a
+    generator seeded afresh each time: the same noise at every step, deterministic and cheap.
+    """
 
     def __init__(self, run_dir, config, channels, vae, writer, seed, device):
         n = min(GRID_IMAGES, max(4, config["num_classes"]))
@@ -478,12 +501,18 @@ class Grids:
         self.noise = torch.randn(n, config["in_channels"], size, size, generator=generator).to(device)
         self.labels = (torch.arange(n) % config["num_classes"]).to(device)
         self.folder, self.scale, self.channels = run_dir / "samples", config["latent_scale"], channels
-        self.vae, self.writer = vae, writer
+        self.vae, self.writer, self.seed, self.objective = vae, writer, seed, sde.objective_of(config)
 
     @torch.no_grad()
     def write(self, ema, step):
         model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
-        latents = create_diffusion(GRID_STEPS).sample_loop(model_fn, self.noise, self.labels)
+        if self.objective is None:
+            latents = create_diffusion(GRID_STEPS).sample_loop(model_fn, self.noise, self.labels)
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            shape, device = self.noise.shape, self.noise.device
+            latents, _ = sde_sampling.sample(model_fn, self.objective, shape, GRID_STEPS, "euler",
+                                             y=self.labels, generator=generator, device=device)  # fmt: skip
         samples = images_from_latents(self.vae, latents, self.scale, self.channels)
         grid = training.save_grid(samples, self.folder / f"{step:07d}.png", images.EIGHT_BIT)
         self.writer.image("samples/ema", grid, step)
@@ -546,15 +575,27 @@ def count_steps(loader, data, args, world):
     return len(loader), min(args.max_train_steps or math.inf, args.num_epochs * len(loader))
 
 
-def train_step(net, diffusion, optimizer, x0, y, dropout, generator, accelerator):
-    """One AdamW step on the hybrid loss; label dropout trains the null class for guidance."""
-    n, device = len(y), x0.device
+def drop_labels(y, dropout, null_class, generator):
+    """Label dropout to the null class, which trains the unconditional branch for guidance."""
+    drop = torch.rand(len(y), generator=generator, device=y.device) < dropout
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def batch_loss(net, diffusion, objective, x0, y, dropout, null_class, generator):
+    """The hybrid loss at random steps, or the continuous objective's loss at random times."""
+    if objective is not None:  # t and the noise come from the run's generator too: resume stays exact
+        return objective.loss(net, x0, drop_labels(y, dropout, null_class, generator), generator)
+    # The draws keep their original order (steps, dropout, noise), so ddpm runs are what they were.
+    t = torch.randint(0, diffusion.num_timesteps, (len(y),), generator=generator, device=x0.device)
+    y = drop_labels(y, dropout, null_class, generator)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return diffusion.training_losses(net, x0, t, y, noise)["loss"].mean()
+
+
+def train_step(net, diffusion, objective, optimizer, x0, y, dropout, generator, accelerator):
+    """One AdamW step on the batch's loss."""
     null_class = accelerator.unwrap_model(net).null_class
-    t = torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=device)
-    drop = torch.rand(n, generator=generator, device=device) < dropout
-    y = torch.where(drop, torch.full_like(y, null_class), y)
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    loss = diffusion.training_losses(net, x0, t, y, noise)["loss"].mean()
+    loss = batch_loss(net, diffusion, objective, x0, y, dropout, null_class, generator)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(net.parameters(), float("inf"))  # measured, not clipped
@@ -588,7 +629,8 @@ def train(args, resume, accelerator):
     net, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data, args, world))
     net = torch.compile(net) if args.compile else net
     steps_per_epoch, max_steps = count_steps(loader, data, args, world)
-    diffusion, stop = create_diffusion(), training.StopSignal()
+    # objective None is the discrete DDPM of `diffusion`; the others are continuous-time (core/sde.py).
+    diffusion, objective, stop = create_diffusion(), sde.objective_of(config), training.StopSignal()
     meter = LossMeter(args, accelerator, logger, writer)
     grids = Grids(run_dir, config, rule["channels"], vae, writer, args.seed, accelerator.device)
     meta = {"args": checkpoints.plain(vars(args)), "model_type": "dit", "config": config, **rule}
@@ -602,7 +644,7 @@ def train(args, resume, accelerator):
             # Latents: encoded here (one VAE pass per batch), or drawn from the cached mean and std.
             x0, y = latent_batch(batch, vae, config["latent_scale"], args.cache_latents, generator)
             loss, grad_norm = train_step(
-                net, diffusion, optimizer, x0, y, args.cfg_dropout, generator, accelerator
+                net, diffusion, objective, optimizer, x0, y, args.cfg_dropout, generator, accelerator
             )
             ema.update(model)  # the unwrapped model: DDP's module and ours share their parameters
             step += 1

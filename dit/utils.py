@@ -79,12 +79,15 @@ def architecture(name, overrides):
 
 
 def build_dit(config, **kwargs):
-    """DiT from a checkpoint config dict."""
+    """DiT from a checkpoint config dict; configs written before learn_sigma and pos_embed existed (and the
+    official models) are the published learned-variance, sin-cos table layout."""
     arch = {k: config[k] for k in ARCHITECTURE_KEYS}
     return DiT(
         input_size=config["input_size"],
         in_channels=config["in_channels"],
         num_classes=config["num_classes"],
+        learn_sigma=config.get("learn_sigma", True),
+        pos_embed=config.get("pos_embed", "sincos"),
         **arch,
         **kwargs,
     )
@@ -125,10 +128,12 @@ def data_rule(ckpt):
 
 
 def state_dict_facts(state_dict, downsample):
-    """Architecture facts readable from a DiT state_dict's shapes (the head count is not among them)."""
+    """Architecture facts readable from a DiT state_dict's shapes (the head count is not among them; a RoPE
+    model has no table, so no image size either: None)."""
     try:
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
-        tokens = state_dict["pos_embed"].shape[1]
+        table = state_dict.get("pos_embed")
+        tokens = None if table is None else table.shape[1]
         classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
     except (KeyError, AttributeError, IndexError, TypeError):
         raise UserError(
@@ -141,7 +146,7 @@ def state_dict_facts(state_dict, downsample):
         hidden_size=proj.shape[0],
         in_channels=proj.shape[1],
         num_classes=classes,
-        image_size=int(tokens**0.5) * patch * downsample,
+        image_size=None if tokens is None else int(tokens**0.5) * patch * downsample,
     )
 
 
@@ -166,9 +171,16 @@ MISMATCH_CHECKS = {
 def checkpoint_mismatch(facts, config):
     """Say how a checkpoint's shapes differ from the model the flags ask for, or return None."""
     for key, (what, flag) in MISMATCH_CHECKS.items():
-        if facts[key] != config[key]:
+        if facts[key] is not None and facts[key] != config[key]:
             return f"its {what} is {facts[key]} but {flag} asks for {config[key]}"
     return None
+
+
+def encode(vae, pixels, scale):
+    """Scaled mean and std of the VAE posterior for images in [-1, 1]."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return posterior.mean.float() * scale, posterior.std.float() * scale
 
 
 def images_from_latents(vae, latents, scale, channels):

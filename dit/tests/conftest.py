@@ -2,6 +2,7 @@
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -75,6 +76,27 @@ def trained(workspace):
     run_script("train.py", *TINY, *flags.split(), "--val-fraction", 0.2, "--data-path", workspace / "data",
                "--results-dir", workspace / "results", "--vae", workspace / "vae")  # fmt: skip
     return workspace / "results" / "000-DiT-S-2"
+
+
+# The continuous objectives' runs: each trains 4 steps (checkpoints at 2 and 4); flow also uses RoPE.
+OBJECTIVE_RUNS = {"vp": [], "subvp": [], "ve": [], "flow": ["--pos-embed", "rope"]}
+
+
+@pytest.fixture(scope="session")
+def objective_runs(workspace):
+    """{objective: run folder} of 4-step runs holding out 3 images, with a preview grid at step 4."""
+    flags = "--global-batch-size 4 --max-steps 4 --ckpt-every 2 --log-every 2 --num-workers 0"
+    flags += " --sample-every 4"
+
+    def train(name):
+        results = workspace / f"results-{name}"
+        run_script("train.py", *TINY, *flags.split(), "--objective", name, *OBJECTIVE_RUNS[name],
+                   "--val-fraction", 0.2, "--data-path", workspace / "data", "--results-dir", results,
+                   "--vae", workspace / "vae")  # fmt: skip
+        return name, results / "000-DiT-S-2"
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: start-up time dominates these runs
+        return dict(pool.map(train, OBJECTIVE_RUNS))
 
 
 @pytest.fixture(autouse=True)

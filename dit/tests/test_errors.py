@@ -3,6 +3,7 @@ typed the way a user types them."""
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import TINY, run_script
 PARALLEL_CASES = 6
 
 
-def cases(workspace, trained, tmp):
+def cases(workspace, trained, tmp, runs):
     """name -> (script, arguments, words the error line must contain)."""
     data, vae, ckpt = workspace / "data", workspace / "vae", trained / "checkpoints" / "0000005.pt"
     under_file = tmp / "file" / "x"
@@ -93,6 +94,7 @@ def cases(workspace, trained, tmp):
             ["dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt", "put it at"],
         ),
         **value_cases(train, data, ckpt),
+        **objective_cases(train, data, ckpt, runs, tmp),
         "results dir is a file": ("train.py", [*train, "--data-path", data, "--results-dir", tmp / "file"],
                                   ["--results-dir", "is a file"]),
         "results dir under a file": ("train.py", [*train, "--data-path", data, "--results-dir", under_file],
@@ -113,6 +115,33 @@ def cases(workspace, trained, tmp):
     }  # fmt: skip
 
 
+def objective_cases(train, data, ckpt, runs, tmp):
+    """Objectives, samplers and --config that do not fit: one line before any model is loaded."""
+    vp, ve, flow = (runs[name] / "checkpoints" / "0000004.pt" for name in ("vp", "ve", "flow"))
+    train = [*train, "--data-path", data]
+    return {
+        "unknown objective": ("train.py", [*train, "--objective", "vpp"],
+                              ["--objective", "invalid choice: 'vpp'"]),
+        "beta on ddpm": ("train.py", [*train, "--beta-max", 5], ["beta_max", "not to ddpm"]),
+        "rope head size": ("train.py", [*train, "--pos-embed", "rope", "--hidden-size", 36, "--num-heads", 6],
+                           ["--pos-embed rope", "divisible by 4", "6"]),
+        "resume another objective": ("train.py", ["--data-path", data, "--resume", runs["vp"], "--objective",
+                                     "flow"], ["objective=vp", "--objective flow"]),
+        "unknown config key": ("train.py", [*train, "--config", tmp / "bad.yaml"],
+                               ["--config", "'objectiv' is not a flag"]),
+        "ve with dpm++": ("sample.py", ["--ckpt", ve, "--sampler", "dpm++"], ["dpm++", "not ve"]),
+        "flow with pc": ("sample.py", ["--ckpt", flow, "--sampler", "pc"], ["flow objective", "pc sampler"]),
+        "ddim on a vp checkpoint": ("sample.py", ["--ckpt", vp, "--sampler", "ddim"],
+                                    ["vp-objective", "not --sampler ddim"]),
+        "euler on a ddpm checkpoint": ("sample.py", ["--ckpt", ckpt, "--sampler", "euler"],
+                                       ["ddpm-objective", "--sampler euler"]),
+        "likelihood on a ddpm checkpoint": ("sample.py", ["--ckpt", ckpt, "--likelihood", data],
+                                            ["ddpm-objective", "--likelihood"]),
+        "likelihood of unknown classes": ("sample.py", ["--ckpt", vp, "--likelihood", tmp / "broken"],
+                                          ["--likelihood", "'a' is not one of the checkpoint's classes"]),
+    }  # fmt: skip
+
+
 def value_cases(train, data, ckpt):
     """Values rejected at parse time, before any data, model or VAE is loaded."""
     train_flags = {
@@ -126,7 +155,8 @@ def value_cases(train, data, ckpt):
     sample_flags = {
         "--cfg-scale nan": "--cfg-scale", "--cfg-scale inf": "--cfg-scale",
         "--num-sampling-steps 0": "--num-sampling-steps", "--num-sampling-steps 1001": "at most 1000",
-        "--num-samples 0": "--num-samples", "--eta -1": "--eta",
+        "--num-samples 0": "--num-samples", "--eta -1": "--eta", "--snr 0": "--snr",
+        "--corrector-steps -1": "--corrector-steps",
     }  # fmt: skip
     cases = {f: ("train.py", [*train, "--data-path", data, *f.split()], [w]) for f, w in train_flags.items()}
     cases.update({f: ("sample.py", ["--ckpt", ckpt, *f.split()], [w]) for f, w in sample_flags.items()})
@@ -134,7 +164,7 @@ def value_cases(train, data, ckpt):
 
 
 @pytest.fixture(scope="module")
-def outcomes(workspace, trained, tmp_path_factory):
+def outcomes(workspace, trained, objective_runs, tmp_path_factory):
     """Run every case at once (they are mostly start-up time) and collect (returncode, stderr)."""
     tmp = tmp_path_factory.mktemp("errors")
     os.makedirs(tmp / "empty")
@@ -142,6 +172,8 @@ def outcomes(workspace, trained, tmp_path_factory):
     png = (workspace / "data" / "cat" / "0.png").read_bytes()
     (tmp / "broken" / "a" / "bad.png").write_bytes(png[: len(png) // 2])
     (tmp / "file").write_text("a file where a folder is expected")
+    (tmp / "bad.yaml").write_text("objectiv: vp\n")
+    (tmp / "broken.yaml").write_text("objective: [vp\n")
     ldm_keys = [
         "format_version",
         "unet",
@@ -164,8 +196,8 @@ def outcomes(workspace, trained, tmp_path_factory):
     }
     torch.save({"model_type": "ldm", **ldm}, tmp / "ldm.pt")  # the layout ldm/train.py writes
     torch.save(ldm, tmp / "old-ldm.pt")  # written before LDM checkpoints carried a model_type
-    table = cases(workspace, trained, tmp)
-    assert sorted(table) == sorted(CASE_NAMES + list(value_cases([], "", "")))
+    table = cases(workspace, trained, tmp, objective_runs)
+    assert sorted(table) == sorted(ALL_CASES)
 
     def run(name):
         script, args, _ = table[name]
@@ -185,9 +217,11 @@ CASE_NAMES = [
     "output dir is a file", "output dir under a file", "sample dir is a file", "npz is a folder",
     "resume an ldm checkpoint", "sample an ldm checkpoint", "sample an older ldm checkpoint",
 ]  # fmt: skip
+OBJECTIVE_CASES = list(objective_cases([], "", "", dict.fromkeys(("vp", "ve", "flow"), Path()), Path()))
+ALL_CASES = CASE_NAMES + OBJECTIVE_CASES + list(value_cases([], "", ""))
 
 
-@pytest.mark.parametrize("name", CASE_NAMES + list(value_cases([], "", "")))
+@pytest.mark.parametrize("name", ALL_CASES)
 def test_bad_input_is_one_clear_line(outcomes, name):
     table, results, _ = outcomes
     returncode, stderr = results[name]

@@ -25,6 +25,8 @@ def test_old_checkpoint_samples_into_its_class_folders(tmp_path):
     assert sorted(os.listdir(out)) == ["cat", "dog", "eel"]
     assert all(os.listdir(out / name) == ["000000.png"] for name in ("cat", "dog", "eel"))
     assert "3-channel" in result.stdout  # the stored data rule: colour, written as 8-bit RGB
+    # Written before objectives existed: a ddpm model, sampled by the respaced DDPM as before.
+    assert "ddpm objective" in result.stdout and "ddpm, 2 steps, NFE 2 per batch" in result.stdout
     with Image.open(out / "cat" / "000000.png") as image:
         assert image.mode == "RGB" and image.size == (16, 16)
 

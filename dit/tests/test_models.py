@@ -168,3 +168,59 @@ def test_official_style_state_dict_round_trip(workspace, tmp_path, layout):
     loaded, original = model.state_dict(), source.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+
+def test_rope_is_a_rotation_with_relative_logits():
+    """RoPE keeps each head vector's norm, and q.k depends on the two patches' positions only through
+    their difference (row and column), which is what lets a model move to other grid sizes."""
+    from models import apply_rope, rope_tables
+
+    grid, head_dim = 5, 16
+    rope = rope_tables(grid, head_dim)
+    x = torch.randn(2, 3, grid * grid, head_dim)  # (N, H, T, D/H)
+    assert torch.allclose(apply_rope(x, rope).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # The same q and k at every position: the logits then differ only through the rotations.
+    q = apply_rope(torch.randn(head_dim).expand(1, 1, grid * grid, head_dim), rope)[0, 0]
+    k = apply_rope(torch.randn(head_dim).expand(1, 1, grid * grid, head_dim), rope)[0, 0]
+    logits = (q @ k.T).view(grid, grid, grid, grid)  # (row_q, col_q, row_k, col_k)
+    shift = (2, 1)
+    for rq, cq, rk, ck in [(0, 0, 1, 2), (1, 3, 0, 0), (2, 2, 2, 0), (0, 1, 1, 1)]:
+        moved = logits[rq + shift[0], cq + shift[1], rk + shift[0], ck + shift[1]]
+        assert torch.allclose(logits[rq, cq, rk, ck], moved, atol=1e-5)
+    # Rows and columns each matter: other offsets give other logits.
+    assert not torch.allclose(logits[0, 0, 0, 1], logits[0, 0, 1, 0], atol=1e-3)
+    assert not torch.allclose(logits[0, 0, 0, 1], logits[0, 0, 0, 2], atol=1e-3)
+
+
+def test_rope_model_has_no_table_and_runs_at_other_sizes():
+    model = tiny(pos_embed="rope", learn_sigma=False)
+    assert model.pos_embed is None and "pos_embed" not in model.state_dict()
+    torch.nn.init.normal_(model.final_layer.linear.weight)
+    torch.nn.init.normal_(model.blocks[0].adaLN_modulation[-1].weight)
+    for size in (8, 16, 12):  # built for 8 x 8 latents
+        x, t, y = inputs(2, size)
+        out = model(x, t, y)
+        assert out.shape == (2, 4, size, size) and torch.isfinite(out).all()
+    # Positions reach the output: without any, rolling the patches cyclically would just roll the output
+    # (as it does for a zeroed sin-cos table); RoPE sees the wrapped patches' new offsets.
+    x, t, y = inputs(2, 8)
+    no_positions = tiny(learn_sigma=False)
+    table = torch.zeros_like(no_positions.pos_embed)
+    no_positions.load_state_dict({**model.state_dict(), "pos_embed": table})
+    for net, equivariant in ((no_positions, True), (model, False)):
+        rolled = net(x.roll(2, dims=-2), t, y)  # one patch row down
+        assert torch.allclose(rolled, net(x, t, y).roll(2, dims=-2), atol=1e-5) is equivariant
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny(pos_embed="rope", hidden_size=36, num_heads=6)
+
+
+def test_rope_gradient_checkpointing_and_sdpa_match():
+    model = tiny(pos_embed="rope")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    plain = tiny(pos_embed="rope", attention="plain")
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model(*inputs()), plain(*inputs()), atol=1e-5)
+    model.train()
+    model.gradient_checkpointing = True
+    assert torch.allclose(model(*inputs()), plain(*inputs()), atol=1e-5)
