@@ -57,6 +57,7 @@ OUTPUT_KINDS = ("models", "results", "runs")  # the folders of a run under --wor
 def resolve_config(args, explicit):
     """The run's config dict and the checkpoint to resume from (or None)."""
     config = vars(args).copy()
+    # ddpm.py (unconditional) has no --num-classes or --cfg-dropout; both scripts get one config shape.
     config.setdefault("num_classes", None)
     config.setdefault("cfg_dropout", 0.0)
     if not args.resume:
@@ -67,10 +68,12 @@ def resolve_config(args, explicit):
             f"--resume found no checkpoint at {path}: pass --resume <path> or the right --run-name"
         )
     ckpt = load_checkpoint(path, "--resume")
+    # ema_ckpt.pt and bare weights lack the optimizer; other folders' files have another format.
     if "optimizer" not in ckpt or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
             f"{path} cannot be resumed: it is not a training checkpoint (use models/<run>/ckpt.pt)"
         )
+    # Untyped flags take the saved values; a typed one that changes the network is refused: weights won't fit.
     for key, value in saved_config(ckpt).items():
         if key in ARCH_KEYS and key in explicit and config[key] != value:
             raise UserError(
@@ -126,6 +129,7 @@ def load_data(config, ckpt):
                 f"{config['num_classes']}: pass --num-classes {len(class_names)} or leave it out"
             )
         config["num_classes"] = len(class_names)
+        # Labels are indices into the sorted class folders: another folder set would silently relabel classes.
         if ckpt is not None and ckpt["class_names"] != class_names:
             raise UserError(
                 f"the class folders of {config['dataset_path']} differ from the checkpoint's "
@@ -144,7 +148,7 @@ def prepare_outputs(config):
 def scan_images(config, files, ckpt):
     """Decode every image once (a broken one fails now): fill in channels and the intensity rule."""
     found = images.scan(files, config["bit_depth"], config["intensity_range"])
-    config["channels"] = config["channels"] or found["channels"]
+    config["channels"] = config["channels"] or found["channels"]  # unset (None): the data's own depth
     config["intensity"] = found["intensity"]
     # Checkpoints from before the rule was stored resume with the scanned one, as nothing else is known.
     trained = (ckpt or {}).get("intensity", found["intensity"])
@@ -161,6 +165,7 @@ def split_heldout(files, labels, fraction, seed):
     n_val = (
         min(max(1, round(len(files) * fraction)), len(files) - 1) if fraction > 0 and len(files) > 1 else 0
     )
+    # Own seeded generator: the same split on every process and on resume, so held-out files never train.
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def subset(indices):

@@ -14,7 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x, shift, scale):
-    """Apply a per-sample affine modulation to a token sequence."""
+    """Apply a per-sample affine modulation to a token sequence.
+
+    shift and scale are (N, D), one pair per sample, broadcast over the T tokens. The 1 + scale form makes a
+    zero-initialised adaLN layer the identity, which is what adaLN-Zero relies on.
+    """
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -66,6 +70,7 @@ def apply_rope(x, rope):
 def sincos_2d(dim, grid_size):
     """Fixed 2-D sin-cos table for a square token grid: first half encodes the column, second the row."""
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    # Column first, as the published table: swapped, the weights still load but every position is transposed.
     table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     return table.float().unsqueeze(0)  # (1, T, dim)
 
@@ -127,6 +132,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         n, t, d = x.shape
+        # (3, heads, head_dim) per token is the published qkv weight's layout; q, k, v: (N, H, T, D/H) each.
         q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -158,6 +164,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, rope=None):
+        # The published weight fixes this order: reordered, it would still load but feed shifts in as gates.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, 1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -232,12 +239,14 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        # Meta tensors (the tests size DiT-XL that way) have no storage for the table and the inits below.
         if self.x_embedder.proj.weight.device.type == "meta":
             return
         if self.pos_embed is not None:
             grid = int(self.pos_embed.shape[1] ** 0.5)
             self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid))
         proj = self.x_embedder.proj
+        # Xavier on the (D, C*p*p) view, as the published DiT: on the 4-D weight fan-out would be D*p*p.
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)

@@ -10,6 +10,7 @@ from core.cli import positive_int
 from core.errors import UserError
 from models import VARIANTS, DiT, variant_config
 
+# The two fine-tuned Stable Diffusion VAEs of the published DiT's --vae ema|mse.
 VAE_HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 ARCHITECTURE_KEYS = ("depth", "hidden_size", "num_heads", "patch_size")
 
@@ -52,11 +53,13 @@ def load_vae(spec, device):
 
 def vae_downsample(vae):
     """Spatial downsampling factor of a diffusers AutoencoderKL (8 for the Stable Diffusion VAEs)."""
+    # Every encoder level but the last halves the size; read, not assumed 8, for VAEs of another depth.
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def latent_size(image_size, downsample, patch_size):
     """Latent side length for an image size, or a user error if the model cannot take that size."""
+    # The latent side must also split into whole patches: multiples of 16 px for the SD VAE with DiT-*/2.
     if image_size <= 0 or image_size % (downsample * patch_size):
         raise UserError(
             f"--image-size {image_size} is not a multiple of {downsample * patch_size} "
@@ -95,6 +98,7 @@ def build_dit(config, **kwargs):
 
 def load_checkpoint(path, what="checkpoint"):
     """weights_only load; files of the original DiT train.py also hold an argparse.Namespace."""
+    # Allow-listing the one class keeps weights_only=True; the list is process-wide, so it outlives this call.
     torch.serialization.add_safe_globals([argparse.Namespace])
     return checkpoints.load(path, what)
 
@@ -134,7 +138,7 @@ def state_dict_facts(state_dict, downsample):
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         table = state_dict.get("pos_embed")
         tokens = None if table is None else table.shape[1]
-        classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
+        classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1  # minus the null-class row
     except (KeyError, AttributeError, IndexError, TypeError):
         raise UserError(
             "the checkpoint is not a DiT state_dict (no x_embedder / pos_embed / y_embedder)"
@@ -154,6 +158,7 @@ def variant_name(facts):
     """Registry name of the variant with these shapes, or None."""
     for name in VARIANTS:
         config = variant_config(name)
+        # These three tell the 12 variants apart; the head count, which shapes do not show, is not needed.
         if all(config[k] == facts[k] for k in ("depth", "hidden_size", "patch_size")):
             return name
     return None
@@ -180,6 +185,8 @@ def encode(vae, pixels, scale):
     """Scaled mean and std of the VAE posterior for images in [-1, 1]."""
     with torch.no_grad():
         posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    # Mean and std, not a sample: cached latents still get a fresh posterior draw per step, as the published
+    # train.py's latent_dist.sample(). scale: the VAE's scaling_factor, 0.18215 for SD.
     return posterior.mean.float() * scale, posterior.std.float() * scale
 
 

@@ -17,4 +17,5 @@ def create_diffusion(num_sampling_steps=None, num_timesteps=1000):
     betas = linear_betas(num_timesteps)
     if not num_sampling_steps or num_sampling_steps == num_timesteps:
         return GaussianDiffusion(betas)
+    # Respaced from the trained 1000 steps, not a fresh shorter schedule: the network knows only those.
     return GaussianDiffusion.respaced(betas, space_timesteps(num_timesteps, num_sampling_steps))

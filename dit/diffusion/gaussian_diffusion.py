@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 def linear_betas(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
     """Linear beta schedule of the published models (scaled so other step counts keep its shape)."""
+    # improved-diffusion's "linear" schedule (Nichol & Dhariwal 2021), as in the published DiT.
     scale = 1000 / num_timesteps
     return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
 
@@ -17,8 +18,11 @@ def space_timesteps(num_timesteps, count):
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"cannot take {count} sampling steps out of {num_timesteps}")
     if count == 1:
+        # The published code takes step 0 here, which would treat pure noise as an almost clean input.
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (count - 1)  # >= 1, so the rounded steps are distinct
+    # The published code sums the stride in a loop: the same steps for 10/20/25/50/100/250/500/1000 of 1000,
+    # but its rounding error moves a step by one for some counts (e.g. 21).
     return [round(i * stride) for i in range(count)]
 
 
@@ -36,6 +40,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale, bin_width=2 / 255):
     """Log-probability of x under a Gaussian integrated over the 8-bit bins of [-1, 1]."""
+    # Exact CDF where the published code has a tanh approximation: the t = 0 loss differs slightly.
     inv_std = (-log_scale).exp()
     cdf_plus = torch.special.ndtr(inv_std * (x - mean + bin_width / 2))
     cdf_minus = torch.special.ndtr(inv_std * (x - mean - bin_width / 2))
@@ -86,6 +91,7 @@ class GaussianDiffusion:
     @classmethod
     def respaced(cls, base_betas, use_timesteps):
         """Keep only `use_timesteps` of a base schedule, with betas that preserve its alphas_cumprod."""
+        # As improved-diffusion's SpacedDiffusion: these betas give back the kept steps' noise levels exactly.
         alphas_cumprod = torch.cumprod(1 - base_betas.double(), dim=0)[list(use_timesteps)]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         return cls(1 - alphas_cumprod / prev, timestep_map=list(use_timesteps))
@@ -117,11 +123,13 @@ class GaussianDiffusion:
         """Mean, log-variance and x_0 estimate of p(x_{t-1} | x_t) from the model's (eps, v) output."""
         eps, v = model_output.float().chunk(2, dim=1)
         x_t = x_t.float()
-        # Learned range: v in [-1, 1] interpolates the log-variance between the posterior variance and beta.
+        # Learned range (Nichol & Dhariwal 2021): v, nominally in [-1, 1] but not clamped (as published),
+        # interpolates the log-variance between the posterior variance (v = -1) and beta (v = 1).
         frac = (v + 1) / 2
         log_variance = frac * self.at("log_betas", t, x_t) + (1 - frac) * self.at(
             "posterior_log_variance_clipped", t, x_t
         )
+        # x_0 is not clipped: latents are unbounded (the published sampler has clip_denoised=False).
         pred_xstart = (
             self.at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self.at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -147,7 +155,8 @@ class GaussianDiffusion:
         mse = mean_flat((noise - eps) ** 2)
         # The mean is detached so the bound only shapes the variance; the MSE term trains the mean.
         vb = self.vb_terms(torch.cat([eps.detach(), v], dim=1), x_start, x_t, t)
-        # Scaling by T / 1000 keeps the bound's weight when the schedule has other than 1000 steps.
+        # Scaling by T / 1000 keeps the bound's weight when the schedule has other than 1000 steps: T * vb
+        # estimates the whole bound, times the hybrid loss's lambda = 0.001. At 1000 steps it is DiT's loss.
         vb = vb * self.num_timesteps / 1000
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
@@ -173,6 +182,7 @@ class GaussianDiffusion:
         """One DDIM update; eta = 0 is deterministic."""
         abar = self.at("alphas_cumprod", t, x)
         abar_prev = self.at("alphas_cumprod_prev", t, x)
+        # DDIM (Song et al. 2021, eq. 12), sigma scaled by eta; the learned variance is unused.
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x_prev = out["pred_xstart"] * abar_prev.sqrt() + (1 - abar_prev - sigma**2).sqrt() * out["eps"]
         if t[0] == 0 or eta == 0:
