@@ -1,11 +1,16 @@
-"""Benchmark of precision_recall.py: feature-extraction speed and what the real-feature cache saves.
+"""Benchmark of precision_recall.py: feature-extraction speed, what the real-feature cache saves, and
+what one shared Inception pass saves.
 
 Runs the script twice as a user would (default metrics: FID + VGG16 precision/recall), against the
 same real folder with two different generated folders ("two checkpoints"). The second run reads the
-real features from the cache. Networks have random weights of the real architectures (the real
-files cannot be downloaded here), so the speed is real and the metric values are meaningless.
+real features from the cache. Then it times, in this process, one Inception-v3 pass that yields the
+features of FID + sFID + IS + Inception precision/recall at once against one pass per metric (what
+running the metrics one by one costs), and prints the ratio. Networks have random weights of the real
+architectures (the real files cannot be downloaded here), so the speed is real and the metric values
+are meaningless.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,11 +19,16 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 from PIL import Image
+from torch_fidelity.utils import create_feature_extractor
 
 from core.cli import Parser, positive_int
 from core.errors import run_cli
+from features import extract_features
+from inputs import open_image_set
 from random_weights import write_random_weights
+from weights import WithSpatialFeatures
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,6 +61,41 @@ def rate(run, side, network):
     return entry["images"] / entry["seconds"] if entry["seconds"] else float("nan")
 
 
+def inception(path, layers, spatial=False):
+    """torch-fidelity's Inception-v3 with `layers`, wrapped for sFID's spatial features if asked."""
+    net = create_feature_extractor(
+        "inception-v3-compat", layers, cuda=False, feature_extractor_weights_path=path, verbose=False
+    )
+    return WithSpatialFeatures(net) if spatial else net
+
+
+def pass_seconds(image_set, extractor, settings):
+    start = time.perf_counter()
+    extract_features(image_set, extractor.to(settings.device), settings, "bench pass")
+    return time.perf_counter() - start
+
+
+def shared_pass_ratio(folder, path, batch_size):
+    """(shared seconds, separate seconds) over the images in `folder`."""
+    image_set = open_image_set(folder, "gen", "GEN_IMAGES_DIR")
+    image_set.intensity = {"kind": "integer", "bit_depth": 8}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = argparse.Namespace(batch_size=batch_size, num_workers=0, device=device)
+    shared = pass_seconds(image_set, inception(path, ["2048", "logits_unbiased"], spatial=True), settings)
+    # One pass per metric, each stopping where torch-fidelity can (its forward ends at the last layer asked):
+    # FID and precision/recall at pool3, IS at the logits, sFID at Mixed_6e's pooled output (768).
+    separate = sum(
+        pass_seconds(image_set, inception(path, layers, spatial), settings)
+        for layers, spatial in (
+            (["2048"], False),
+            (["768"], True),
+            (["logits_unbiased"], False),
+            (["2048"], False),
+        )
+    )
+    return shared, separate
+
+
 def main():
     parser = Parser(description=__doc__.splitlines()[0])
     # At least 4 images: precision/recall with k=3 needs k+1 per side.
@@ -69,6 +114,7 @@ def main():
         second_s, second = evaluate(
             real, gens[1], weights, cache, os.path.join(tmp, "2.json"), args.batch_size
         )
+        shared_s, separate_s = shared_pass_ratio(gens[0], weights[0], args.batch_size)
     device = first["settings"]["device"]
     print("precision_recall.py benchmark (random-weight Inception-v3 and VGG16 of the real architectures;")
     print("speeds are real, metric values meaningless)")
@@ -86,6 +132,11 @@ def main():
     print(f"  1st evaluation (cold cache):     {first_s:8.1f} s  (real-feature extraction {real_s[0]:.1f} s)")
     print(f"  2nd evaluation, same real set:   {second_s:8.1f} s  (real images re-extracted: {real_again})")
     print(f"  ratio 2nd / 1st:                 {second_s / first_s:8.2f}")
+    count = args.images
+    print("  Inception features of FID + sFID + IS + precision/recall (Inception):")
+    print(f"    one shared pass:               {count / shared_s:8.1f} images/s")
+    print(f"    a pass per metric (4 passes):  {count / separate_s:8.1f} images/s")
+    print(f"    speed-up of the shared pass:   {separate_s / shared_s:8.2f} x")
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ def extract_features(image_set, extractor, args, desc):
     return {name: torch.cat([c[j] for c in chunks])[order] for j, name in enumerate(names)}
 
 
-def real_cache_name(image_set, network, weights):
-    """Cache entry name of the real features: a hash of images, rule, extractor, weights, preprocessing."""
+def real_cache_name(image_set, network, weights, layers=None):
+    """Cache entry name of the real features: a hash of images, rule, extractor, weights, preprocessing and
+    the layers stored (an entry written before sFID's layer existed is not taken for one holding it)."""
     payload = {
+        "layers": layers,
         "input": image_set.identity(),
         "intensity": image_set.intensity,
         "extractor": NETWORKS[network]["extractor"],
@@ -76,31 +78,41 @@ def resize_protocol(network):
     return f"torch-fidelity TF1.x-compatible bilinear resize (align_corners=False) to {size}x{size}, no crop"
 
 
-def features_of_both(real, gen, network, extractor, weights, args, log):
-    """Real features (from the cache when it holds them) and generated features for one network."""
+def timed_extract(image_set, side, network, extractor, args, log):
+    """extract_features of one side, with its count and seconds logged under log['extracted']."""
+    start = time.perf_counter()
     label = NETWORKS[network]["label"]
+    features = extract_features(image_set, extractor, args, f"{side} features ({label})")
+    log["extracted"][side][network] = {"images": len(image_set), "seconds": time.perf_counter() - start}
+    return features
 
-    def extract(image_set, side):
-        start = time.perf_counter()
-        features = extract_features(image_set, extractor, args, f"{side} features ({label})")
-        log["extracted"][side][network] = {"images": len(image_set), "seconds": time.perf_counter() - start}
-        return features
 
+def real_features(real, network, extractor, weights, args, log):
+    """The real side's features for one network, from the cache when it holds them."""
     # Only the real side is cached: it is the set reused across checkpoints, each generated set is new.
     # A cache hit is logged as 0 images extracted.
     log["extracted"]["real"][network] = {"images": 0, "seconds": 0.0}
     names = list(extractor.get_requested_features_list()) + ["image_sizes"]
     path = None
     if not args.no_cache:
-        path = os.path.join(args.cache_dir, f"{real_cache_name(real, network, weights)}.npz")
+        path = os.path.join(args.cache_dir, f"{real_cache_name(real, network, weights, names)}.npz")
     if path and os.path.exists(path):
-        real_features = read_cached_features(path, names, len(real))
-        print(f"Real {label} features loaded from the cache in {args.cache_dir}", file=sys.stderr)
-    else:
-        real_features = extract(real, "real")
-        if path:
-            files.atomic_write(path, lambda tmp: write_arrays(tmp, real_features))
-    return real_features, extract(gen, "gen")
+        features = read_cached_features(path, names, len(real))
+        print(
+            f"Real {NETWORKS[network]['label']} features loaded from the cache in {args.cache_dir}",
+            file=sys.stderr,
+        )
+        return features
+    features = timed_extract(real, "real", network, extractor, args, log)
+    if path:
+        files.atomic_write(path, lambda tmp: write_arrays(tmp, features))
+    return features
+
+
+def features_of_both(real, gen, network, extractor, weights, args, log):
+    """Real features (from the cache when it holds them) and generated features for one network."""
+    real_side = real_features(real, network, extractor, weights, args, log)
+    return real_side, timed_extract(gen, "gen", network, extractor, args, log)
 
 
 def write_arrays(path, tensors):

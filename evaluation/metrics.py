@@ -1,7 +1,9 @@
-"""The metrics on extracted features: FID, precision/recall (k-NN radii, chunked distances), KID and IS,
-through torch-fidelity's metric functions, and the sample counts each one needs."""
+"""The metrics on extracted features: FID, sFID, precision/recall and density/coverage (k-NN radii, chunked
+distances), KID, IS and FD-DINOv2, through torch-fidelity's metric functions, and the sample counts each
+one needs."""
 
 import numpy as np
+import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -9,7 +11,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from core.errors import UserError
-from weights import NETWORKS, TORCH_FIDELITY_NAME
+from weights import NETWORKS, SFID_LAYER, TORCH_FIDELITY_NAME
 
 METRIC_ALIASES = {
     "fid": "fid",
@@ -22,15 +24,69 @@ METRIC_ALIASES = {
     "kid": "kid",
     "isc": "isc",
     "is": "isc",
+    "sfid": "sfid",
+    "density-coverage": "dc",
+    "density/coverage": "dc",
+    "density_coverage": "dc",
+    "dc": "dc",
+    "fd-dinov2": "fd-dinov2",
+    "fd_dinov2": "fd-dinov2",
+    "frd": "frd",
 }
-METRIC_ORDER = ("fid", "pr", "kid", "isc")
-METRIC_TITLES = {"fid": "FID", "pr": "precision/recall", "kid": "KID", "isc": "IS"}
+METRIC_ORDER = ("fid", "sfid", "pr", "dc", "kid", "isc", "fd-dinov2", "frd")
+METRIC_TITLES = {
+    "fid": "FID",
+    "sfid": "sFID",
+    "pr": "precision/recall",
+    "dc": "density/coverage",
+    "kid": "KID",
+    "isc": "IS",
+    "fd-dinov2": "FD-DINOv2",
+    "frd": "FRD",
+}
+METRIC_NAMES = "fid, sfid, pr, dc (density-coverage), kid, isc, fd-dinov2, frd"
 
 
 def layer_for(metric, network):
-    """torch-fidelity's default feature layer of `metric` for the network."""
+    """The feature layer `metric` reads: torch-fidelity's default for its metric, or sFID's own layer."""
+    if metric == "sfid":
+        return SFID_LAYER
     cls = FEATURE_EXTRACTORS_REGISTRY[NETWORKS[network]["extractor"]]
     return cls.get_default_feature_layer_for_metric(TORCH_FIDELITY_NAME[metric])
+
+
+def frechet_distance(real, gen):
+    """|mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) of Gaussians fitted to two feature sets."""
+    real_stats, gen_stats = fid_features_to_statistics(real), fid_features_to_statistics(gen)
+    return fid_statistics_to_metric(real_stats, gen_stats, False)[KEY_METRIC_FID]
+
+
+def kth_neighbour_radii(features, k, chunk):
+    """Distance of every row to its k-th nearest other row (itself excluded), in blocks of `chunk` rows."""
+    radii = []
+    for start in range(0, len(features), chunk):
+        distances = torch.cdist(features[start : start + chunk], features)
+        # Sorted column 0 is the row itself (distance 0), so column k is the k-th neighbour.
+        radii.append(distances.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def density_coverage(real, gen, k, chunk):
+    """Density and coverage (Naeem et al. 2020) on the real k-NN balls, in blocks of `chunk` generated rows.
+
+    density = mean over generated samples of (number of real balls holding it) / k; coverage = share of
+    real balls holding at least one generated sample. Strict `<`, as the authors' prdc package."""
+    # float64: the `<` against the radii must not flip on rounding of 4096-dim float32 distances.
+    real, gen = real.to(torch.float64), gen.to(torch.float64)
+    radii = kth_neighbour_radii(real, k, chunk)
+    inside_count, nearest_gen = 0, torch.full((len(real),), float("inf"), dtype=torch.float64)
+    for start in range(0, len(gen), chunk):
+        distances = torch.cdist(gen[start : start + chunk], real)  # (chunk, R)
+        inside_count += (distances < radii[None, :]).sum().item()
+        nearest_gen = torch.minimum(nearest_gen, distances.min(dim=0).values)
+    density = inside_count / (k * len(gen))
+    coverage = (nearest_gen < radii).double().mean().item()
+    return density, coverage
 
 
 def metric_values(metric, real, gen, network, args):
@@ -39,9 +95,20 @@ def metric_values(metric, real, gen, network, args):
     # FID (Heusel et al. 2017): Frechet distance of Gaussians fitted to the two sets' pool3 features,
     # |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)).
     if metric == "fid":
-        real_stats = fid_features_to_statistics(real[layer])
-        fid = fid_statistics_to_metric(real_stats, fid_features_to_statistics(gen[layer]), False)
-        return {"fid": fid[KEY_METRIC_FID]}
+        return {"fid": frechet_distance(real[layer], gen[layer])}
+    # sFID (Nash et al. 2021): the same distance on 7 x 17 x 17 = 2023 spatial features of Mixed_6d, which
+    # see layout and structure that the pooled pool3 features average away.
+    if metric == "sfid":
+        return {"sfid": frechet_distance(real[layer], gen[layer])}
+    # FD-DINOv2 (Stein et al. 2023): the Frechet distance on DINOv2 class tokens, which follow human
+    # judgements of image quality better than Inception features.
+    if metric == "fd-dinov2":
+        return {"fd_dinov2": frechet_distance(real[layer], gen[layer])}
+    if metric == "dc":
+        density, coverage = density_coverage(
+            real[layer].to(args.device), gen[layer].to(args.device), args.pr_k, args.pr_chunk_size
+        )
+        return {"density": density, "coverage": coverage}
     if metric == "pr":
         # Improved precision/recall (Kynkaanniemi et al. 2019): each sample's k-NN distance within its own
         # set is a ball radius; precision = share of generated samples inside some real ball, recall the
@@ -95,8 +162,12 @@ def compute_metrics(metrics, real, gen, network, args):
 
 
 def network_of(metric, args):
-    """Which network's features a metric uses."""
-    return "vgg16" if metric == "pr" and args.pr_features == "vgg16" else "inception"
+    """Which network's features a metric uses (FRD uses none: it reads the image files itself)."""
+    if metric in ("pr", "dc"):
+        return args.pr_features
+    if metric == "fd-dinov2":
+        return args.dinov2_model
+    return None if metric == "frd" else "inception"
 
 
 def minimum_counts(metric, args):
@@ -104,6 +175,10 @@ def minimum_counts(metric, args):
     # FID's covariance divides by N - 1; the k-th neighbour of a point, itself excluded, needs k + 1 points.
     return {
         "fid": (2, 2, "FID needs at least 2 images per side for a covariance"),
+        "sfid": (2, 2, "sFID needs at least 2 images per side for a covariance"),
+        "fd-dinov2": (2, 2, "FD-DINOv2 needs at least 2 images per side for a covariance"),
+        "frd": (2, 2, "FRD needs at least 2 images per side for a covariance"),
+        "dc": (args.pr_k + 1, 1, f"density/coverage with k={args.pr_k} needs k+1 real images"),
         "pr": (
             args.pr_k + 1,
             args.pr_k + 1,

@@ -1,4 +1,4 @@
-"""FID, precision/recall (Kynkaanniemi et al., k=3), KID and Inception Score of generated images.
+"""FID, sFID, precision/recall (Kynkaanniemi et al., k=3), density/coverage, KID, IS, FD-DINOv2 and FRD.
 
 Built on torch-fidelity: its Inception-v3 (FID network, TF-exact resize) and VGG16 feature
 extractors and its metric functions. This script adds folder/.npz inputs decoded by the project's
@@ -32,7 +32,10 @@ import re
 import sys
 import time
 
+import dinov2_vit
+import frd
 import torch
+from reference import write_reference
 
 from core import images
 from core.cli import (
@@ -49,6 +52,7 @@ from features import features_of_both, resize_protocol
 from inputs import DECODING, decoding_rule, match_classes, open_image_set, random_subset
 from metrics import (
     METRIC_ALIASES,
+    METRIC_NAMES,
     METRIC_ORDER,
     METRIC_TITLES,
     check_counts,
@@ -68,6 +72,8 @@ BATCH_SIZE = 32
 # Improved precision/recall (Kynkaanniemi et al. 2019) is defined on VGG16 fc2 features; ADM and DiT report
 # it on Inception pool3 instead, so both are offered to match either table.
 PR_FEATURES = ("vgg16", "inception")  # VGG16 fc2 (Kynkaanniemi et al.) or Inception pool3 (ADM, DiT)
+# FD-DINOv2 defaults to ViT-L/14, the backbone of Stein et al. 2023 (dgm-eval).
+DINOV2_MODELS = tuple(dinov2_vit.ARCHITECTURES)
 LOW_HIGH = dict(type=finite_float, nargs=2, metavar=("LOW", "HIGH"))  # --intensity-range's value pair
 
 
@@ -76,11 +82,24 @@ def parse_metrics(text):
     asked = [m.strip().lower() for m in re.split(r"[,\s]+", text) if m.strip()]
     unknown = [m for m in asked if m not in METRIC_ALIASES]
     if unknown or not asked:
-        raise argparse.ArgumentTypeError(
-            f"unknown metric(s) {unknown}; choose from fid, precision/recall, kid, isc"
-        )
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {unknown}; choose from {METRIC_NAMES}")
     chosen = {METRIC_ALIASES[m] for m in asked}
     return [m for m in METRIC_ORDER if m in chosen]
+
+
+def protocol_item(text):
+    """argparse type: KEY=VALUE of --protocol (a number stays a number in the JSON)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. sampler=ddim), got {text!r}")
+    try:
+        value = int(value)
+    except ValueError:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def seed(text):
@@ -107,7 +126,7 @@ def build_parser():
     # Inputs, device and run settings.
     add("--real", default=REAL_IMAGES_DIR, help="real images: folder (recursive) or .npz")
     add("--gen", default=GEN_IMAGES_DIR, help="generated images: folder (recursive) or .npz")
-    add("--metrics", type=parse_metrics, default="fid,precision/recall", help="any of fid, pr, kid, isc")
+    add("--metrics", type=parse_metrics, default="fid,precision/recall", help=f"any of {METRIC_NAMES}")
     add("--batch-size", "--batch_size", type=positive_int, default=BATCH_SIZE, help="images per batch")
     add("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     add("--num-workers", "--num_workers", type=nonnegative_int, help="image decoders (default: min(8, CPUs))")
@@ -131,6 +150,28 @@ def build_parser():
     add("--kid-subset-size", "--kid_subset_size", type=positive_int, default=1000, help="KID subset size")
     add("--kid-subsets", "--kid_subsets", type=positive_int, default=100, help="number of KID subsets")
     add("--isc-splits", "--isc_splits", type=positive_int, default=10, help="Inception Score splits")
+    add(
+        "--dinov2-model",
+        "--dinov2_model",
+        choices=DINOV2_MODELS,
+        default="dinov2-vit-l-14",
+        help="for fd-dinov2",
+    )
+    add("--dinov2-weights", "--dinov2_weights", help="DINOv2 file (or $EVAL_DINOV2_WEIGHTS)")
+    # The ADM reference batch and the sampling protocol, which the images alone do not tell.
+    add(
+        "--write-reference",
+        "--write_reference",
+        metavar="OUT.npz",
+        help="write --real as an ADM reference batch",
+    )
+    add(
+        "--protocol",
+        type=protocol_item,
+        action="append",
+        metavar="KEY=VALUE",
+        help="how the samples were made, e.g. sampler=ddim (repeatable)",
+    )
     return parser
 
 
@@ -195,8 +236,8 @@ def load_inputs(args):
 
 
 def networks_used(args):
-    """The networks the asked metrics need, in report order."""
-    return list(dict.fromkeys(network_of(m, args) for m in args.metrics))
+    """The networks the asked metrics need, in report order (FRD needs none)."""
+    return [n for n in dict.fromkeys(network_of(m, args) for m in args.metrics) if n]
 
 
 def per_class_metrics(result, metrics, classes, real_features, gen_features, network, args):
@@ -217,7 +258,8 @@ def evaluate(args, real, gen, classes, weights):
     """All asked metrics, network by network (each network loads its own weights file)."""
     result = {"metrics": {}, "failures": {}, "per_class": {}, "image_sizes": {}}
     log = {"extracted": {"real": {}, "gen": {}}}
-    # One pass per network feeds every metric on its features (overall and per class); each network's
+    # One pass per network feeds every metric on its features (overall and per class): FID, sFID, KID, IS
+    # and Inception precision/recall and density/coverage all come from one Inception pass. Each network's
     # real features are cached under their own key, since they depend on its weights file.
     for network in networks_used(args):
         metrics = [m for m in args.metrics if network_of(m, args) == network]
@@ -234,7 +276,33 @@ def evaluate(args, real, gen, classes, weights):
             "real": size_histogram(real_features["image_sizes"]),
             "gen": size_histogram(gen_features["image_sizes"]),
         }
+    if "frd" in args.metrics:
+        frd.evaluate(result, real, gen, classes, args)
     return result, log
+
+
+def metric_protocol(metric, args, real, gen, weights, versions):
+    """What one score depends on, written next to it: features, counts, seed, resize, precision, weights
+    (with their sha256), library versions, and the sampling protocol given by --protocol."""
+    network = network_of(metric, args)
+    entry = {"counts": {"real": len(real), "gen": len(gen)}, "seed": args.seed}
+    if network:
+        entry["features"] = f"{NETWORKS[network]['extractor']}:{layer_for(metric, network)}"
+        entry["resize"] = resize_protocol(network)
+        entry["weights"] = {"path": weights[network]["path"], "sha256": weights[network]["sha256"]}
+        # The networks run in float32 (TF32 off on CUDA); torch-fidelity fits the Gaussians in float64.
+        entry["precision"] = "float32 network and features, float64 statistics and distances"
+        entry["versions"] = versions
+    else:
+        entry.update(frd.protocol(args))
+    entry["settings"] = {
+        "pr": {"k": args.pr_k},
+        "dc": {"k": args.pr_k},
+        "kid": {"subset_size": args.kid_subset_size, "subsets": args.kid_subsets},
+        "isc": {"splits": args.isc_splits},
+    }.get(metric, {})
+    entry["sampling"] = dict(args.protocol or [])
+    return entry
 
 
 def describe(args, real, gen, weights, log, seconds):
@@ -243,6 +311,7 @@ def describe(args, real, gen, weights, log, seconds):
     # The values move with the feature layer, resize, decoding, weights file and library versions, so these
     # go next to the numbers: two tables compare only when these agree.
     settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    versions = library_versions()
     return {
         "real": os.path.abspath(args.real),
         "gen": os.path.abspath(args.gen),
@@ -250,7 +319,9 @@ def describe(args, real, gen, weights, log, seconds):
         "features": {
             m: f"{NETWORKS[network_of(m, args)]['extractor']}:{layer_for(m, network_of(m, args))}"
             for m in args.metrics
+            if network_of(m, args)
         },
+        "protocol": {m: metric_protocol(m, args, real, gen, weights, versions) for m in args.metrics},
         "preprocessing": {
             "decoding": DECODING,
             "intensity": {"real": real.intensity, "gen": gen.intensity},
@@ -262,17 +333,34 @@ def describe(args, real, gen, weights, log, seconds):
         },
         "cache": {"enabled": not args.no_cache, "dir": args.cache_dir, "extracted": log["extracted"]},
         "settings": settings,
-        "versions": library_versions(),
+        "versions": versions,
         "seconds": seconds,
     }
 
 
 def check_outputs(args):
-    """Fail on an unwritable --json or cache folder before any image is read."""
+    """Fail on an unwritable --json, --write-reference or cache folder before any image is read."""
     if args.json:
         ensure_writable_file(args.json, "--json")
+    if args.write_reference:
+        if not args.write_reference.lower().endswith(".npz"):
+            raise UserError(f"--write-reference {args.write_reference}: the file name must end in .npz")
+        ensure_writable_file(args.write_reference, "--write-reference")
     if not args.no_cache:
         ensure_writable_dir(args.cache_dir, "--cache-dir")
+
+
+def reference_mode(args):
+    """--write-reference: --real (subset by --max-samples) as an ADM reference batch; no --gen needed."""
+    found = open_image_set(args.real, "real", "REAL_IMAGES_DIR")
+    real = random_subset(found, args.max_samples, args.seed)
+    if len(real) < 2:
+        raise UserError(f"--write-reference needs at least 2 real images for a covariance, found {len(real)}")
+    real.intensity = decoding_rule(found, args)
+    print(f"Real: {len(real)} of {real.total} images in {args.real}", file=sys.stderr)
+    weights = resolve_weights("inception", args.inception_weights)
+    write_reference(args.write_reference, real, weights, args, {"extracted": {"real": {}, "gen": {}}})
+    return 0
 
 
 def main(argv=None):
@@ -282,12 +370,18 @@ def main(argv=None):
     # extraction.
     check_outputs(args)
     args.device = select_device(args.device)
+    if args.write_reference:
+        return reference_mode(args)
+    if "frd" in args.metrics:
+        frd.check_available()  # before any image is read: a missing package is one line, not a late failure
     titles = ", ".join(METRIC_TITLES[m] for m in args.metrics)
     print(
         f"Metrics {titles} on {args.device}, batch size {args.batch_size}, {args.num_workers} workers",
         file=sys.stderr,
     )
     real, gen, classes = load_inputs(args)
+    if "frd" in args.metrics:
+        frd.check_inputs(real, gen)
     # Weights only for the networks the asked metrics use, after the inputs, so bad input fails before
     # any download.
     weights = {n: resolve_weights(n, getattr(args, NETWORKS[n]["dest"])) for n in networks_used(args)}

@@ -1,13 +1,14 @@
-"""Write random-weight Inception-v3 (FID) and VGG16 weight files of the real architectures.
+"""Write random-weight Inception-v3 (FID), VGG16 and DINOv2 weight files of the real architectures.
 
 Tests and the benchmark use them on machines that cannot download the real files: they load
-through the same `--inception-weights` / `--vgg-weights` path, so every code path but the numbers
-themselves is the one used with real weights. Numbers from these files mean nothing.
+through the same `--inception-weights` / `--vgg-weights` / `--dinov2-weights` path, so every code path
+but the numbers themselves is the one used with real weights. Numbers from these files mean nothing.
 """
 
 import os
 from unittest import mock
 
+import dinov2_vit
 import torch
 import torch.nn as nn
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
@@ -46,6 +47,24 @@ def random_inception_state_dict(seed=0):
 def random_vgg16_state_dict(seed=0):
     """State dict of torchvision's VGG16 (the architecture torch-fidelity loads) with random weights."""
     return _init_variance_preserving(torchvision.models.vgg16(), seed).state_dict()
+
+
+def random_dinov2_state_dict(name="dinov2-vit-s-14", seed=0):
+    """State dict of a DINOv2 backbone (dinov2_vit.py, the hub's keys and shapes) with random weights."""
+    model = _init_variance_preserving(dinov2_vit.DinoVisionTransformer(name), seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # small random tokens, as the original init (truncated normal, std 0.02)
+        for parameter in (model.cls_token, model.pos_embed, model.mask_token):
+            parameter.normal_(0.0, 0.02, generator=generator)
+    return model.state_dict()
+
+
+def write_random_dinov2(folder, name="dinov2-vit-s-14", seed=0):
+    """Save a random DINOv2 file named like the hub's (e.g. dinov2_vits14_pretrain.pth); returns its path."""
+    ensure_writable_dir(folder, "folder")
+    path = os.path.join(folder, f"random-{dinov2_vit.HUB_NAMES[name]}_pretrain.pth")
+    files.atomic_save(random_dinov2_state_dict(name, seed), path)
+    return path
 
 
 def write_random_weights(folder, seed=0):

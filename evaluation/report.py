@@ -21,12 +21,17 @@ def metric_lines(values, failures, metrics, args):
     """Report lines in the seed's format ('FID (InceptionV3):     12.3456')."""
     lines = []
     for metric in metrics:
-        label = NETWORKS[network_of(metric, args)]["label"]
+        network = network_of(metric, args)
+        label = NETWORKS[network]["label"] if network else "radiomics"
         rows = {
             "fid": [(f"FID ({label}):", "fid", None)],
+            "sfid": [(f"sFID ({label}):", "sfid", None)],
             "pr": [(f"Precision ({label}):", "precision", None), (f"Recall ({label}):", "recall", None)],
+            "dc": [(f"Density ({label}):", "density", None), (f"Coverage ({label}):", "coverage", None)],
             "kid": [(f"KID ({label}):", "kid_mean", "kid_std")],
             "isc": [(f"IS ({label}):", "isc_mean", "isc_std")],
+            "fd-dinov2": [(f"FD ({label}):", "fd_dinov2", None)],
+            "frd": [("FRD (radiomics):", "frd", None)],
         }[metric]
         for title, key, spread in rows:
             if metric in failures:

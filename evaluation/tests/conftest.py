@@ -82,6 +82,16 @@ def run_script(args, env=None, cwd=FOLDER, script=SCRIPT, interpreter=sys.execut
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def frd_installed():
+    """Whether the optional FRD packages (requirements-frd.txt) can be imported."""
+    try:
+        import frd_score  # noqa: F401
+        import radiomics  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PARALLEL, Evil, run_script
+from conftest import PARALLEL, Evil, frd_installed, run_script
 
 
 def good_images(folder, count):
@@ -72,6 +72,17 @@ def build_cases(root, weights):
     open(a_file, "w").close()
     fid = ["--metrics", "fid"]
     base = ["--real", good, "--gen", good, *fid, *flags]
+
+    mixed = good_images(os.path.join(root, "mixed_sizes"), 3)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(os.path.join(mixed, "3.png"))
+    one = good_images(os.path.join(root, "one"), 1)
+    three = good_images(os.path.join(root, "three_dc"), 3)
+    # FRD reads files: an .npz input is refused, or (without the optional packages) FRD itself is.
+    frd_text = "is an .npz: pass a folder" if frd_installed() else "needs the optional packages"
+
+    def metric(real, gen, name, text, *extra):
+        """A case of one metric on the given sides: (args, env, text)."""
+        return (["--real", real, "--gen", gen, "--metrics", name, *extra, *flags], {}, text)
 
     def value(*args):
         """A case of one bad flag value on otherwise good input: (args, env, text)."""
@@ -212,6 +223,44 @@ def build_cases(root, weights):
             "unknown metric",
         ),
         "bad device": (["--real", good, "--gen", good, "--device", "gpu0", *flags], {}, "--device gpu0"),
+        "unknown DINOv2 model": value("--dinov2-model", "dinov2-vit-x-14", "--dinov2-model/--dinov2_model"),
+        "DINOv2 weights missing offline": (
+            ["--real", good, "--gen", good, "--metrics", "fd-dinov2", *flags],
+            {"TORCH_HOME": os.path.join(root, "torch_home")},
+            "dinov2_vitl14_pretrain.pth elsewhere and pass the file with --dinov2-weights",
+        ),
+        "missing DINOv2 file": (
+            ["--real", good, "--gen", good, "--metrics", "fd-dinov2", "--dinov2-weights", root + "/x.pth"],
+            {},
+            "DINOv2 ViT-L/14 weights file not found",
+        ),
+        "DINOv2 file of another network": metric(
+            good,
+            good,
+            "fd-dinov2",
+            "pass the right file with --dinov2-weights",
+            "--dinov2-weights",
+            weights[0],
+        ),
+        "too few images for sFID": metric(good, one, "sfid", "sFID needs at least 2 images per side"),
+        "too few real images for density/coverage": metric(
+            three, good, "dc", "density/coverage with k=3 needs k+1 real images"
+        ),
+        "too few images for FD-DINOv2": metric(
+            one, good, "fd-dinov2", "FD-DINOv2 needs at least 2 images per side"
+        ),
+        "write-reference of mixed sizes": (
+            ["--real", mixed, "--write-reference", os.path.join(root, "ref.npz"), *flags],
+            {},
+            "--write-reference needs images of one size",
+        ),
+        "write-reference not an npz name": value(
+            "--write-reference", os.path.join(root, "ref.txt"), "end in .npz"
+        ),
+        "protocol without a value": value("--protocol", "sampler", "expected KEY=VALUE"),
+        "FRD of an npz or without its packages": metric(
+            good, os.path.join(root, "bare_labels.npz"), "frd", frd_text
+        ),
         "constants not edited": ([], {}, "REAL_IMAGES_DIR"),
     }
 
@@ -273,6 +322,17 @@ CASES = [
     "unknown metric",
     "bad device",
     "constants not edited",
+    "unknown DINOv2 model",
+    "DINOv2 weights missing offline",
+    "missing DINOv2 file",
+    "DINOv2 file of another network",
+    "too few images for sFID",
+    "too few real images for density/coverage",
+    "too few images for FD-DINOv2",
+    "write-reference of mixed sizes",
+    "write-reference not an npz name",
+    "protocol without a value",
+    "FRD of an npz or without its packages",
 ]
 
 
