@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import likelihood
-from core import cli, datasets, images, sde, sde_sampling, training
+from core import cli, datasets, images, sde_cli, training
 from core.files import clean_temporaries
 from diffusion import Diffusion, sample_objective
 from flags import add_config_flag, add_train_args, parse_flags
@@ -39,9 +39,6 @@ from utils import (
 MODES = ("train", "train_ddp", "sample", "sample_ddp")
 GRID_MAX_ROWS = 10
 USE_EMA_HELP = "EMA weights (unset: EMA for a training checkpoint); --use-ema false: the raw weights"
-DISCRETE_SAMPLERS = ("ddpm", "ddim")
-SAMPLERS = DISCRETE_SAMPLERS + sde_sampling.METHODS
-SAMPLER_HELP = "ddpm / ddim for ddpm models; pc, euler, heun, rk45 (= ode), dpm++ for vp / subvp / ve / flow"
 STEPS_HELP = "sampling steps (unset: ddpm 1000, ddim 50, pc 1000, euler 100, heun 50, dpm++ 20; rk45 adapts)"
 LIKELIHOOD_HELP = "instead of sampling: bits/dim of the images in this folder (vp / subvp / ve / flow)"
 
@@ -57,16 +54,9 @@ def add_sample_args(parser):
     flag("class_labels", nargs="+", help="classes to generate, as indices or folder names (unset: all)")
     flag("cfg_scale", type=cli.nonnegative_float, default=3.0, help="CFG scale (0: unconditional, 1: no CFG)")
     flag("output_dir", default="samples", help="writes <output-dir>/<class_name>/<index>.png")
-    flag("sampler", choices=SAMPLERS, help=SAMPLER_HELP + " (unset: ddpm; pc for SDEs; euler for flow)")
     flag("steps", type=cli.positive_int, help=STEPS_HELP)
     flag("eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise (0: deterministic)")
-    # The continuous-time samplers' settings, with score_sde's defaults.
-    flag("predictor", default="reverse_diffusion", choices=sde_sampling.PREDICTORS, help="pc: predictor")
-    flag("snr", type=cli.positive_float, default=0.16, help="pc: signal-to-noise ratio of the Langevin steps")
-    flag("corrector_steps", type=cli.nonnegative_int, default=1, help="pc: Langevin steps per step (0: none)")
-    flag("rtol", type=cli.positive_float, default=1e-5, help="rk45 and --likelihood: relative tolerance")
-    flag("atol", type=cli.positive_float, default=1e-5, help="rk45 and --likelihood: absolute tolerance")
-    flag("likelihood", metavar="FOLDER", help=LIKELIHOOD_HELP)
+    sde_cli.add_sampler_flags(parser, LIKELIHOOD_HELP, dashed=True)  # --sampler, pc / ODE, --likelihood
     flag("npz", action="store_true", help="also <output-dir>.npz: arr_0 uint8 N x H x W x 3, arr_1 labels")
     flag("grid_path", help="also an image grid of the samples, one column per class (outside --output-dir)")
 
@@ -100,28 +90,10 @@ def load_sampling_model(args, explicit):
 def sampling_plan(args, config):
     """The objective (None: discrete DDPM), sampler and steps a run uses; a setting that does not apply to
     the checkpoint's objective is a UserError."""
-    objective = sde.objective_of(config)
-    if objective is None:
-        if args.sampler not in (None, *DISCRETE_SAMPLERS) or args.likelihood:
-            wanted = "--likelihood" if args.likelihood else f"--sampler {args.sampler}"
-            raise UserError(
-                f"{args.ckpt} is a ddpm-objective model, which samples with ddpm or ddim: {wanted} needs a "
-                "model trained with --objective vp, subvp, ve or flow"
-            )
-        if args.steps is not None and args.steps > config["noise_steps"]:
-            raise UserError(f"--steps must be between 1 and {config['noise_steps']}, got {args.steps}")
-        return {"objective": None, "method": args.sampler or "ddpm", "steps": args.steps}
-    if args.sampler in DISCRETE_SAMPLERS:
-        raise UserError(
-            f"{args.ckpt} is a {objective.name}-objective model, which samples with "
-            f"{'euler, heun or rk45' if objective.is_flow else 'pc, euler, heun, rk45 or dpm++'}, "
-            f"not --sampler {args.sampler}"
-        )
-    method, steps = sde_sampling.resolve_sampler(objective, args.sampler, args.steps)
-    settings = dict(predictor=args.predictor, snr=args.snr, corrector_steps=args.corrector_steps)
-    settings.update(rtol=args.rtol, atol=args.atol)
-    sde_sampling.check_sampler(objective, method, steps, **settings)
-    return {"objective": objective, "method": method, "steps": steps, **settings}
+    plan = sde_cli.sampling_plan(config, args, args.steps, args.ckpt)
+    if plan["objective"] is None and args.steps is not None and args.steps > config["noise_steps"]:
+        raise UserError(f"--steps must be between 1 and {config['noise_steps']}, got {args.steps}")
+    return plan
 
 
 def flag_intensity(args):

@@ -3,7 +3,7 @@
 
 from functools import partial
 
-from core import cli, datasets, sde
+from core import cli, datasets, sde_cli
 from utils import add_flag
 
 # Help texts too long to share a line with their flag.
@@ -13,8 +13,6 @@ SAVE_HELP = "every this many epochs: save checkpoints, held-out loss and a sampl
 VAL_HELP = "fraction of images held out to choose ckpt_best.pt (0 disables)"
 ATTN = " (unset: the levels below full size, up to 32)"
 GC = "recompute activations in the backward pass to save GPU memory"
-OBJECTIVE_HELP = "ddpm (discrete, the original), vp / subvp / ve SDEs, or flow (rectified flow)"
-LW_HELP = "weight the vp / subvp / ve loss by g(t)^2, a bound on the likelihood (Song et al. 2021)"
 
 
 def add_train_args(parser, conditional=True):
@@ -49,13 +47,7 @@ def add_train_args(parser, conditional=True):
     flag("noise_steps", type=cli.positive_int, default=1000, help="diffusion timesteps T")
     flag("beta_start", type=cli.positive_float, default=1e-4, help="first beta of the linear schedule")
     flag("beta_end", type=cli.positive_float, default=0.02, help="last beta (0 < beta-start < beta-end < 1)")
-    # The continuous-time objectives of core/sde.py; their constants default (None) to score_sde's.
-    flag("objective", default="ddpm", choices=sde.OBJECTIVES, help=OBJECTIVE_HELP)
-    flag("beta_min", type=cli.positive_float, help="vp / subvp: beta(0) (unset: 0.1)")
-    flag("beta_max", type=cli.positive_float, help="vp / subvp: beta(1) (unset: 20)")
-    flag("sigma_min", type=cli.positive_float, help="ve: smallest noise level (unset: 0.01)")
-    flag("sigma_max", type=cli.positive_float, help="ve: largest noise level (unset: 50)")
-    flag("likelihood_weighting", action="store_true", help=LW_HELP)
+    sde_cli.add_objective_flags(parser, dashed=True)  # --objective and its constants (core/sde_cli.py)
     flag("base_channels", type=cli.positive_int, default=64, help="UNet width (first level channels, even)")
     flag("time_dim", type=cli.positive_int, default=256, help="size of the time (and class) embedding")
     flag("attn_resolutions", type=cli.positive_int, nargs="+", help="feature-map sides with attention" + ATTN)

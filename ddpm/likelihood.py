@@ -5,12 +5,11 @@ and integrated through the probability-flow ODE with the Hutchinson trace estima
 The figure is per pixel and channel at the data's bit depth: 8-bit CIFAR-10 numbers compare directly.
 """
 
-import math
 import time
 
 import torch
 
-from core import datasets, sde_sampling, training
+from core import datasets, sde_cli, sde_sampling
 from utils import ImageDataset, UserError, make_accelerator
 
 
@@ -38,41 +37,27 @@ def report(args, model, class_names, intensity, objective):
     conditional = model.num_classes is not None
     files, labels = labelled_files(args.likelihood, class_names, conditional)
     data = ImageDataset(files, labels, model.img_size, model.c_in, intensity)
+    bit_depth = intensity["bit_depth"]
+
+    def score(indices, generator):
+        batch = [data[i] for i in indices]
+        x = torch.stack([image for image, _ in batch]).to(accelerator.device)
+        y = torch.tensor([label for _, label in batch], device=x.device) if conditional else None
+        x = sde_sampling.dequantize(x, bit_depth, generator)  # uniform noise over each grey level
+        tolerances = dict(rtol=args.rtol, atol=args.atol)
+        return sde_sampling.bits_per_dim(model, x, objective, y, bit_depth, generator=generator, **tolerances)
+
     accelerator = make_accelerator(args.device)
     try:
         model = model.to(accelerator.device).eval()
         start = time.perf_counter()
-        sums = score_share(model, data, objective, args, accelerator)
-        total, squares, count = training.sum_across(accelerator, *sums)
+        mean, spread, count = sde_cli.likelihood(accelerator, len(data), args.batch_size, args.seed, score)
         seconds = time.perf_counter() - start
     finally:
         accelerator.end_training()
     if accelerator.is_main_process:
-        mean = total / count
-        # Standard error of the mean over images (the estimator's own noise is part of each image's value).
-        spread = math.sqrt(max(squares / count - mean**2, 0.0) / max(count - 1, 1))
         print(
-            f"bits/dim of {int(count)} images in {args.likelihood}: {mean:.4f} +- {spread:.4f} "
-            f"({objective.name} objective, {intensity['bit_depth']}-bit data, probability-flow ODE with RK45 "
+            f"bits/dim of {count} images in {args.likelihood}: {mean:.4f} +- {spread:.4f} "
+            f"({objective.name} objective, {bit_depth}-bit data, probability-flow ODE with RK45 "
             f"rtol {args.rtol:g} atol {args.atol:g}, Hutchinson estimator; {seconds:.1f} s)"
         )
-
-
-def score_share(model, data, objective, args, accelerator):
-    """(sum, sum of squares, count) of bits/dim over this rank's strided share of the images."""
-    indices = list(range(len(data)))[accelerator.process_index :: accelerator.num_processes]
-    bit_depth = data.intensity["bit_depth"]
-    total = squares = 0.0
-    for first in range(0, len(indices), args.batch_size):
-        batch = [data[i] for i in indices[first : first + args.batch_size]]
-        device = accelerator.device
-        x = torch.stack([image for image, _ in batch]).to(device)
-        y = torch.tensor([label for _, label in batch], device=device) if model.num_classes else None
-        # Seeded by the batch's first image: the same dequantisation and probes for any process count.
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + indices[first])
-        x = sde_sampling.dequantize(x, bit_depth, gen)
-        bpd = sde_sampling.bits_per_dim(
-            model, x, objective, y, bit_depth, rtol=args.rtol, atol=args.atol, generator=gen
-        )
-        total, squares = total + bpd.sum().item(), squares + bpd.pow(2).sum().item()
-    return total, squares, len(indices)

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core import cli, images, training
+from core import cli, images, sde_cli, training
 from core.errors import UserError, run_cli
 from core.files import TEMP_MARK, atomic_write, clean_temporaries
 from diffusion import classifier_free_guidance, create_diffusion
-from diffusion.objectives import STEPS_HELP, add_sampler_flags, choose_sampler, sample_latents, saved_keys
+from diffusion.objectives import STEPS_HELP, add_sampler_flags, choose_sampler, saved_keys
 from download import official_checkpoint
 from utils import (
     accelerator_for,
@@ -230,7 +230,9 @@ def sample_batch(model, vae, diffusion, config, args, labels, seed, accelerator)
             latents = diffusion.sample_loop(model_fn, noise, y, plan["method"], args.eta, generator)
             nfe = plan["steps"]
         else:
-            latents, nfe = sample_latents(model_fn, plan, shape, y, generator, device)
+            latents, nfe = sde_cli.sample_with_plan(
+                model_fn, plan, shape, y=y, generator=generator, device=device
+            )
     return images_from_latents(vae, latents.float(), config["latent_scale"], config["channels"]), nfe
 
 

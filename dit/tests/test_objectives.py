@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import DIT_DIR, run_script
+from core import testing
 
 # (objective, sampler, extra flags, NFE per batch; None: rk45 chooses). pc needs more steps than
 # beta_max = 20 on the VP family (fewer leave no signal); ve's and flow's steps are free.
@@ -162,3 +163,13 @@ def test_config_presets_set_flags_that_typed_flags_override():
         assert args.objective == name and args.learning_rate == 1e-4
     args = parser.parse_args(["--config", os.path.join(folder, "vp.yaml"), "--beta-max", "5"])
     assert (args.beta_min, args.beta_max) == (0.1, 5.0)
+
+
+def test_python_api_example_of_the_readme_runs(tmp_path):
+    readme = open(os.path.join(DIT_DIR, "README.md")).read()
+    example = next(block for block in readme.split("```python")[1:] if "Objective.from_config" in block)
+    script = tmp_path / "example.py"
+    checks = "assert latents.shape == (4, 4, 8, 8) and nfe == 10 and torch.isfinite(latents).all()\n"
+    script.write_text(example.split("```")[0] + checks)
+    # Its own process, with dit/ importable as for a user's script that sits next to models.py.
+    testing.run(script, env={"PYTHONPATH": DIT_DIR}, check=True)
