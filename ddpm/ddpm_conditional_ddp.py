@@ -4,7 +4,8 @@ Modes: `train` and `sample` run as one process (`python ddpm_conditional_ddp.py 
 `sample_ddp` run one process per GPU under torchrun (NCCL on GPUs, gloo on CPUs), on one node or several.
 Sampling reads the architecture, schedule, class names and intensity rule from the checkpoint and uses its EMA
 weights; a bare state_dict needs the architecture flags it was trained with. Samples are written at the
-training data's depth: 8-bit PNG, 16-bit PNG for deeper integer data, TIFF for float data.
+training data's depth: 8-bit PNG, 16-bit PNG for deeper integer data, TIFF for float data. --classifier adds
+classifier guidance by a classifier of train_classifier.py, for conditional and unconditional models alike.
 """
 
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 import likelihood
+from classifier import CLASSIFIER_FORMAT, check_fits, load_classifier
 from core import cli, datasets, images, sde_cli, training
 from core.files import clean_temporaries
 from diffusion import Diffusion, sample_objective
@@ -41,6 +43,8 @@ GRID_MAX_ROWS = 10
 USE_EMA_HELP = "EMA weights (unset: EMA for a training checkpoint); --use-ema false: the raw weights"
 STEPS_HELP = "sampling steps (unset: ddpm 1000, ddim 50, pc 1000, euler 100, heun 50, dpm++ 20; rk45 adapts)"
 LIKELIHOOD_HELP = "instead of sampling: bits/dim of the images in this folder (vp / subvp / ve / flow)"
+CLASSIFIER_HELP = "classifier guidance by this train_classifier.py checkpoint (ddpm and ddim samplers)"
+SCALE_HELP = "classifier guidance scale S: DDPM mean + S Sigma grad log p(y|x_t) (0: unguided)"
 
 
 def add_sample_args(parser):
@@ -56,6 +60,8 @@ def add_sample_args(parser):
     flag("output_dir", default="samples", help="writes <output-dir>/<class_name>/<index>.png")
     flag("steps", type=cli.positive_int, help=STEPS_HELP)
     flag("eta", type=cli.nonnegative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    flag("classifier", metavar="PATH", help=CLASSIFIER_HELP)
+    flag("classifier_scale", type=cli.nonnegative_float, default=1.0, metavar="S", help=SCALE_HELP)
     sde_cli.add_sampler_flags(parser, LIKELIHOOD_HELP, dashed=True)  # --sampler, pc / ODE, --likelihood
     flag("npz", action="store_true", help="also <output-dir>.npz: arr_0 uint8 N x H x W x 3, arr_1 labels")
     flag("grid_path", help="also an image grid of the samples, one column per class (outside --output-dir)")
@@ -80,6 +86,8 @@ def load_sampling_model(args, explicit):
     if args.ckpt is None:
         raise UserError("pass --ckpt with a checkpoint, e.g. ./models/DDPM_conditional/ema_ckpt.pt")
     ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("format") == CLASSIFIER_FORMAT:
+        raise UserError(f"{args.ckpt} is a classifier: pass it as --classifier, and the DDPM as --ckpt")
     # Files of this project carry the architecture; a bare state_dict (the original's ckpt.pt) does not.
     full = is_full_checkpoint(ckpt)
     plan = sampling_plan(args, saved_config(ckpt) if full else vars(args))
@@ -155,6 +163,28 @@ def model_from_state_dict(state_dict, args):
         ) from None
     class_names = [str(i) for i in range(args.num_classes or 0)]
     return model, class_names, config, flag_intensity(args) or images.EIGHT_BIT, "the bare state_dict"
+
+
+def load_guide(args, explicit, model, config, class_names, objective):
+    """The classifier of --classifier (None without one) and the class names the samples are labelled with:
+    the DDPM's, or for an unconditional DDPM the classifier's."""
+    if args.classifier is None:
+        if "classifier_scale" in explicit:
+            raise UserError(
+                "--classifier-scale needs --classifier PATH (a checkpoint of train_classifier.py)"
+            )
+        return None, class_names
+    if args.likelihood:
+        raise UserError("--likelihood computes bits/dim without guidance: drop --classifier")
+    if objective is not None:
+        raise UserError(
+            f"{args.ckpt} is a {objective.name}-objective model: classifier guidance is for the discrete "
+            "DDPM (samplers ddpm and ddim)"
+        )
+    classifier, ckpt = load_classifier(args.classifier)
+    conditional = model.num_classes is not None
+    check_fits(ckpt, config, class_names, conditional, args.classifier)
+    return classifier, class_names if conditional else ckpt["class_names"]
 
 
 def parse_class_labels(tokens, class_names):
@@ -253,7 +283,7 @@ def generate(plan, draw, args, accelerator, intensity):
     return len(mine), len(batches), len(plan) - len(todo), nfe
 
 
-def sampler_for(model, config, sampler, args, device):
+def sampler_for(model, config, sampler, args, device, classifier=None):
     """draw(n, labels, generator) -> (images in [0, 1], NFE) for the plan of sampling_plan()."""
     if sampler["objective"] is not None:
         options = {k: v for k, v in sampler.items() if k != "objective"}
@@ -268,7 +298,8 @@ def sampler_for(model, config, sampler, args, device):
     def draw(n, labels, generator):
         out = diffusion.sample(
             model, n, labels, args.cfg_scale, log_time=False, sampler=method, steps=sampler["steps"],
-            eta=args.eta, generator=generator, output_type="float",
+            eta=args.eta, generator=generator, output_type="float", classifier=classifier,
+            classifier_scale=args.classifier_scale,
         )  # fmt: skip
         return out, steps
 
@@ -296,23 +327,30 @@ def write_extras(plan, args, class_names, intensity, channels):
 def sample(args, explicit):
     """Write --num-samples images, skipping those already there, split over the processes."""
     model, class_names, config, intensity, weights, sampler = load_sampling_model(args, explicit)
+    classifier, class_names = load_guide(args, explicit, model, config, class_names, sampler["objective"])
     if args.likelihood:
         return likelihood.report(args, model, class_names, intensity, sampler["objective"])
-    plan = plan_outputs(args, class_names, model.num_classes is not None, images.suffix(intensity))
+    # An unconditional DDPM guided by a classifier writes class folders, as a conditional one does.
+    labelled = model.num_classes is not None or classifier is not None
+    plan = plan_outputs(args, class_names, labelled, images.suffix(intensity))
     prepare_outputs(args, plan)
     # Every check is done: only now start the process group (one process under python, several under
     # torchrun or accelerate launch); sampling needs no mixed precision from it.
     accelerator = make_accelerator(args.device)
     try:
-        sample_on(accelerator, plan, model, config, sampler, args, class_names, intensity, weights)
+        sample_on(
+            accelerator, plan, (model, classifier), config, sampler, args, class_names, intensity, weights
+        )
     finally:
         accelerator.end_training()
 
 
-def sample_on(accelerator, plan, model, config, sampler, args, class_names, intensity, weights):
-    """The sampling of sample() once the process group runs: images, then the summary, .npz and grid."""
-    model = model.to(accelerator.device).eval()
-    draw = sampler_for(model, config, sampler, args, accelerator.device)
+def sample_on(accelerator, plan, models, config, sampler, args, class_names, intensity, weights):
+    """The sampling of sample() once the process group runs: images, then the summary, .npz and grid.
+
+    models: the DDPM and the guiding classifier (or None)."""
+    model, classifier = (m if m is None else m.to(accelerator.device).eval() for m in models)
+    draw = sampler_for(model, config, sampler, args, accelerator.device, classifier)
     start = time.perf_counter()
     written, batches, skipped, nfe = generate(plan, draw, args, accelerator, intensity)
     # The sum is collective, so it also waits for every rank's last file before the .npz reads them.
@@ -322,8 +360,10 @@ def sample_on(accelerator, plan, model, config, sampler, args, class_names, inte
     if accelerator.is_main_process:
         # NFE: network evaluations per batch (rk45 chooses its own, so it is an average over batches).
         nfe_per_batch = round(nfe_total / batches_total) if batches_total else 0
+        guidance = f"cfg_scale {args.cfg_scale}"
+        guidance += f", classifier_scale {args.classifier_scale}" if classifier is not None else ""
         print(
-            f"{sampler['method']}, NFE {nfe_per_batch} per batch, cfg_scale {args.cfg_scale}, the {weights} "
+            f"{sampler['method']}, NFE {nfe_per_batch} per batch, {guidance}, the {weights} "
             f"of {args.ckpt} on {accelerator.num_processes} process(es), {accelerator.device}; "
             f"writing {images.describe(intensity)}"
         )

@@ -1,12 +1,13 @@
 """The DDPM diffusion process: linear beta schedule, forward noising, the training loss, and DDPM and DDIM
-sampling with classifier-free guidance (one batched forward pass for both branches); and sampling of the
-continuous-time objectives of core/sde.py with the same output types."""
+sampling with classifier-free guidance (one batched forward pass for both branches) and classifier
+guidance; and sampling of the continuous-time objectives of core/sde.py with the same output types."""
 
 import time
 
 import torch
 from tqdm import tqdm
 
+from classifier import log_prob_gradient
 from core.training import timing_line
 from utils import pick_device, to_uint8, to_unit
 
@@ -76,6 +77,31 @@ class Diffusion:
         # Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional prediction.
         return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
 
+    @staticmethod
+    def posterior_variance(scheduler, t):
+        """Sigma of the DDPM step from t to the scheduler's previous timestep: the variance of its noise."""
+        # The same beta-tilde as diffusers' "fixed_small" variance, for strided steps too; 0 at the last step.
+        prev = int(scheduler.previous_timestep(t))
+        alpha_bar = scheduler.alphas_cumprod[t]
+        alpha_bar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.ones(())
+        return (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+
+    def guided_step(self, scheduler, eps, t, x, grad, scale, generator=None, **extra):
+        """One DDPM or DDIM step with classifier guidance by grad = grad_x log p(y | x_t); grad None: none.
+
+        DDPM shifts the mean by scale * Sigma * grad (Dhariwal & Nichol 2021, Algorithm 1); DDIM corrects
+        the noise as ADM's condition_score does: eps - sqrt(1 - alpha_bar_t) * scale * grad.
+        """
+        from diffusers import DDIMScheduler
+
+        ddim = isinstance(scheduler, DDIMScheduler)
+        if grad is not None and ddim:
+            eps = eps - (1 - scheduler.alphas_cumprod[t]).sqrt() * scale * grad
+        x_prev = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+        if grad is not None and not ddim:  # mean + sigma z + shift: the shifted mean, with the same noise
+            x_prev = x_prev + scale * self.posterior_variance(scheduler, t) * grad
+        return x_prev
+
     @torch.no_grad()
     def sample(
         self,
@@ -89,15 +115,24 @@ class Diffusion:
         eta=0.0,
         generator=None,
         output_type="uint8",
+        classifier=None,
+        classifier_scale=1.0,
     ):
         """Generate n images (n, C, H, W); labels=None samples unconditionally.
 
         output_type "uint8" gives 0..255; "float" gives float32 in [0, 1], for writing more than 8 bits.
+        A classifier (classifier.EncoderClassifier of this schedule) guides toward the labels, also for an
+        unconditional model; classifier_scale 0 is no classifier guidance at all.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
-        if labels is not None and (model.num_classes is None or len(labels) != n):
-            raise ValueError("labels need a conditional model and one label per image")
+        guided = classifier is not None and classifier_scale != 0
+        # An unconditional model takes labels only for its classifier (which, at scale 0, ignores them).
+        if labels is not None and ((model.num_classes is None and classifier is None) or len(labels) != n):
+            raise ValueError("labels need a conditional model or a classifier, and one label per image")
+        if guided and labels is None:
+            raise ValueError("classifier guidance needs the labels to guide toward")
+        model_labels = labels if model.num_classes is not None else None
         scheduler = self.make_sampler(sampler, steps)
         device = next(model.parameters()).device
         dtype = sampling_dtype(device)
@@ -109,10 +144,12 @@ class Diffusion:
         # DDIM re-derives the noise from the clipped x0, as guided-diffusion does: guided samples stay clean.
         extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
         for t in tqdm(scheduler.timesteps, desc=f"{sampler} sampling", leave=False, disable=not log_time):
+            t_batch = t.to(device).expand(n)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                # The network runs under autocast; the scheduler step gets eps back in float32.
-                eps = self.guided_noise(model, x, t.to(device).expand(n), labels, cfg_scale).float()
-            x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+                # The networks run under autocast; the scheduler step gets eps and the gradient in float32.
+                eps = self.guided_noise(model, x, t_batch, model_labels, cfg_scale).float()
+                grad = log_prob_gradient(classifier, x, t_batch, labels) if guided else None
+            x = self.guided_step(scheduler, eps, t, x, grad, classifier_scale, generator, **extra)
         samples = (to_unit(x) if output_type == "float" else to_uint8(x)).cpu()
         model.train(was_training)
         if log_time:

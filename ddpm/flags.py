@@ -15,8 +15,12 @@ ATTN = " (unset: the levels below full size, up to 32)"
 GC = "recompute activations in the backward pass to save GPU memory"
 
 
-def add_train_args(parser, conditional=True):
-    """Training flags, checked as they are parsed; both spellings of every multi-word flag are accepted."""
+def add_train_args(parser, conditional=True, diffusion=True):
+    """Training flags, checked as they are parsed; both spellings of every multi-word flag are accepted.
+
+    diffusion=False leaves out what a noisy-image classifier takes from its DDPM checkpoint instead (size,
+    channels, schedule, objective) and what only a DDPM has (sample grids, label dropout).
+    """
     # The first name is the shared vocabulary's, the others the original scripts'; dest keeps the original
     # names, which are the config keys of every checkpoint written so far.
     flag = partial(add_flag, parser)
@@ -25,8 +29,8 @@ def add_train_args(parser, conditional=True):
     flag("workdir", default=".", help="folder that holds models/, results/ and runs/")
     flag("num_epochs", "epochs", type=cli.positive_int, default=300, help="passes over the data")
     flag("batch_size", type=cli.positive_int, default=14, help="images per step on each process")
-    flag("image_size", type=cli.positive_int, default=64, help="square image side (multiple of 8, >= 16)")
-    flag("channels", type=int, choices=(1, 3), help="model channels (unset: 1 if all images are gray)")
+    if diffusion:
+        add_shape_args(parser)
     flag("bit_depth", type=cli.bit_depth, metavar="N", help="integer images: divide by 2^N - 1 (unset: scan)")
     flag("intensity_range", type=cli.finite_float, nargs=2, metavar=("LOW", "HIGH"), help=FLOAT_HELP)
     flag("learning_rate", "lr", type=cli.positive_float, default=3e-4, help="AdamW learning rate")
@@ -44,23 +48,43 @@ def add_train_args(parser, conditional=True):
     flag("overwrite", action="store_true", help="train: start over an existing run; sample: redo images")
     flag("max_steps", type=cli.positive_int, help="stop after this many optimizer steps in total")
     flag("max_minutes", type=cli.positive_float, help="stop training after this many minutes")
-    flag("noise_steps", type=cli.positive_int, default=1000, help="diffusion timesteps T")
-    flag("beta_start", type=cli.positive_float, default=1e-4, help="first beta of the linear schedule")
-    flag("beta_end", type=cli.positive_float, default=0.02, help="last beta (0 < beta-start < beta-end < 1)")
-    sde_cli.add_objective_flags(parser, dashed=True)  # --objective and its constants (core/sde_cli.py)
+    if diffusion:
+        add_schedule_args(parser)
     flag("base_channels", type=cli.positive_int, default=64, help="UNet width (first level channels, even)")
     flag("time_dim", type=cli.positive_int, default=256, help="size of the time (and class) embedding")
     flag("attn_resolutions", type=cli.positive_int, nargs="+", help="feature-map sides with attention" + ATTN)
     flag("ema_decay", type=cli.fraction, default=0.995, help="EMA decay, in [0, 1)")
     flag("ema_warmup_steps", type=cli.nonnegative_int, default=2000, help="steps in which the EMA copies")
-    flag("preview_steps", type=cli.nonnegative_int, default=50, help="DDIM steps of the EMA grids (0: none)")
+    if diffusion:
+        flag(
+            "preview_steps",
+            type=cli.nonnegative_int,
+            default=50,
+            help="DDIM steps of the EMA grids (0: none)",
+        )
     flag("hflip", action="store_true", help="random horizontal flips (off: they harm e.g. digits, text)")
     flag("compile", action="store_true", help="torch.compile the UNet")
     flag("gradient_checkpointing", "grad_checkpointing", action="store_true", help=GC)
-    if conditional:
+    if conditional and diffusion:
         flag("num_classes", type=cli.positive_int, help="number of classes (unset: count the class folders)")
         flag("cfg_dropout", type=cli.fraction, default=0.1, help="chance of the null label, for guidance")
     parser.set_defaults(conditional=conditional)
+
+
+def add_shape_args(parser):
+    """The image side and channel count of a DDPM."""
+    flag = partial(add_flag, parser)
+    flag("image_size", type=cli.positive_int, default=64, help="square image side (multiple of 8, >= 16)")
+    flag("channels", type=int, choices=(1, 3), help="model channels (unset: 1 if all images are gray)")
+
+
+def add_schedule_args(parser):
+    """The noise schedule and objective of a DDPM."""
+    flag = partial(add_flag, parser)
+    flag("noise_steps", type=cli.positive_int, default=1000, help="diffusion timesteps T")
+    flag("beta_start", type=cli.positive_float, default=1e-4, help="first beta of the linear schedule")
+    flag("beta_end", type=cli.positive_float, default=0.02, help="last beta (0 < beta-start < beta-end < 1)")
+    sde_cli.add_objective_flags(parser, dashed=True)  # --objective and its constants (core/sde_cli.py)
 
 
 def add_config_flag(parser):
@@ -81,7 +105,8 @@ def train_parser(conditional, description):
 def parse_flags(parser, argv):
     """Parse argv, also checking the values that only make sense together (one 'error:' line, exit 2)."""
     args = parser.parse_args(argv)
-    if not 0 < args.beta_start < args.beta_end < 1:
+    # A classifier's parser has no schedule flags: it takes them from its DDPM checkpoint.
+    if hasattr(args, "beta_start") and not 0 < args.beta_start < args.beta_end < 1:
         parser.error(
             "the noise schedule needs 0 < --beta-start < --beta-end < 1, "
             f"got {args.beta_start} and {args.beta_end}"

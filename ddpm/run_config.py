@@ -54,8 +54,11 @@ RUNTIME_KEYS = ("resume", "mode", "device", "overwrite", "max_steps", "max_minut
 OUTPUT_KINDS = ("models", "results", "runs")  # the folders of a run under --workdir
 
 
-def resolve_config(args, explicit):
-    """The run's config dict and the checkpoint to resume from (or None)."""
+def resolve_config(args, explicit, checkpoint_format=CHECKPOINT_FORMAT, arch_keys=ARCH_KEYS):
+    """The run's config dict and the checkpoint to resume from (or None).
+
+    checkpoint_format and arch_keys are those of the trained network: a DDPM's, or train_classifier.py's.
+    """
     config = vars(args).copy()
     # ddpm.py (unconditional) has no --num-classes or --cfg-dropout; both scripts get one config shape.
     config.setdefault("num_classes", None)
@@ -69,13 +72,13 @@ def resolve_config(args, explicit):
         )
     ckpt = load_checkpoint(path, "--resume")
     # ema_ckpt.pt and bare weights lack the optimizer; other folders' files have another format.
-    if "optimizer" not in ckpt or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if "optimizer" not in ckpt or ckpt.get("format") != checkpoint_format:
         raise UserError(
             f"{path} cannot be resumed: it is not a training checkpoint (use models/<run>/ckpt.pt)"
         )
     # Untyped flags take the saved values; a typed one that changes the network is refused: weights won't fit.
     for key, value in saved_config(ckpt).items():
-        if key in ARCH_KEYS and key in explicit and config[key] != value:
+        if key in arch_keys and key in explicit and config[key] != value:
             raise UserError(
                 f"{path} was trained with {key}={value}, not {config[key]}: drop that flag to resume"
             )

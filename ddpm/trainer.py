@@ -47,7 +47,13 @@ class TrainingStopped(Exception):
 
 
 class Trainer:
-    """One training run: model, EMA, optimizer, data and the loop, on one or several processes."""
+    """One training run: model, EMA, optimizer, data and the loop, on one or several processes.
+
+    A subclass trains another network on the same loop (train_classifier.py): it overrides build_network,
+    compute_loss and heldout_loss, and names its files' format and its network.
+    """
+
+    checkpoint_format, network_name = CHECKPOINT_FORMAT, "UNet"
 
     def __init__(self, config, ckpt, class_names, train_data, val_data, accelerator):
         # Imported here: only training needs them, and they add seconds to every sampling start-up.
@@ -58,7 +64,7 @@ class Trainer:
         self.device = accelerator.device
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         torch.manual_seed(config["seed"])  # identical initial weights on every rank
-        self.model = build_model(model_config(config)).to(self.device)
+        self.model = self.build_network().to(self.device)
         # The EMA weights live in diffusers' EMAModel (decay and warm-up); ema_model is the module they are
         # copied into for held-out losses, sample grids and the checkpoint's "ema" state_dict.
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -91,6 +97,9 @@ class Trainer:
         if ckpt is not None:
             self.load_state(ckpt)
 
+    def build_network(self):
+        return build_model(model_config(self.config))
+
     # --------------------------------------------------------------- state
 
     def state_dict(self):
@@ -100,7 +109,7 @@ class Trainer:
         # Tensors go to the CPU so that the file loads on any machine; shadow_params duplicate "ema".
         self.ema.copy_to(self.ema_model.parameters())
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": self.checkpoint_format,
             "model": cpu_state(self.model.state_dict()),
             "ema": cpu_state(self.ema_model.state_dict()),
             "ema_state": {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"},
@@ -194,6 +203,19 @@ class Trainer:
         if self.config["hflip"]:  # flips drawn from the checkpointed generator keep resume exact
             flip = torch.rand(n, generator=gen, device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        loss = self.compute_loss(x, y)
+        # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
+        # sees the same values and all ranks stop (or fail) at the same step.
+        votes = (float(self.stop_signal is not None), self.over_budget())
+        total, signals, over = training.sum_across(self.accelerator, loss.detach(), *votes)
+        self.check_finite(total / self.world_size)
+        grad_norm = self.optimize(loss)
+        self.signalled = self.signalled or signals > 0  # every rank learns that one of them was signalled
+        return total / self.world_size, grad_norm, signals + over > 0
+
+    def compute_loss(self, x, y):
+        """The training loss of one batch (float32 scalar); noise and timesteps come from self.generator."""
+        n, gen = x.shape[0], self.generator
         if self.objective is None:
             # Timesteps and noise come from the run's own generator too: a resumed run draws the same ones.
             t = self.diffusion.sample_timesteps(n, gen)
@@ -209,14 +231,7 @@ class Trainer:
                 loss = F.mse_loss(self.net(x_t, t, labels).float(), noise)
             else:  # continuous t, noise and the regression target, drawn from the same generator
                 loss = self.objective.loss(self.net, x, labels, gen).float()
-        # The loss, "I was signalled" and "my budget is spent" travel in one all-reduce, so every rank
-        # sees the same values and all ranks stop (or fail) at the same step.
-        votes = (float(self.stop_signal is not None), self.over_budget())
-        total, signals, over = training.sum_across(self.accelerator, loss.detach(), *votes)
-        self.check_finite(total / self.world_size)
-        grad_norm = self.optimize(loss)
-        self.signalled = self.signalled or signals > 0  # every rank learns that one of them was signalled
-        return total / self.world_size, grad_norm, signals + over > 0
+        return loss
 
     def optimize(self, loss):
         """Backward, clip, step optimizer, LR schedule and EMA; returns the gradient norm."""
@@ -414,12 +429,18 @@ def train(args, explicit=frozenset()):
     files, labels, class_names = load_data(config, ckpt)
     prepare_outputs(config)
     scan_images(config, files, ckpt)
+    return run_training(Trainer, config, ckpt, files, labels, class_names)
+
+
+def run_training(trainer_class, config, ckpt, files, labels, class_names):
+    """Start the processes, build trainer_class and train it; every input check must have been done."""
     # One process under python, one per GPU (or CPU worker) under torchrun or accelerate launch.
     accelerator = make_accelerator(config["device"], config["precision"])
     train_data, val_data = split_heldout(files, labels, config["val_split"], config["seed"])
-    trainer = Trainer(config, ckpt, class_names, train_data, val_data, accelerator)
+    trainer = trainer_class(config, ckpt, class_names, train_data, val_data, accelerator)
     if accelerator.is_main_process:
-        print(training.parameter_table({"UNet": trainer.model, "EMA UNet": trainer.ema_model}))
+        name = trainer.network_name
+        print(training.parameter_table({name: trainer.model, f"EMA {name}": trainer.ema_model}))
         print(
             f"training on {accelerator.num_processes} process(es), device {accelerator.device}: "
             f"{len(trainer.train_set)} images ({len(trainer.val_set)} held out), {len(class_names)} classes, "

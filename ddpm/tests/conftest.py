@@ -156,3 +156,29 @@ def objective_runs(tmp_path_factory, gray_data):
         assert result.returncode == 0, result.stderr
         runs[objective] = work / "models" / objective
     return runs
+
+
+# A classifier as narrow as TINY's UNet, one level per resolution.
+CLASSIFIER_TINY = "--base-channels 8 --time-dim 32 --depth 1 --num-workers 0".split()
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory, trained_run, gray_data):
+    """models/classifier of a classifier of trained_run's conditional DDPM (2 epochs on the same folders)."""
+    work = tmp_path_factory.mktemp("classifier")
+    ddpm = trained_run / "models/tiny/ema_ckpt.pt"
+    flags = "--epochs 2 --batch-size 4 --save-interval 1 --val-split 0.25 --ema-warmup-steps 0".split()
+    argv = ("--dataset-path", gray_data, "--diffusion-checkpoint", ddpm, *flags, *CLASSIFIER_TINY)
+    result = run_script("train_classifier.py", *argv, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "models" / "classifier"
+
+
+@pytest.fixture(scope="session")
+def unconditional_run(tmp_path_factory, gray_data):
+    """models/uncond of an unconditional DDPM trained for 2 steps on gray_data's images (16 px, gray)."""
+    work = tmp_path_factory.mktemp("unconditional")
+    flags = "--run-name uncond --max-steps 2 --batch-size 4 --val-split 0".split()
+    result = run_script("ddpm.py", "--dataset-path", gray_data, *flags, *TINY, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "models" / "uncond"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_class_folders, run_script
+from conftest import CLASSIFIER_TINY, TINY, make_class_folders, run_script
 from modules import UNet_conditional
 
 SAMPLE = ("ddpm_conditional_ddp.py", *"--mode sample --num-samples 2 --sampler ddim --steps 2".split())
@@ -75,13 +75,20 @@ dpm_solver_too_many_steps     vp_sample --sampler dpm++ --steps 2000 | at most N
 sde_sampler_on_ddpm           sample --sampler euler                | samples with ddpm or ddim: --sampler
 likelihood_on_ddpm            sample --likelihood .                 | --likelihood needs a model trained with
 likelihood_missing_folder     vp_sample --likelihood nowhere        | --likelihood nowhere is not a folder
+classifier_scale_negative     guided --classifier-scale -1          | classifier_scale: must be a number >= 0
+classifier_scale_alone        sample --classifier-scale 2           | --classifier-scale needs --classifier
+classifier_without_diffusion  classifier_bare                       | pass --diffusion-checkpoint
+classifier_depth_zero         classifier_train --depth 0            | --depth: must be an integer >= 1
+classifier_resume_other_depth classifier_resume --depth 3           | trained with depth=1, not 3
 """
 
 
-def commands(root, trained_run, data, objective_runs):
+def commands(root, trained_run, data, objective_runs, classifier_run):
     """The commands that REFUSED names, each the start of a command line."""
     models = trained_run / "models/tiny"
     train = ("ddpm_conditional.py", *TINY, "--dataset-path", data, "--num-classes", "3")
+    classifier_bare = ("train_classifier.py", *CLASSIFIER_TINY, "--dataset-path", data)
+    classifier_train = (*classifier_bare, "--diffusion-checkpoint", models / "ema_ckpt.pt")
     continuous = {
         f"{name}_sample": (*SAMPLE[:5], "--ckpt", run / "ckpt.pt") for name, run in objective_runs.items()
     }
@@ -97,23 +104,31 @@ def commands(root, trained_run, data, objective_runs):
         "sample": (*SAMPLE, "--ckpt", models / "ckpt.pt"),
         "sample_ema": (*SAMPLE, "--ckpt", models / "ema_ckpt.pt"),
         "bare": (*SAMPLE, "--ckpt", root / "bare.pt"),
+        "guided": (*SAMPLE, "--ckpt", models / "ckpt.pt", "--classifier", classifier_run / "ema_ckpt.pt"),
+        "classifier_bare": classifier_bare,
+        "classifier_train": classifier_train,
+        "classifier_resume": (*classifier_train, "--resume", classifier_run / "ckpt.pt"),
     }
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, trained_run, objective_runs):
+def bad_inputs(tmp_path_factory, trained_run, objective_runs, classifier_run):
     """Build every broken input once; returns {case: (script and args, expected text)}."""
     root = tmp_path_factory.mktemp("bad")
     data = make_class_folders(root / "data", classes=3, per_class=2)
     model = UNet_conditional(c_in=1, c_out=1, num_classes=3, img_size=16, base_channels=8, time_dim=32)
     torch.save(model.state_dict(), root / "bare.pt")
-    starts = commands(root, trained_run, data, objective_runs)
+    starts = commands(root, trained_run, data, objective_runs, classifier_run)
     cases = {}
     for line in REFUSED.strip().splitlines():
         spec, expected = (part.strip() for part in line.split("| "))
         name, command, *flags = spec.split()
         cases[name] = ((*starts[command], *flags), expected)
-    return {**cases, **bad_files(root, trained_run, starts)}
+    return {
+        **cases,
+        **bad_files(root, trained_run, starts),
+        **bad_classifiers(root, trained_run, classifier_run, starts),
+    }
 
 
 def bad_files(root, trained_run, starts):
@@ -213,6 +228,60 @@ def bad_files(root, trained_run, starts):
     return cases
 
 
+def bad_classifiers(root, trained_run, classifier_run, starts):
+    """Classifiers that do not fit the DDPM, files that are no classifier, DDPMs a classifier cannot learn."""
+    good = torch.load(classifier_run / "ema_ckpt.pt", weights_only=True)
+    # The same classifier file claiming another image size, channel count or class set than the DDPM's.
+    for name, change in (
+        ("size32", {"config": {**good["config"], "image_size": 32}}),
+        ("rgb", {"config": {**good["config"], "channels": 3}}),
+        ("abc", {"class_names": ["a", "b", "c"]}),
+    ):
+        torch.save({**good, **change}, root / f"classifier_{name}.pt")
+    classifier = classifier_run / "ema_ckpt.pt"
+    guided = (*SAMPLE, "--ckpt", trained_run / "models/tiny/ckpt.pt", "--classifier")
+    train = starts["classifier_bare"]
+    return {
+        "classifier_other_image_size": (
+            (*guided, root / "classifier_size32.pt"),
+            "trained with image_size=32",
+        ),
+        "classifier_other_channels": ((*guided, root / "classifier_rgb.pt"), "channels=3, but the diffusion"),
+        "classifier_other_classes": (
+            (*guided, root / "classifier_abc.pt"),
+            "knows the classes ['a', 'b', 'c']",
+        ),
+        "classifier_missing": ((*guided, root / "no_classifier.pt"), "no_classifier.pt does not exist"),
+        "classifier_is_a_ddpm": (
+            (*guided, trained_run / "models/tiny/ckpt.pt"),
+            "is not a classifier checkpoint",
+        ),
+        "classifier_garbage": ((*guided, root / "garbage.pt"), "cannot load checkpoint"),
+        "classifier_of_ldm": ((*guided, root / "ldm.pt"), "is an LDM checkpoint"),
+        "classifier_as_ckpt": ((*SAMPLE, "--ckpt", classifier), "is a classifier: pass it as --classifier"),
+        "classifier_on_vp_model": (
+            (*starts["vp_sample"], "--classifier", classifier),
+            "classifier guidance is for the discrete DDPM",
+        ),
+        "diffusion_checkpoint_missing": (
+            (*train, "--diffusion-checkpoint", root / "no_ddpm.pt"),
+            "no_ddpm.pt does not exist",
+        ),
+        "diffusion_checkpoint_is_a_classifier": (
+            (*train, "--diffusion-checkpoint", classifier),
+            "is not a DDPM checkpoint written by training",
+        ),
+        "diffusion_checkpoint_of_vp": (
+            (*train, "--diffusion-checkpoint", starts["vp_sample"][-1]),
+            "vp-objective model",
+        ),
+        "classifier_data_of_other_classes": (
+            (*starts["classifier_train"], "--dataset-path", root / "strangers"),
+            "but the diffusion model's classes are",
+        ),
+    }
+
+
 def write(path, text):
     path.write_text(text)
     return path
@@ -271,6 +340,11 @@ ve_sigmas_reversed resume_with_other_objective resume_vp_as_flow config_missing 
 corrector_steps_negative ve_with_dpm_solver flow_with_pc ddim_on_vp_checkpoint pc_with_too_few_steps
 dpm_solver_too_many_steps sde_sampler_on_ddpm likelihood_on_ddpm likelihood_missing_folder
 config_unknown_key config_not_a_mapping likelihood_of_strangers
+classifier_scale_negative classifier_scale_alone classifier_without_diffusion classifier_depth_zero
+classifier_resume_other_depth classifier_other_image_size classifier_other_channels classifier_other_classes
+classifier_missing classifier_is_a_ddpm classifier_garbage classifier_of_ldm classifier_as_ckpt
+classifier_on_vp_model diffusion_checkpoint_missing diffusion_checkpoint_is_a_classifier
+diffusion_checkpoint_of_vp classifier_data_of_other_classes
 """.split()
 
 
