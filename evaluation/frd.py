@@ -8,7 +8,9 @@ and a pyradiomics build (the pyradiomics release on PyPI does not install on Pyt
 pyradiomics-bhklab fork does), listed in requirements-frd.txt.
 """
 
+import contextlib
 import os
+import sys
 from importlib import metadata
 
 from core.errors import UserError
@@ -43,7 +45,9 @@ def frd_of(real_files, gen_files, args):
 
     # frd-score's own process pool; 0 DataLoader workers here means work in one process there too.
     workers = max(1, args.num_workers)
-    return float(compute_frd([real_files, gen_files], num_workers=workers, verbose=False))
+    # compute_frd prints its value even when not verbose; stdout holds only the report.
+    with contextlib.redirect_stdout(sys.stderr):
+        return float(compute_frd([real_files, gen_files], num_workers=workers, verbose=False))
 
 
 def paths(image_set, indices=None):

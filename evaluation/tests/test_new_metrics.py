@@ -50,6 +50,8 @@ def extract(extractor, batch):
 def test_sfid_features_are_mixed_6d_branch1x1_in_adm_layout(inception):
     """2023 = 17 x 17 x 7 values per image (any input size: resized to 299), equal to Mixed_6d's 1x1
     branch run by hand, first 7 channels, flattened height, width, channel as ADM's NHWC graph."""
+    native = extract(inception, images(1, 299, 5))[weights_module.SFID_LAYER]
+    assert native.shape == (1, 2023)  # 299 px input, as ADM's graph sees it
     batch = images(2, 40, 0)
     spatial = extract(inception, batch)[weights_module.SFID_LAYER]
     assert spatial.shape == (2, 17 * 17 * 7) and spatial.dtype == torch.float32
