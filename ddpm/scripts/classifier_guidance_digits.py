@@ -4,7 +4,8 @@ Builds the 1797 digits as 16 px class folders 0..9 (demo/build_digits.py), train
 (ddpm.py) and a noisy-image classifier (train_classifier.py) briefly on them, samples every digit with
 classifier guidance at each --scales value, and reports the share of samples that a classifier of the real
 8x8 digits (demo/recognise.py, independent of the guiding one) reads as the digit asked for. At scale 0
-the labels only name the folders, so that share is about chance (10%). Everything goes under --output-dir.
+the labels only name the folders, so that share is about chance (10%). Everything goes under --output-dir;
+a rerun reuses a model already trained there for the requested steps (to try other --scales, say).
 
     python ddpm/scripts/classifier_guidance_digits.py --output-dir /tmp/guided_digits
 """
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 DDPM_DIR = Path(__file__).resolve().parents[1]
 DEMO_DIR = DDPM_DIR.parent / "demo"
@@ -26,19 +29,12 @@ CLASSIFIER_FLAGS = f"{COMMON} --base-channels 16 --time-dim 64 --depth 1 --ema-w
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     add = parser.add_argument
     add("--output-dir", "--output_dir", default="guided_digits", help="data, checkpoints and samples")
-    add("--ddpm-steps", "--ddpm_steps", type=int, default=1500, help="training steps of the DDPM")
-    add(
-        "--classifier-steps",
-        "--classifier_steps",
-        type=int,
-        default=600,
-        help="training steps of the classifier",
-    )
+    add("--ddpm-steps", "--ddpm_steps", type=int, default=540, help="training steps of the DDPM")
+    add("--classifier-steps", "--classifier_steps", type=int, default=300, help="steps of the classifier")
     add("--scales", type=float, nargs="+", default=[0.0, 4.0], help="classifier guidance scales to compare")
     add("--samples-per-class", "--samples_per_class", type=int, default=10, help="samples of each digit")
     add("--sampling-steps", "--sampling_steps", type=int, default=50, help="DDIM steps (eta 1)")
@@ -47,7 +43,7 @@ def parse_args():
 
 
 def run(title, *cmd):
-    """Run one stage, its output streamed; returns its output lines if captured, and stops on failure."""
+    """Run one stage as a subprocess; prints the end of its output and returns all of it, or exits."""
     print(f"\n== {title}\n$ {' '.join(map(str, cmd))}", flush=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True)
@@ -58,40 +54,40 @@ def run(title, *cmd):
     return done.stdout
 
 
+def train_once(out, run_name, steps, title, script, *flags):
+    """Train <out>/models/<run_name> for `steps` steps unless it already holds a model that far along."""
+    ckpt = out / "models" / run_name / "ckpt.pt"
+    if ckpt.is_file() and torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] >= steps:
+        print(f"\n== reusing {ckpt}")
+    else:
+        run(title, DDPM_DIR / script, *flags, "--run-name", run_name, "--max-steps", steps, "--overwrite")
+    return out / "models" / run_name / "ema_ckpt.pt"
+
+
 def main():
     args = parse_args()
     out = Path(args.output_dir).resolve()
     data, seed = out / "digits", ("--seed", args.seed)
     run("building the digits", DEMO_DIR / "build_digits.py", "--out-dir", data, "--size", 16)
-    train = ("--dataset-path", data, "--workdir", out, "--overwrite", *seed)
-    run(
-        f"training an unconditional DDPM for {args.ddpm_steps} steps",
-        DDPM_DIR / "ddpm.py", *train, "--run-name", "ddpm", "--max-steps", args.ddpm_steps,
-        *DDPM_FLAGS.split(),
+    train = ("--dataset-path", data, "--workdir", out, *seed)
+    ddpm = train_once(
+        out, "ddpm", args.ddpm_steps, f"training an unconditional DDPM for {args.ddpm_steps} steps",
+        "ddpm.py", *train, *DDPM_FLAGS.split(),
     )  # fmt: skip
-    ddpm = out / "models" / "ddpm" / "ema_ckpt.pt"
-    run(
-        f"training the noisy-image classifier for {args.classifier_steps} steps",
-        DDPM_DIR / "train_classifier.py", *train, "--run-name", "classifier", "--diffusion-checkpoint", ddpm,
-        "--max-steps", args.classifier_steps, *CLASSIFIER_FLAGS.split(),
+    classifier = train_once(
+        out, "classifier", args.classifier_steps, f"training a classifier for {args.classifier_steps} steps",
+        "train_classifier.py", *train, "--diffusion-checkpoint", ddpm, *CLASSIFIER_FLAGS.split(),
     )  # fmt: skip
     n = 10 * args.samples_per_class
-    sampling = (
-        "--mode",
-        "sample",
-        "--ckpt",
-        ddpm,
-        "--classifier",
-        out / "models" / "classifier" / "ema_ckpt.pt",
-    )
-    sampling += ("--num-samples", n, "--batch-size", n, "--sampler", "ddim", "--steps", args.sampling_steps)
+    sampling = ("--mode", "sample", "--ckpt", ddpm, "--classifier", classifier, "--num-samples", n)
+    sampling += ("--batch-size", n, "--sampler", "ddim", "--steps", args.sampling_steps, "--eta", 1, *seed)
     reports = {}
     for scale in args.scales:
-        samples = out / f"samples_scale_{scale:g}"
+        samples, grid = out / f"samples_scale_{scale:g}", out / f"grid_scale_{scale:g}.png"
         run(
             f"sampling {n} digits with classifier scale {scale:g}",
-            DDPM_DIR / "ddpm_conditional_ddp.py", *sampling, "--eta", 1, "--classifier-scale", scale,
-            "--output-dir", samples, "--overwrite", "--grid-path", out / f"grid_scale_{scale:g}.png", *seed,
+            DDPM_DIR / "ddpm_conditional_ddp.py", *sampling, "--classifier-scale", scale,
+            "--output-dir", samples, "--overwrite", "--grid-path", grid,
         )  # fmt: skip
         reports[scale] = run(
             f"recognising the samples of scale {scale:g}", DEMO_DIR / "recognise.py", samples
