@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Sampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from core import checkpoints, cli, files, images, sde, sde_sampling, training
+from core import checkpoints, cli, files, images, inception, sde, sde_sampling, training
 from core.errors import UserError, run_cli, warn
 from dataset import ImageFolderDataset
 from diffusion import classifier_free_guidance, create_diffusion
@@ -90,6 +90,7 @@ def build_parser():
     add("--compile", action="store_true", help="torch.compile the model")
     add("--gradient_checkpointing", "--grad_checkpointing", action="store_true", help="recompute activations")
     add("--val_fraction", "--val_split", type=cli.fraction, default=0.0, help="held-out share, picks best.pt")
+    inception.add_eval_flags(parser, unit="steps")
     add("--resume", help="checkpoint file, or a run folder (resumes its newest checkpoint)")
     return parser
 
@@ -114,6 +115,11 @@ def parse_args(argv=None):
         parser.error(f"--intensity-range needs LOW < HIGH, got {' '.join(map(str, args.intensity_range))}")
     if args.data_root is None:
         raise UserError("--data-path is required: a folder with one sub-folder of images per class")
+    if args.eval_every:  # the Inception file is found (or refused offline) before any data is read
+        inception.check_eval_flags(args.eval_every, args.best_by, 2)
+        args.eval_inception_weights = inception.weights_path(args.eval_inception_weights)
+    else:
+        inception.check_eval_flags(args.eval_every, args.best_by, 0)
     if resume:
         cli.check_creatable_dir(Path(args.resume).absolute().parent.parent / "checkpoints", "--resume")
     else:
@@ -169,6 +175,8 @@ def prepare_data(args, resume, accelerator):
             f"--data-path classes {dataset.class_names} differ from the checkpoint's {saved['class_names']}"
         )
     config = saved or model_config(args, dataset, vae)
+    heldout = training.split_heldout(len(dataset), args.val_fraction, args.seed)[1]
+    inception.check_eval_flags(args.eval_every, args.best_by, len(heldout))
     rule = data_rule(dataset, args, resume, accelerator)
     dataset.intensity = rule["intensity"]
     return dataset, vae, config, rule
@@ -369,7 +377,7 @@ def training_data(dataset, vae, config, args, run_dir, accelerator, logger, resu
     )
     train_indices, heldout_indices = training.split_heldout(len(dataset), args.val_fraction, args.seed)
     if not heldout_indices:
-        return data, None
+        return data, None, []
     heldout = None
     if accelerator.is_main_process:  # only the main process evaluates and writes best.pt
         heldout = HeldOut(
@@ -381,7 +389,9 @@ def training_data(dataset, vae, config, args, run_dir, accelerator, logger, resu
             args.seed,
             sde.objective_of(config),
         )
-    return Subset(data, train_indices), heldout
+        if resume and resume.get("best_val_loss") is not None:  # a resumed run keeps its best so far
+            heldout.best = resume["best_val_loss"]
+    return Subset(data, train_indices), heldout, heldout_indices
 
 
 class HeldOut:
@@ -504,18 +514,60 @@ class Grids:
         self.vae, self.writer, self.seed, self.objective = vae, writer, seed, sde.objective_of(config)
 
     @torch.no_grad()
-    def write(self, ema, step):
+    def sample(self, ema, noise, labels, seed):
+        """Images (N, channels, H, W) in [0, 1] of the EMA model from noise (the DDPM's) or from seed."""
         model_fn = classifier_free_guidance(ema, GRID_CFG, ema.null_class)
         if self.objective is None:
-            latents = create_diffusion(GRID_STEPS).sample_loop(model_fn, self.noise, self.labels)
+            latents = create_diffusion(GRID_STEPS).sample_loop(model_fn, noise, labels)
         else:
-            generator = torch.Generator().manual_seed(self.seed)
-            shape, device = self.noise.shape, self.noise.device
-            latents, _ = sde_sampling.sample(model_fn, self.objective, shape, GRID_STEPS, "euler",
-                                             y=self.labels, generator=generator, device=device)  # fmt: skip
-        samples = images_from_latents(self.vae, latents, self.scale, self.channels)
+            generator = torch.Generator().manual_seed(seed)
+            latents, _ = sde_sampling.sample(model_fn, self.objective, noise.shape, GRID_STEPS, "euler",
+                                             y=labels, generator=generator, device=noise.device)  # fmt: skip
+        return images_from_latents(self.vae, latents, self.scale, self.channels)
+
+    def write(self, ema, step):
+        samples = self.sample(ema, self.noise, self.labels, self.seed)
         grid = training.save_grid(samples, self.folder / f"{step:07d}.png", images.EIGHT_BIT)
         self.writer.image("samples/ema", grid, step)
+
+
+class FIDEval:
+    """In-training FID and KID (core/inception.py) of --eval-samples EMA images, drawn with the grids'
+    sampler and classes in turn, against the held-out images; the history travels in the checkpoints."""
+
+    def __init__(self, args, dataset, indices, grids, run_dir, device, history):
+        def reference():  # read only when the run folder has no cached features for these images
+            for first in range(0, len(indices), 32):
+                yield torch.stack([(dataset[i][0] + 1) / 2 for i in indices[first : first + 32]])
+
+        names = [str(dataset.samples[i][0]) for i in indices]
+        cache = run_dir / "fid_reference.pt"
+        self.metrics = inception.TrainingEval(
+            args.eval_inception_weights, device, (names, reference()), cache
+        )
+        self.grids, self.count, self.seed, self.device = grids, args.eval_samples, args.seed, device
+        self.classes, self.best_by, self.history = len(dataset.class_names), args.best_by, history
+        self.best = min((entry["fid"] for entry in history), default=math.inf)
+
+    def batch(self, ema, n, first):
+        # The same noise and labels at every evaluation (seeded by the image index): curves compare weights.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
+        shape = (n, *self.grids.noise.shape[1:])
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        labels = (torch.arange(first, first + n) % self.classes).to(self.device)
+        return self.grids.sample(ema, noise, labels, self.seed + first)
+
+    def improved(self, ema, step, logger, writer):
+        """Score the EMA model, log it, and say whether its FID is the best so far."""
+        scores = self.metrics.score(lambda n, first: self.batch(ema, n, first), self.count, self.seed)
+        self.history.append({"step": step, **scores})
+        writer.scalars(step, **{"eval/fid": scores["fid"], "eval/kid": scores["kid"]})
+        kid = f"KID {scores['kid']:.5f} +- {scores['kid_std']:.5f}"
+        logger.info(f"(step={step:07d}) FID (EMA, {self.count} samples): {scores['fid']:.3f} (best so far "
+                    f"{self.best:.3f}), {kid}")  # fmt: skip
+        improved = scores["fid"] < self.best
+        self.best = min(self.best, scores["fid"])
+        return improved
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -625,7 +677,9 @@ def train(args, resume, accelerator):
     logger.info("Parameters:\n" + training.parameter_table({"DiT": model, "EMA": ema.model, "VAE": vae}))
 
     # Setup data: each process draws its share of every global batch; prepare() wraps the model in DDP.
-    data, heldout = training_data(dataset, vae, config, args, run_dir, accelerator, logger, resume)
+    data, heldout, heldout_indices = training_data(
+        dataset, vae, config, args, run_dir, accelerator, logger, resume
+    )
     net, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data, args, world))
     net = torch.compile(net) if args.compile else net
     steps_per_epoch, max_steps = count_steps(loader, data, args, world)
@@ -633,6 +687,10 @@ def train(args, resume, accelerator):
     diffusion, objective, stop = create_diffusion(), sde.objective_of(config), training.StopSignal()
     meter = LossMeter(args, accelerator, logger, writer)
     grids = Grids(run_dir, config, rule["channels"], vae, writer, args.seed, accelerator.device)
+    history = list(resume.get("eval_history", [])) if resume else []  # FID / KID of earlier evaluations
+    fid = None
+    if args.eval_every and accelerator.is_main_process:  # the main process alone samples and scores
+        fid = FIDEval(args, dataset, heldout_indices, grids, run_dir, accelerator.device, history)
     meta = {"args": checkpoints.plain(vars(args)), "model_type": "dit", "config": config, **rule}
 
     logger.info(f"Training for {max_steps} steps from step {step} ({steps_per_epoch} steps per epoch)")
@@ -655,12 +713,19 @@ def train(args, resume, accelerator):
             meter.update(loss)
             if step % args.log_every == 0 or step == max_steps:
                 meter.log(step, grad_norm)
+            # An evaluation that finds a new best FID saves (best.pt) when FID picks the best model.
+            evaluate = bool(args.eval_every) and step % args.eval_every == 0
+            new_fid = fid.improved(ema.model, step, logger, writer) if evaluate and fid else False
+            # The save is collective, so every process takes the main process's verdict.
+            fid_saves = evaluate and args.best_by == "fid" and broadcast_object_list([new_fid])[0]
             # A signal saves too, so Ctrl-C never loses more than the current step.
-            if step % args.save_every == 0 or step == max_steps or signum:
+            if step % args.save_every == 0 or step == max_steps or signum or fid_saves:
                 best = heldout is not None and heldout.improved(ema.model, diffusion, step, logger, writer)
+                best = fid_saves if args.best_by == "fid" else best
                 state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
                          **meta, "train_steps": step, "epoch": step // steps_per_epoch,
-                         "best_val_loss": heldout.best if heldout else None}  # fmt: skip
+                         "best_val_loss": heldout.best if heldout else None,
+                         "eval_history": history}  # fmt: skip
                 save_checkpoint(
                     run_dir, step, state, generator, accelerator, logger, best, args.checkpoints_total_limit
                 )
