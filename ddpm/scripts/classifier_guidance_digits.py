@@ -35,7 +35,7 @@ def parse_args():
     add("--output-dir", "--output_dir", default="guided_digits", help="data, checkpoints and samples")
     add("--ddpm-steps", "--ddpm_steps", type=int, default=540, help="training steps of the DDPM")
     add("--classifier-steps", "--classifier_steps", type=int, default=300, help="steps of the classifier")
-    add("--scales", type=float, nargs="+", default=[0.0, 4.0], help="classifier guidance scales to compare")
+    add("--scales", type=float, nargs="+", default=[0.0, 10.0], help="classifier guidance scales to compare")
     add("--samples-per-class", "--samples_per_class", type=int, default=10, help="samples of each digit")
     add("--sampling-steps", "--sampling_steps", type=int, default=50, help="DDIM steps (eta 1)")
     add("--seed", type=int, default=0, help="seed of training and sampling")
