@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from core import checkpoints, cli, files, images, training
+from core import checkpoints, cli, files, images, inception, training
 from core.errors import UserError, run_cli
 from dataset import (
     DATA_LAYOUT,
@@ -121,11 +121,17 @@ def build_parser():
     add("--sample_steps", type=cli.positive_int, default=50, help="DDIM steps for sample grids")
     add("--sample_cfg_scale", type=cli.nonnegative_float, default=3.0, help="guidance for sample grids")
     add("--grid_samples_per_class", type=cli.positive_int, default=4, help="grid columns")
+    inception.add_eval_flags(parser.add_argument_group("in-training FID / KID"), unit="epochs")
     return parser
 
 
 def parse_args(argv=None):
-    return check_intensity_args(build_parser().parse_args(argv))
+    args = check_intensity_args(build_parser().parse_args(argv))
+    # The Inception file is found (or refused offline) before any data is read.
+    inception.check_eval_flags(args.eval_every, args.best_by, 2 if args.eval_every else 0)
+    if args.eval_every:
+        args.eval_inception_weights = inception.weights_path(args.eval_inception_weights)
+    return args
 
 
 @torch.no_grad()
@@ -223,6 +229,7 @@ def main():
 
     # Data: one scan decides the data set's bit depth; the held-out split is fixed by the seed.
     class_names, train_samples, val_samples, data = load_class_data(args, resume)
+    inception.check_eval_flags(args.eval_every, args.best_by, len(val_samples))
     args.image_channels = args.image_channels or data["channels"]  # a resumed run has the checkpoint's
     intensity = data["intensity"]
 
@@ -256,10 +263,15 @@ def main():
     progress = dict(epoch=0, step_in_epoch=0, global_step=0, best_val_loss=float("inf"), val_history=[])
     if resume is not None:  # weights, EMA, optimizer, schedule, RNG and position in the epoch
         progress = restore_training_state(resume, accelerator, model, ema, optimizer, lr_scheduler)
+    progress.setdefault("eval_history", [])  # FID / KID of earlier evaluations (older files have none)
     # Only the main process writes logs; elsewhere writer is None and logging is skipped.
     writer = SummaryWriter(str(output_dir / "logs")) if accelerator.is_main_process else None
     run = Run(accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, codec, config,
               class_names, intensity, output_dir, writer, args, progress)  # fmt: skip
+    if args.eval_every and accelerator.is_main_process:  # the main process alone samples and scores
+        run.fid = FIDEval(
+            run, ClassImageDataset(val_samples, args.image_size, args.image_channels, intensity)
+        )
 
     # The loop: an epoch at a time; a signal saves checkpoint_latest.pt and exits 128 + signal.
     stop = training.StopSignal("checkpoint_latest.pt")
@@ -439,6 +451,7 @@ class Run:
     writer: object  # TensorBoard on the main process, None elsewhere
     args: object
     progress: dict
+    fid: object = None  # FIDEval on the main process with --eval_every, else None
 
 
 def train_epoch(run, train_set, epoch, batches_per_epoch, stop):
@@ -557,6 +570,12 @@ def end_of_epoch(run, epochs_done, val_latents, val_labels):
             names.append("checkpoint_best.pt")
     elif val_latents is None and last:
         names.append("checkpoint_best.pt")  # no held-out images: the final weights are the best we know
+    fid_best = False
+    if args.eval_every and epochs_done % args.eval_every == 0:
+        improved = run.fid.improved(epochs_done) if run.fid is not None else False
+        fid_best = broadcast_object_list([improved])[0]  # the main process's verdict, on every process
+    if args.best_by == "fid":  # checkpoint_best.pt is then the lowest-FID model, not the lowest-loss one
+        names = [name for name in names if name != "checkpoint_best.pt"] + ["checkpoint_best.pt"] * fid_best
     if epochs_done % args.save_every == 0:
         names.append(f"checkpoint_epoch_{epochs_done}.pt")
     if last:
@@ -591,6 +610,54 @@ def evaluate(run, val_latents, val_labels):
         run.writer.add_scalar("val/loss", val_loss, run.progress["global_step"])
         print(f"validation loss (EMA, fixed noise): {val_loss:.5f}", flush=True)
     return val_loss
+
+
+class FIDEval:
+    """In-training FID and KID (core/inception.py) of --eval_samples EMA images, drawn like the grids (DDIM,
+    --sample_steps, --sample_cfg_scale; classes in turn, the same noise each time), against the held-out
+    images; the scores go to TensorBoard and progress["eval_history"]."""
+
+    def __init__(self, run, val_set):
+        def reference():  # read only when the output folder has no cached features for these images
+            for first in range(0, len(val_set), 32):
+                yield to_unit(
+                    torch.stack([val_set[i][0] for i in range(first, min(first + 32, len(val_set)))])
+                )
+
+        names = [str(path) for path, _ in val_set.samples]
+        device, cache = run.accelerator.device, run.output_dir / "fid_reference.pt"
+        self.run = run
+        self.metrics = inception.TrainingEval(
+            run.args.eval_inception_weights, device, (names, reference()), cache
+        )
+
+    @torch.no_grad()
+    def batch(self, n, first):
+        run, args = self.run, self.run.args
+        side = run.config["latent_size"]
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + first)
+        noise = torch.randn(n, run.codec.latent_channels, side, side, generator=generator)
+        device = run.accelerator.device
+        labels = (torch.arange(first, first + n) % len(run.class_names)).to(device)
+        sampler = make_sampler("ddim", run.noise_scheduler.config)
+        with run.accelerator.autocast():
+            latents = denoise(
+                run.ema.model, sampler, noise.to(device), labels, args.sample_cfg_scale, args.sample_steps
+            )
+        return to_unit(run.codec.decode(latents))
+
+    def improved(self, epochs_done):
+        """Score the EMA weights, log the scores, and say whether the FID is the best so far."""
+        history, step = self.run.progress["eval_history"], self.run.progress["global_step"]
+        best = min((entry["fid"] for entry in history), default=math.inf)
+        scores = self.metrics.score(self.batch, self.run.args.eval_samples, self.run.args.seed)
+        history.append({"epoch": epochs_done, "step": step, **scores})
+        self.run.writer.add_scalar("eval/fid", scores["fid"], step)
+        self.run.writer.add_scalar("eval/kid", scores["kid"], step)
+        counts = f"{len(self.metrics.reference)} held-out images, {self.run.args.eval_samples} samples"
+        kid = f"KID {scores['kid']:.5f} +- {scores['kid_std']:.5f}"
+        print(f"FID (EMA, {counts}): {scores['fid']:.3f} (best so far {best:.3f}), {kid}", flush=True)
+        return scores["fid"] < best
 
 
 @torch.no_grad()
