@@ -22,7 +22,7 @@ from .errors import UserError
 EVERY_HELP = "every N {}: FID and KID of EMA samples against the held-out images (0: never)"
 SAMPLES_HELP = "images sampled for each in-training FID / KID"
 WEIGHTS_HELP = "Inception-v3 weights file of torch-fidelity (unset: its cache, else a download)"
-BEST_HELP = "what the best checkpoint means: lowest held-out loss, or lowest in-training FID (needs --eval_every)"
+BEST_HELP = "best checkpoint: lowest held-out loss, or lowest in-training FID (needs --eval_every)"
 FEATURE = "2048"  # the pool3 features that FID and KID are defined on
 KID_SUBSET = 1000  # torch-fidelity's and the KID paper's subset size, lowered when a set is smaller
 KID_SUBSETS = 100
