@@ -3,7 +3,7 @@
 
 from functools import partial
 
-from core import cli, datasets, sde_cli
+from core import cli, datasets, inception, sde_cli
 from utils import add_flag
 
 # Help texts too long to share a line with their flag.
@@ -68,6 +68,8 @@ def add_train_args(parser, conditional=True, diffusion=True):
     if conditional and diffusion:
         flag("num_classes", type=cli.positive_int, help="number of classes (unset: count the class folders)")
         flag("cfg_dropout", type=cli.fraction, default=0.1, help="chance of the null label, for guidance")
+    if diffusion:  # in-training FID / KID of the EMA samples (core/inception.py)
+        inception.add_eval_flags(parser, unit="epochs", dashed=True)
     parser.set_defaults(conditional=conditional)
 
 

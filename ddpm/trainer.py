@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from core import checkpoints, cli, images, sde, training
+from core import checkpoints, cli, images, inception, sde, training
 from core.files import atomic_save
 from diffusion import Diffusion, sample_objective
 from flags import parse_flags
@@ -85,6 +85,10 @@ class Trainer:
         self.val_set = ImageDataset(*val_data, *image_format)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.best_metric, self.improved, self.stop_signal = math.inf, False, None
+        # In-training FID / KID (--eval-every): the scores so far, and the scorer on the main process.
+        self.eval_history, self.fid = [], None
+        if config.get("eval_every") and accelerator.is_main_process:
+            self.fid = self.make_fid(val_data[0])
         if config["grad_checkpointing"]:
             self.model.set_grad_checkpointing()
         if config["compile"]:  # in place: the state_dict keys stay those of the plain UNet
@@ -122,6 +126,7 @@ class Trainer:
             "rng": checkpoints.rng_state(),
             "generators": generators,
             "best_metric": self.best_metric,
+            "eval_history": list(self.eval_history),
             "class_names": list(self.class_names),
             "intensity": dict(self.config["intensity"]),
             "config": dict(self.config),
@@ -143,6 +148,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(ckpt["grad_scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.best_metric = ckpt["global_step"], ckpt["best_metric"]
+        self.eval_history = list(ckpt.get("eval_history", []))  # older files have none
         # Python / NumPy / torch states are rank 0's for every rank; the per-rank streams are the generators.
         checkpoints.set_rng_state(ckpt["rng"])
         if len(ckpt["generators"]) == self.world_size:
@@ -284,8 +290,8 @@ class Trainer:
                 signum = self.stop_signal or signal.SIGTERM
                 raise TrainingStopped(f"stopped by signal {signum}; saved {self.latest_path()}", 128 + signum)
             at_interval = self.step_in_epoch == 0 and self.epoch % self.config["save_interval"] == 0
-            if at_interval and not stopped and self.epoch < self.config["epochs"]:
-                self.checkpoint_and_preview(periodic=True)
+            if (at_interval or self.evaluates()) and not stopped and self.epoch < self.config["epochs"]:
+                self.checkpoint_and_preview(periodic=at_interval)
         self.checkpoint_and_preview(final=True)
 
     def run_epoch(self):
@@ -339,13 +345,60 @@ class Trainer:
         self.ema.copy_to(self.ema_model.parameters())
         # Only rank 0 evaluates: it alone writes files, and the others wait at the barrier below.
         val_loss = self.heldout_loss() if self.accelerator.is_main_process else math.inf
-        self.improved = val_loss < self.best_metric
-        self.best_metric = min(self.best_metric, val_loss)
+        fid = self.fid_score() if self.fid is not None and (self.evaluates() or final) else math.inf
+        # --best-by fid: ckpt_best.pt is the lowest-FID model; other ranks hold inf and write nothing.
+        metric = fid if self.config.get("best_by") == "fid" else val_loss
+        self.improved = metric < self.best_metric
+        self.best_metric = min(self.best_metric, metric)
         self.save(final=final, periodic=periodic)
         self.improved = False
         if self.accelerator.is_main_process:
             self.log_save("final" if final else f"epoch_{self.epoch:04d}", val_loss)
         self.accelerator.wait_for_everyone()
+
+    def evaluates(self):
+        """Whether this epoch end scores FID / KID (every --eval-every epochs)."""
+        every = self.config.get("eval_every")
+        return bool(every) and self.step_in_epoch == 0 and self.epoch % every == 0
+
+    def make_fid(self, files):
+        """The FID / KID scorer against the held-out images, their features cached in the run's models/."""
+        loader = DataLoader(self.val_set, batch_size=self.config["batch_size"])
+        reference = (([str(f) for f in files]), ((x + 1) / 2 for x, _ in loader))
+        cache = run_dir(self.config, "models") / "fid_reference.pt"
+        return inception.TrainingEval(self.config["eval_inception_weights"], self.device, reference, cache)
+
+    def fid_batch(self, n, first):
+        """n EMA samples in [0, 1] with the grids' sampler; the same noise and labels at every evaluation."""
+        classes = self.config["num_classes"]
+        labels = (torch.arange(first, first + n, device=self.device) % classes) if classes else None
+        return self.ema_samples(
+            n, labels, torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + first)
+        )
+
+    def ema_samples(self, n, labels, gen):
+        """n EMA samples in [0, 1]: stochastic DDIM for the DDPM, Euler steps of the probability-flow ODE
+        (deterministic and cheap) for the continuous objectives; --preview-steps steps (0: 50)."""
+        steps = self.config["preview_steps"] or 50
+        if self.objective is not None:
+            samples, _ = sample_objective(
+                self.ema_model, self.objective, n, labels, PREVIEW_CFG, gen, method="euler", steps=steps
+            )
+            return samples
+        options = dict(sampler="ddim", steps=steps, eta=PREVIEW_ETA, generator=gen, output_type="float")
+        return self.diffusion.sample(self.ema_model, n, labels, PREVIEW_CFG, log_time=False, **options)
+
+    def fid_score(self):
+        """FID of the EMA weights (KID beside it), logged and appended to the run's history."""
+        scores = self.fid.score(self.fid_batch, self.config["eval_samples"], self.config["seed"])
+        self.eval_history.append({"epoch": self.epoch, "step": self.global_step, **scores})
+        for name in ("fid", "kid"):
+            self.writer.add_scalar(f"eval/{name}", scores[name], self.global_step)
+        best = min(entry["fid"] for entry in self.eval_history)
+        tqdm.write(f"epoch {self.epoch}: FID (EMA, {len(self.fid.reference)} held-out images, "
+                   f"{self.config['eval_samples']} samples) {scores['fid']:.3f} (best {best:.3f}), "
+                   f"KID {scores['kid']:.5f} +- {scores['kid_std']:.5f}")  # fmt: skip
+        return scores["fid"]
 
     @torch.no_grad()
     def heldout_loss(self):
@@ -378,25 +431,7 @@ class Trainer:
         classes = min(self.config["num_classes"] or 0, 16)
         labels = torch.arange(classes, device=self.device).repeat(4) if classes else None
         gen = torch.Generator().manual_seed(self.config["seed"])
-        if self.objective is not None:  # probability-flow ODE, Euler steps: deterministic and cheap
-            n, steps = len(labels) if classes else 16, self.config["preview_steps"]
-            samples, _ = sample_objective(
-                self.ema_model, self.objective, n, labels, PREVIEW_CFG, gen, method="euler", steps=steps
-            )
-            return samples, classes or 4
-        samples = self.diffusion.sample(
-            self.ema_model,
-            len(labels) if classes else 16,
-            labels,
-            PREVIEW_CFG,
-            log_time=False,
-            sampler="ddim",
-            steps=self.config["preview_steps"],
-            eta=PREVIEW_ETA,
-            generator=gen,
-            output_type="float",
-        )
-        return samples, classes or 4
+        return self.ema_samples(len(labels) if classes else 16, labels, gen), classes or 4
 
     def log_save(self, name, val_loss):
         """Report a save: held-out loss and the EMA sample grid to TensorBoard, the grid to results/."""
@@ -427,9 +462,19 @@ def train(args, explicit=frozenset()):
     config, ckpt = resolve_config(args, explicit)
     validate(config, fresh=ckpt is None)
     files, labels, class_names = load_data(config, ckpt)
+    check_eval(config, files, labels)
     prepare_outputs(config)
     scan_images(config, files, ckpt)
     return run_training(Trainer, config, ckpt, files, labels, class_names)
+
+
+def check_eval(config, files, labels):
+    """--eval-every / --best-by fid settings that cannot score are UserErrors; the Inception file is found
+    (or refused offline) now, before any process or file exists."""
+    if config["eval_every"] or config["best_by"] == "fid":
+        heldout = len(split_heldout(files, labels, config["val_split"], config["seed"])[1][0])
+        inception.check_eval_flags(config["eval_every"], config["best_by"], heldout, "--val-fraction")
+        config["eval_inception_weights"] = inception.weights_path(config["eval_inception_weights"])
 
 
 def run_training(trainer_class, config, ckpt, files, labels, class_names):

@@ -80,6 +80,10 @@ classifier_scale_alone        sample --classifier-scale 2           | --classifi
 classifier_without_diffusion  classifier_bare                       | pass --diffusion-checkpoint
 classifier_depth_zero         classifier_train --depth 0            | --depth: must be an integer >= 1
 classifier_resume_other_depth classifier_resume --depth 3           | trained with depth=1, not 3
+best_by_fid_without_eval      train --best-by fid                   | --best_by fid needs --eval_every
+eval_without_heldout          train --eval-every 1 --val-split 0    | needs at least 2 held-out images
+eval_weights_missing          train --eval-every 1 --val-split .25 --eval-inception-weights x | no such file
+eval_every_negative           train --eval-every -1                 | --eval_every: must be an integer >= 0
 """
 
 
@@ -345,6 +349,7 @@ classifier_resume_other_depth classifier_other_image_size classifier_other_chann
 classifier_missing classifier_is_a_ddpm classifier_garbage classifier_of_ldm classifier_as_ckpt
 classifier_on_vp_model diffusion_checkpoint_missing diffusion_checkpoint_is_a_classifier
 diffusion_checkpoint_of_vp classifier_data_of_other_classes
+best_by_fid_without_eval eval_without_heldout eval_weights_missing eval_every_negative
 """.split()
 
 
