@@ -32,11 +32,10 @@ import re
 import sys
 import time
 
+import torch
+
 import dinov2_vit
 import frd
-import torch
-from reference import write_reference
-
 from core import images
 from core.cli import (
     Parser,
@@ -60,6 +59,7 @@ from metrics import (
     layer_for,
     network_of,
 )
+from reference import write_reference
 from report import library_versions, print_report, size_histogram, write_json
 from weights import NETWORKS, build_extractor, resolve_weights
 

@@ -8,12 +8,12 @@ but the numbers themselves is the one used with real weights. Numbers from these
 import os
 from unittest import mock
 
-import dinov2_vit
 import torch
 import torch.nn as nn
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 import torchvision
 
+import dinov2_vit
 from core import files
 from core.cli import Parser, ensure_writable_dir, nonnegative_int
 from core.errors import run_cli

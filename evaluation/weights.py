@@ -9,7 +9,6 @@ import sys
 from unittest import mock
 from urllib.parse import urlparse
 
-import dinov2_vit
 import torch
 import torch.nn as nn
 import torchvision
@@ -17,6 +16,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
+import dinov2_vit
 from core import files
 from core.errors import UserError
 

@@ -3,7 +3,6 @@ architectures), against independent computations: the prdc package, the Inceptio
 
 import argparse
 
-import dinov2_vit
 import numpy as np
 import prdc
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+import dinov2_vit
 import metrics
 import weights as weights_module
 from conftest import blob_image
