@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat $(REQ_FILES) | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 # Each folder's tests run in their own pytest process, so same-named modules never collide; TEST_JOBS
 # of them at a time (longest first), each writing .test-logs/<folder>.log.
-TEST_DIRS := $(foreach d,ldm ddpm controlnet evaluation dit core demo,$(if $(wildcard $(d)/tests),$(d)))
+TEST_DIRS := $(foreach d,ldm ddpm controlnet evaluation dit core demo app,$(if $(wildcard $(d)/tests),$(d)))
 TEST_JOBS ?= 2
 BENCH_DIRS := $(foreach d,ddpm evaluation ldm dit,$(if $(wildcard $(d)/bench.py),$(d)))
 # The shared core: core/ is the canonical copy, each of these folders holds an identical one.
