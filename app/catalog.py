@@ -85,8 +85,9 @@ def describe(path):
         # mmap: the tensors are not read, only the small dicts around them (zip-format files only).
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # any unreadable file is listed, not raised: the server must keep serving
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return {"supported": False, "reason": f"not loadable with torch.load(weights_only=True): {first}"}
+        first = (str(error).strip().splitlines() or [""])[0]
+        reason = f"not loadable with torch.load(weights_only=True): {type(error).__name__} {first}"
+        return {"supported": False, "reason": reason.strip()}
     if not isinstance(ckpt, dict):
         return {"supported": False, "reason": "not a checkpoint dict of this project"}
     fmt = ckpt.get("format")
