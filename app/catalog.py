@@ -20,6 +20,13 @@ FLOW_SAMPLERS = ("euler", "heun", "rk45")
 OBJECTIVES = ("ddpm", "vp", "subvp", "ve", "flow")
 # Formats of this project's other files, named so that the reason they are refused is clear.
 KNOWN_OTHER = {"ddpm-classifier-v1": "a ddpm classifier (a guide for sampling), not a generator"}
+# model_type of the other folders' checkpoints (see dit/utils.py OTHER_MODELS): recognised, not served yet.
+NOT_YET = {
+    "dit": "a dit/ checkpoint: the app does not serve DiT models yet",
+    "ldm": "an ldm/ checkpoint: the app does not serve LDM models yet",
+    "controlnet": "a controlnet/ checkpoint: the app does not serve ControlNet models yet",
+    "vae": "a VAE of ldm/train_vae.py, not a generator",
+}
 
 
 class Refused(Exception):
@@ -93,6 +100,8 @@ def describe(path):
     fmt = ckpt.get("format")
     if fmt == "ddpm-checkpoint-v1":
         return describe_ddpm(ckpt)
+    if ckpt.get("model_type") in NOT_YET:
+        return {"supported": False, "reason": NOT_YET[ckpt["model_type"]]}
     if fmt in KNOWN_OTHER:
         return {"supported": False, "reason": KNOWN_OTHER[fmt]}
     if fmt is None:

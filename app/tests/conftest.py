@@ -57,7 +57,7 @@ def train(work, data, name, *flags):
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """--checkpoints folder: ddpm16.pt (discrete, 16-bit data), flow.pt and vp.pt (8-bit), a junk file, a
-    classifier-like dict of an unknown format and a link that points outside."""
+    dict of an unknown format, a dit-tagged dict and a link that points outside."""
     work = tmp_path_factory.mktemp("train")
     gray, deep = class_folders(work / "gray", False), class_folders(work / "deep", True)
     runs = {
@@ -75,6 +75,7 @@ def checkpoints(tmp_path_factory):
     import torch
 
     torch.save({"format": "someone-else-v3", "weights": torch.zeros(2)}, folder / "foreign.pt")
+    torch.save({"model_type": "dit", "config": {}, "model": {}}, folder / "dit.pt")  # a DiT's tag, no weights
     (folder / "outside.pt").symlink_to(work / "models" / "ddpm16" / "ema_ckpt.pt")
     return folder
 
