@@ -6,17 +6,16 @@ but the numbers themselves is the one used with real weights. Numbers from these
 """
 
 import os
-from unittest import mock
 
 import torch
 import torch.nn as nn
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 import torchvision
 
 import dinov2_vit
 from core import files
 from core.cli import Parser, ensure_writable_dir, nonnegative_int
 from core.errors import run_cli
+from core.inception import random_inception_state_dict  # the trainers' tests use the same file
 
 
 def _init_variance_preserving(model, seed):
@@ -31,17 +30,6 @@ def _init_variance_preserving(model, seed):
                 if module.bias is not None:
                     module.bias.zero_()
     return model
-
-
-def random_inception_state_dict(seed=0):
-    """State dict of torch-fidelity's FeatureExtractorInceptionV3 with random weights."""
-    # Its constructor always loads weights; skip that once to get the bare architecture.
-    with (
-        mock.patch.object(tf_inception, "load_state_dict_from_url", return_value={}),
-        mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict"),
-    ):
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    return _init_variance_preserving(net, seed).state_dict()
 
 
 def random_vgg16_state_dict(seed=0):
