@@ -360,8 +360,10 @@ def sample_on(accelerator, plan, models, config, sampler, args, class_names, int
     if accelerator.is_main_process:
         # NFE: network evaluations per batch (rk45 chooses its own, so it is an average over batches).
         nfe_per_batch = round(nfe_total / batches_total) if batches_total else 0
-        guidance = f"cfg_scale {args.cfg_scale}"
-        guidance += f", classifier_scale {args.classifier_scale}" if classifier is not None else ""
+        # Classifier-free guidance needs class labels: an unconditional model has none to guide with.
+        guides = [f"cfg_scale {args.cfg_scale}"] if model.num_classes is not None else ["unconditional"]
+        guides += [f"classifier_scale {args.classifier_scale}"] if classifier is not None else []
+        guidance = ", ".join(guides)
         print(
             f"{sampler['method']}, NFE {nfe_per_batch} per batch, {guidance}, the {weights} "
             f"of {args.ckpt} on {accelerator.num_processes} process(es), {accelerator.device}; "

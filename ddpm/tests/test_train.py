@@ -166,6 +166,7 @@ def test_unconditional_training_and_sampling(tmp_path):
         "ddpm_conditional_ddp.py", *flags, "--ckpt", ckpt, "--output-dir", tmp_path / "out", cwd=tmp_path
     )
     assert sampled.returncode == 0, sampled.stderr
+    assert "unconditional" in sampled.stdout and "cfg_scale" not in sampled.stdout  # no labels to guide with
     files = sorted((tmp_path / "out").glob("*.png"))
     assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
     assert np.asarray(__import__("PIL.Image").Image.open(files[0])).shape == (16, 16, 3)
