@@ -74,3 +74,13 @@ def write_class_folders(root, classes=("a", "b"), per_class=4, size=16, mode="L"
     for i, name in enumerate(classes):
         write_images(Path(root) / name, per_class, size, mode, seed + i)
     return Path(root)
+
+
+def scalars(folder, tag):
+    """(step, value) of one TensorBoard scalar tag in a log folder; [] when it was never logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    if tag not in events.Tags()["scalars"]:
+        return []
+    return [(event.step, event.value) for event in events.Scalars(tag)]

@@ -7,17 +7,7 @@ import torch
 
 from conftest import DIT_DIR, TINY, run_script
 from core import files, inception, testing
-
-
-def scalars(folder, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder)).Reload()
-    return (
-        [(event.step, event.value) for event in events.Scalars(tag)]
-        if tag in events.Tags()["scalars"]
-        else []
-    )
+from core.testing import scalars
 
 
 def test_fid_during_training_is_logged_kept_and_resumed(workspace, tmp_path):

@@ -7,17 +7,7 @@ import torch
 
 from conftest import LDM_DIR, TRAIN_ARGS, run_script
 from core import files, inception, testing
-
-
-def scalars(log_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir)).Reload()
-    return (
-        [(event.step, event.value) for event in events.Scalars(tag)]
-        if tag in events.Tags()["scalars"]
-        else []
-    )
+from core.testing import scalars
 
 
 def test_fid_during_training_is_logged_kept_and_resumed(gray_data, tiny_vae, tmp_path):
