@@ -115,11 +115,9 @@ def parse_args(argv=None):
         parser.error(f"--intensity-range needs LOW < HIGH, got {' '.join(map(str, args.intensity_range))}")
     if args.data_root is None:
         raise UserError("--data-path is required: a folder with one sub-folder of images per class")
+    inception.check_eval_flags(args.eval_every, args.best_by, 2)  # held-out images: counted with the data
     if args.eval_every:  # the Inception file is found (or refused offline) before any data is read
-        inception.check_eval_flags(args.eval_every, args.best_by, 2)
         args.eval_inception_weights = inception.weights_path(args.eval_inception_weights)
-    else:
-        inception.check_eval_flags(args.eval_every, args.best_by, 0)
     if resume:
         cli.check_creatable_dir(Path(args.resume).absolute().parent.parent / "checkpoints", "--resume")
     else:
@@ -546,7 +544,7 @@ class FIDEval:
             args.eval_inception_weights, device, (names, reference()), cache
         )
         self.grids, self.count, self.seed, self.device = grids, args.eval_samples, args.seed, device
-        self.classes, self.best_by, self.history = len(dataset.class_names), args.best_by, history
+        self.classes, self.history = len(dataset.class_names), history
         self.best = min((entry["fid"] for entry in history), default=math.inf)
 
     def batch(self, ema, n, first):

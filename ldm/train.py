@@ -128,7 +128,7 @@ def build_parser():
 def parse_args(argv=None):
     args = check_intensity_args(build_parser().parse_args(argv))
     # The Inception file is found (or refused offline) before any data is read.
-    inception.check_eval_flags(args.eval_every, args.best_by, 2 if args.eval_every else 0)
+    inception.check_eval_flags(args.eval_every, args.best_by, 2)  # held-out images: counted with the data
     if args.eval_every:
         args.eval_inception_weights = inception.weights_path(args.eval_inception_weights)
     return args
