@@ -1,15 +1,19 @@
 """Generation web app and HTTP API for the trained models: `python app/serve.py --checkpoints DIR`.
 
 One FastAPI server gives the HTML page (/), the JSON API and its OpenAPI schema (/docs, /openapi.json).
-Jobs run one at a time, in the order they came, in one worker process per model kind (worker_ddpm.py),
-which imports only its own folder's modules and keeps the models it loaded.
+Jobs run one at a time, in the order they came, in one worker process per model kind (worker_ddpm.py,
+worker_dit.py, worker_ldm.py, worker_controlnet.py), which imports only its own folder's modules and keeps
+the models it loaded.
 """
 
 import argparse
+import base64
+import binascii
 import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,21 +29,32 @@ from catalog import Catalog, Refused, safe_path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 
 APP_DIR = Path(__file__).resolve().parent
-WORKERS = {"ddpm": APP_DIR / "worker_ddpm.py"}  # kind -> the worker script that samples it
+KINDS = ("ddpm", "dit", "ldm", "controlnet")
+WORKERS = {kind: APP_DIR / f"worker_{kind}.py" for kind in KINDS}  # kind -> the worker script that samples it
 KEEP_FINISHED = 50  # finished jobs (and their results) kept for GET /jobs/{id}; older ones are dropped
+MAX_MASK_PIXELS = 4096 * 4096  # an uploaded mask larger than this is refused before it is decoded
+MASK_FORMATS = {"PNG": ".png", "TIFF": ".tif"}  # what an upload may be, and the file suffix it is kept with
 
 
 class GenerateRequest(BaseModel):
     model: str = Field(description="checkpoint name as /models lists it (relative to --checkpoints)")
-    class_: str | int | None = Field(None, alias="class", description="class name or index (unset: all)")
+    class_: str | int | None = Field(
+        None, alias="class", description="class name or index (unset: all; a ControlNet: none)"
+    )
     n: int = Field(4, description="number of images")
     guidance_scale: float = Field(3.0, description="classifier-free guidance scale (0: unconditional)")
     sampler: str | None = Field(None, description="one of the model's samplers (unset: its default)")
     steps: int | None = Field(None, description="sampling steps (unset: the sampler's default)")
     seed: int = Field(0, description="noise seed: the same request gives the same images")
+    mask: str | None = Field(
+        None,
+        description="ControlNet only: base64 of a PNG or TIFF mask (binary or label map; data: prefix ok)",
+    )
+    conditioning_scale: float = Field(1.0, description="ControlNet only: the mask's weight (0: off)")
 
 
 class BadRequest(Exception):
@@ -49,8 +64,9 @@ class BadRequest(Exception):
 
 
 class Job:
-    def __init__(self, number, request, entry, fmt):
+    def __init__(self, number, request, entry, fmt, mask):
         self.id, self.request, self.entry, self.format = f"job-{number}", request, entry, fmt
+        self.mask, self.scores = mask, None  # mask: (bytes, suffix) of the decoded upload, or None
         self.status, self.progress, self.total, self.error, self.user_error = (
             "queued",
             0,
@@ -71,6 +87,7 @@ class Job:
             "error": self.error,
             "format": self.format,
             "model": self.request.model,
+            "scores": self.scores,
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
@@ -126,9 +143,9 @@ class Jobs:
         self.running, self.scratch = None, tempfile.TemporaryDirectory(prefix="app-jobs-")
         threading.Thread(target=self.loop, daemon=True).start()
 
-    def submit(self, request, entry, fmt):
+    def submit(self, request, entry, fmt, mask=None):
         with self.wake:
-            job = Job(next(self.numbers), request, entry, fmt)
+            job = Job(next(self.numbers), request, entry, fmt, mask)
             self.jobs[job.id] = job
             self.pending.append(job)
             self.forget_old()
@@ -160,17 +177,19 @@ class Jobs:
                     self.wake.wait()
                 job = self.pending.pop(0)
                 job.status, job.started = "running", time.time()
+            out = Path(self.scratch.name) / job.id
             try:
-                self.run(job)
+                self.run(job, out)
             except Exception as error:  # a dead worker fails this job; the next job restarts it
                 self.finish(job, "failed", str(error))
+            finally:
+                shutil.rmtree(out, ignore_errors=True)  # the images are in job.result now
 
-    def run(self, job):
+    def run(self, job, out):
         worker = self.workers[job.entry["kind"]]
         worker.start()
-        out = Path(self.scratch.name) / job.id
         out.mkdir()
-        r = job.request
+        r, entry = job.request, job.entry
         message = {
             "op": "generate",
             "id": job.id,
@@ -180,6 +199,13 @@ class Jobs:
         }
         message.update(n=r.n, guidance_scale=r.guidance_scale, sampler=r.sampler, steps=r.steps, seed=r.seed)
         message.update(batch_size=self.batch_size, out=str(out), grid=job.format == "grid")
+        message.update(
+            vae=entry.get("vae"), ldm=entry.get("ldm_path"), conditioning_scale=r.conditioning_scale
+        )
+        if job.mask is not None:
+            data, suffix = job.mask
+            (out / f"mask{suffix}").write_bytes(data)
+            message["mask"], job.mask = str(out / f"mask{suffix}"), None  # on disk now, for the worker
         worker.send(message)
         while True:
             reply = worker.receive()
@@ -194,9 +220,7 @@ class Jobs:
                     job.result, job.media_type = Path(reply["grid"]).read_bytes(), "image/png"
                 else:
                     job.result, job.media_type = zip_of(reply["files"]), "application/zip"
-                for name in reply["files"] + ([reply["grid"]] if reply["grid"] else []):
-                    Path(name).unlink(missing_ok=True)
-                out.rmdir()
+                job.scores = reply.get("scores")
                 return self.finish(job, "done")
 
     def close(self):
@@ -223,14 +247,6 @@ def check(request, entry, limits):
         cap = min(limits.max_steps, entry.get("max_steps") or limits.max_steps)
         if not 1 <= request.steps <= cap:
             raise BadRequest(f"steps must be between 1 and {cap}, got {request.steps}")
-    elif (
-        entry["kind"] == "ddpm"
-        and entry["objective"] in ("ddpm", "vp", "subvp", "ve")
-        and (request.sampler in (None, "ddpm", "pc") and limits.max_steps < 1000)
-    ):
-        raise BadRequest(
-            f"this sampler's default is 1000 steps, over --max-steps {limits.max_steps}: set steps"
-        )
     if entry["image_size"] and entry["image_size"] > limits.max_image_size:
         raise BadRequest(
             f"model image size {entry['image_size']} is over --max-image-size {limits.max_image_size}"
@@ -251,10 +267,62 @@ def check(request, entry, limits):
         )
         if index is None or not 0 <= index < len(names):
             raise BadRequest(f"class {request.class_!r} is not one of the model's classes {names}")
+    if entry["needs_mask"]:
+        check_mask_request(request)
+    elif request.mask is not None:
+        raise BadRequest(
+            f"mask applies to ControlNet models only; {request.model!r} is a {entry['kind']} model"
+        )
+    if request.steps is None:
+        check_default_steps(request, entry, limits)
+
+
+def check_default_steps(request, entry, limits):
+    """A request without steps takes its sampler's default, which must fit --max-steps too."""
+    default = entry["default_steps"].get(request.sampler or entry["samplers"][0])
+    if default and default > limits.max_steps:
+        raise BadRequest(
+            f"this sampler's default is {default} steps, over --max-steps {limits.max_steps}: set steps"
+        )
+
+
+def check_mask_request(request):
+    if request.mask is None:
+        raise BadRequest(f"model {request.model!r} is a ControlNet: it needs a mask (a base64 PNG or TIFF)")
+    if not request.conditioning_scale >= 0:
+        raise BadRequest(f"conditioning_scale must be >= 0, got {request.conditioning_scale}")
+
+
+def read_mask(text, max_mb):
+    """(bytes, suffix) of an uploaded mask: base64 (an optional data:...;base64, prefix) of a PNG or TIFF
+    no larger than max_mb and MAX_MASK_PIXELS, which PIL decodes completely; else a BadRequest."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    limit = max_mb * 1024 * 1024
+    if len(text) * 3 // 4 > limit:  # checked before decoding: base64 is 4 characters per 3 bytes
+        raise BadRequest(f"mask: the upload is over --max-upload-mb {max_mb}")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("mask: not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in MASK_FORMATS:
+                raise BadRequest(f"mask: a {image.format} image, give a PNG or TIFF")
+            if image.width * image.height > MAX_MASK_PIXELS:
+                raise BadRequest(
+                    f"mask: {image.width}x{image.height} pixels is over the limit of {MAX_MASK_PIXELS}"
+                )
+            image.load()  # decodes every pixel: a truncated or corrupt file fails here, not in the worker
+            return data, MASK_FORMATS[image.format]
+    except BadRequest:
+        raise
+    except Exception as error:  # PIL's errors for what is not an image (or a broken one)
+        raise BadRequest(f"mask: not a readable PNG or TIFF image ({type(error).__name__})") from None
 
 
 def create_app(args):
-    catalog = Catalog(args.checkpoints)
+    catalog = Catalog(args.checkpoints, args.vae)
     jobs = Jobs(args.batch_size, args.device)
     app = FastAPI(title="Diffusion models generation API", version="0.1")
     app.state.jobs = jobs
@@ -262,6 +330,19 @@ def create_app(args):
     @app.exception_handler(BadRequest)
     def bad_request(_, error):
         return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    # A body that cannot hold an allowed upload is refused before it is read: base64 takes 4/3 of the
+    # file's bytes, plus room for the other fields.
+    body_limit = args.max_upload_mb * 1024 * 1024 * 4 // 3 + 64 * 1024
+
+    @app.middleware("http")
+    async def limit_body(request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > body_limit:
+            return JSONResponse(
+                {"error": f"mask: the upload is over --max-upload-mb {args.max_upload_mb}"}, 400
+            )
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     def invalid(_, error):
@@ -275,17 +356,22 @@ def create_app(args):
         except Refused as error:
             raise BadRequest(str(error)) from None
         entry = catalog.entry(Path(path).relative_to(args.checkpoints).as_posix())
+        if entry.get("ldm"):  # a ControlNet's LDM, found under --checkpoints by the catalog
+            entry["ldm_path"] = str(safe_path(args.checkpoints, entry["ldm"]))
         return {**entry, "path": str(path)}
 
     def submit(request, fmt):
         entry = lookup(request.model)
         check(request, entry, args)
-        return jobs.submit(request, entry, fmt)
+        mask = read_mask(request.mask, args.max_upload_mb) if request.mask is not None else None
+        # The base64 text is not kept with the job (finished jobs stay in memory); the file's bytes are.
+        return jobs.submit(request.model_copy(update={"mask": None}), entry, fmt, mask)
 
     def result_response(job):
         if job.status == "done":
             suffix = "png" if job.format == "grid" else "zip"
             headers = {"Content-Disposition": f'attachment; filename="{job.id}.{suffix}"'}
+            headers["X-Scores"] = json.dumps(job.scores)  # ControlNet's Dice per image; null for the others
             return Response(job.result, media_type=job.media_type, headers=headers)
         if job.status == "failed":
             raise BadRequest(job.error, 400 if job.user_error else 500)
@@ -310,6 +396,7 @@ def create_app(args):
             "max_images": args.max_images,
             "max_steps": args.max_steps,
             "max_image_size": args.max_image_size,
+            "max_upload_mb": args.max_upload_mb,
         }
         return {"models": catalog.models(), "limits": limits}
 
@@ -369,6 +456,13 @@ def build_parser():
         "--batch-size", type=positive, default=8, help="images per batch (cancel acts between)"
     )
     parser.add_argument("--device", help="torch device of the workers (unset: the GPU if any, else the CPU)")
+    parser.add_argument(
+        "--vae",
+        help="local diffusers AutoencoderKL folder, for models whose recorded VAE is not available here",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=positive, default=10, help="largest mask upload (ControlNet) in MB"
+    )
     return parser
 
 
@@ -378,6 +472,12 @@ def main(argv=None):
     if not Path(args.checkpoints).is_dir():
         parser.exit(2, f"error: --checkpoints {args.checkpoints} is not a folder\n")
     args.checkpoints = Path(args.checkpoints).resolve()
+    if args.vae is not None:
+        if not (Path(args.vae) / "config.json").is_file():
+            parser.exit(
+                2, f"error: --vae {args.vae} is not a diffusers AutoencoderKL folder (no config.json)\n"
+            )
+        args.vae = str(Path(args.vae).resolve())
     app = create_app(args)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -87,13 +87,11 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(checkpoints, tmp_path_factory):
-    """The base URL of `python app/serve.py` on a free loopback port (batches of 2, so cancel acts soon)."""
+def running_server(folder, log, *flags):
+    """Start `python app/serve.py --checkpoints folder *flags` on a free loopback port; yields its URL once
+    /health answers, and stops it afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, str(SERVE), "--checkpoints", str(checkpoints), "--port", str(port)]
-    command += ["--max-images", "8", "--max-steps", "1000", "--max-image-size", "64", "--batch-size", "2"]
+    command = [sys.executable, str(SERVE), "--checkpoints", str(folder), "--port", str(port), *flags]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -113,3 +111,136 @@ def server(checkpoints, tmp_path_factory):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoints, tmp_path_factory):
+    """The base URL of `python app/serve.py` on a free loopback port (batches of 2, so cancel acts soon)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    flags = ["--max-images", "8", "--max-steps", "1000", "--max-image-size", "64", "--batch-size", "2"]
+    yield from running_server(checkpoints, log, *flags)
+
+
+# ---------------------------------------------------------------- the other kinds: dit, ldm, controlnet
+
+
+def tiny_vae(folder):
+    """A random 2x-downsampling AutoencoderKL saved with save_pretrained (as the folders' tests make it)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    sizes = dict(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8, layers_per_block=1)
+    vae = AutoencoderKL(**blocks, **sizes, sample_size=16)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def mask_pairs(root):
+    """Four 16-bit gray 16 px images bright where their binary (0/255) mask is set: ControlNet data."""
+    rng = np.random.default_rng(1)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(4):
+        mask = np.zeros((16, 16), np.uint8)
+        x, y = rng.integers(0, 8, 2)
+        mask[y : y + 6, x : x + 6] = 1
+        image = ((mask * 180 + rng.integers(0, 60, mask.shape)) * 257).astype(np.uint16)  # 16-bit data
+        Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / f"{i:03d}.png")
+    return root
+
+
+def start(script, *argv, cwd):
+    """Start one of the folders' scripts (a trainer) with tiny settings; returns the Popen."""
+    command = [sys.executable, str(ROOT / script), *map(str, argv)]
+    return subprocess.Popen(
+        command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finished(process):
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+
+
+def resaved(source, target, change):
+    """A copy of a checkpoint with change(ckpt) applied (a test's variant of a trained file)."""
+    import torch
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    change(ckpt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, target)
+
+
+@pytest.fixture(scope="session")
+def vae_folder(tmp_path_factory):
+    return tiny_vae(tmp_path_factory.mktemp("vae") / "tiny_vae")
+
+
+@pytest.fixture(scope="session")
+def kind_checkpoints(tmp_path_factory, request, vae_folder):
+    """--checkpoints folder of every kind, trained by each folder's own trainer with tiny settings:
+    dit/0000002.pt (8-bit gray data), ldm/checkpoint_best.pt (16-bit data) and a copy ldm_b/,
+    controlnet/checkpoint_best.pt (16-bit pairs; its recorded LDM lies outside, the same run's LDM is
+    found inside), ddpm.pt; and variants: recorded.pt (a ControlNet whose recorded LDM is ldm_b/ inside),
+    orphan.pt (a ControlNet of an LDM that is not there), dit_hub.pt (its VAE a hub id) and the keys of
+    an official DiT file."""
+    work = tmp_path_factory.mktemp("kinds")
+    gray, deep = class_folders(work / "gray", False), class_folders(work / "deep", True)
+    dit_flags = "--model DiT-S/2 --depth 2 --hidden-size 32 --num-heads 2 --image-size 16 --max-steps 2"
+    dit_flags += " --global-batch-size 4 --num-workers 0"
+    dit_data = ["--data-path", gray, "--results-dir", work / "dit", "--vae", vae_folder]
+    dit = start("dit/train.py", *dit_flags.split(), *dit_data, cwd=work)
+    ldm_flags = "--image_size 16 --batch_size 4 --num_epochs 1 --unet_preset tiny --num_workers 0"
+    ldm_data = ["--data_root", deep, "--output_dir", work / "ldm", "--vae_pretrained", vae_folder]
+    ldm = start("ldm/train.py", *ldm_flags.split(), *ldm_data, cwd=work)
+    ddpm = request.getfixturevalue("checkpoints")  # ddpm's runs train meanwhile (or are there already)
+    finished(ldm)
+    cn_flags = "--batch_size 2 --num_epochs 1 --num_workers 0 --sample_steps 2 --num_sample_masks 1"
+    cn_flags += " --val_fraction 0.25"
+    cn_data = ["--data_root", mask_pairs(work / "pairs"), "--output_dir", work / "controlnet"]
+    cn_data += ["--ldm_checkpoint", work / "ldm" / "checkpoint_best.pt"]
+    controlnet = start("controlnet/train.py", *cn_flags.split(), *cn_data, cwd=work)
+    folder = tmp_path_factory.mktemp("kind_checkpoints")
+    for sub in ("dit", "ldm", "ldm_b", "controlnet"):
+        (folder / sub).mkdir()
+    finished(dit)
+    (folder / "dit" / "0000002.pt").write_bytes(
+        (work / "dit" / "000-DiT-S-2" / "checkpoints" / "0000002.pt").read_bytes()
+    )
+    for sub in ("ldm", "ldm_b"):
+        (folder / sub / "checkpoint_best.pt").write_bytes((work / "ldm" / "checkpoint_best.pt").read_bytes())
+    (folder / "ddpm.pt").write_bytes((ddpm / "runs" / "ddpm16.pt").read_bytes())
+    finished(controlnet)
+    trained = work / "controlnet" / "checkpoint_best.pt"
+    (folder / "controlnet" / "checkpoint_best.pt").write_bytes(trained.read_bytes())
+
+    def record(ckpt):
+        ckpt["config"]["ldm_checkpoint"] = str(folder / "ldm_b" / "checkpoint_best.pt")
+
+    def orphan(ckpt):  # another LDM run's config: no LDM under the folder is its own
+        ckpt["ldm_config"] = {**ckpt["ldm_config"], "seed": 12345}
+
+    def hub_vae(ckpt):  # as a run trained with the default VAE would record it
+        ckpt["config"]["vae"] = "ema"
+
+    resaved(trained, folder / "recorded.pt", record)
+    resaved(trained, folder / "orphan.pt", orphan)
+    resaved(folder / "dit" / "0000002.pt", folder / "dit_hub.pt", hub_vae)
+    import torch
+
+    # The keys of an official DiT file (a bare state_dict, dit/download.py), with stand-in tensors.
+    torch.save({"pos_embed": torch.zeros(1, 4, 8), "x_embedder.proj.weight": torch.zeros(8, 4, 2, 2)},
+               folder / "DiT-official.pt")  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kinds_server(kind_checkpoints, vae_folder, tmp_path_factory):
+    """A server over every kind, with --vae (for dit_hub.pt) and a 1 MB upload limit."""
+    log = tmp_path_factory.mktemp("kinds_server") / "server.log"
+    flags = ["--max-images", "8", "--max-image-size", "64", "--batch-size", "4", "--max-upload-mb", "1"]
+    yield from running_server(kind_checkpoints, log, *flags, "--vae", str(vae_folder))

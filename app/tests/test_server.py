@@ -44,7 +44,7 @@ def test_health_and_models(server):
     assert "someone-else-v3" in models["foreign.pt"]["reason"]
     assert "outside" in models["outside.pt"]["reason"]
     assert models["inside.pt"]["supported"] and models["inside.pt"]["objective"] == "flow"
-    assert not models["dit.pt"]["supported"] and "DiT models yet" in models["dit.pt"]["reason"]
+    assert not models["dit.pt"]["supported"] and "without weights" in models["dit.pt"]["reason"]
     assert "/generate" in httpx.get(server + "/openapi.json").json()["paths"]
 
 
