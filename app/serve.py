@@ -267,6 +267,8 @@ def check(request, entry, limits):
         )
         if index is None or not 0 <= index < len(names):
             raise BadRequest(f"class {request.class_!r} is not one of the model's classes {names}")
+    if request.seed < 0 and entry["kind"] in ("ldm", "controlnet"):  # their inference.py --seed rule
+        raise BadRequest(f"seed must be >= 0 for {entry['kind']} models, got {request.seed}")
     if entry["needs_mask"]:
         check_mask_request(request)
     elif request.mask is not None:

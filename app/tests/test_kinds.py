@@ -170,6 +170,7 @@ def test_controlnet_takes_a_tiff_mask_and_a_class(kinds_server):
         ),
         ({"model": "orphan.pt", "mask": upload(square_mask())}, "not under --checkpoints"),
         ({"model": "ldm/checkpoint_best.pt", "sampler": "pc"}, "does not apply"),
+        ({"model": "ldm/checkpoint_best.pt", "seed": -1}, "seed must be >= 0"),
         ({"model": "dit/0000002.pt", "class": "dog"}, "not one of the model's classes"),
         ({"model": "dit/0000002.pt", "steps": 1001}, "steps must be between 1 and 1000"),
     ],
