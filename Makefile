@@ -15,7 +15,7 @@ BENCH_DIRS := $(foreach d,ddpm evaluation ldm dit,$(if $(wildcard $(d)/bench.py)
 CORE_DIRS := ddpm ldm controlnet dit evaluation
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint bench clean vendor check-vendor docs
+.PHONY: setup demo app browser test lint bench clean vendor check-vendor docs
 
 setup: $(STAMP)
 
@@ -27,6 +27,23 @@ $(STAMP): $(REQ_FILES)
 
 demo: $(STAMP)
 	$(PY) demo/run_demo.py $(DEMO_ARGS)
+
+# The web app on the demo's checkpoints (trained first by `make demo` when they are missing); options of
+# app/serve.py go through APP_ARGS, e.g. make app APP_ARGS="--port 8080".
+APP_CHECKPOINTS := demo_output/models
+app: $(STAMP)
+	@test -f $(APP_CHECKPOINTS)/digits/ema_ckpt.pt || $(PY) demo/run_demo.py
+	$(PY) app/serve.py --checkpoints $(APP_CHECKPOINTS) $(APP_ARGS)
+
+# app/'s browser test drives Debian's headless Chromium through chromedriver: installed here when missing
+# (as root, or with sudo that needs no password). If that fails the browser test fails and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing Debian's chromium and chromium-driver for app/tests/test_browser.py"; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+			chromium chromium-driver; } > /dev/null 2>&1 || echo "warning: could not install chromium"; \
+	fi
 
 vendor:
 	@for d in $(CORE_DIRS); do rm -rf $$d/core && mkdir -p $$d/core && cp core/*.py $$d/core/; done
@@ -41,7 +58,7 @@ check-vendor:
 docs: $(STAMP)
 	@for d in $(CORE_DIRS); do (cd $$d && ../$(PY) -m core.flagdocs README.md README_zh.md) || exit 1; done
 
-test: $(STAMP) check-vendor
+test: $(STAMP) check-vendor $(if $(filter app,$(TEST_DIRS)),browser)
 	@rm -rf .test-logs && mkdir -p .test-logs
 	@printf '%s\n' $(TEST_DIRS) | xargs -P $(TEST_JOBS) -I{} sh -c \
 		'start=$$(date +%s); (cd {} && ../$(PY) -m pytest tests) > .test-logs/{}.log 2>&1; \
