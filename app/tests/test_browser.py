@@ -6,11 +6,13 @@ downloaded by the browser or by Selenium (its driver manager is switched off and
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -133,3 +135,30 @@ def test_a_refused_request_shows_the_servers_message(browser, server):
     error = wait(browser, lambda d: d.find_element(By.ID, "error").text, what="the error message")
     assert error.startswith("steps must be between 1 and"), error
     assert browser.find_element(By.ID, "go").is_enabled()  # the form can be used again
+
+
+def test_controlnet_mask_upload_shows_the_mask_the_image_and_its_dice(browser, kinds_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 3:10] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    browser.get(kinds_server + "/")
+    fill_form(browser, "controlnet/checkpoint_best.pt", n=2, steps=2, seed=3, conditioning=1.5)
+    assert browser.find_element(By.ID, "mask-fields").is_displayed()  # shown for a ControlNet only
+    browser.find_element(By.ID, "mask").send_keys(str(tmp_path / "mask.png"))
+    wait(browser, lambda d: d.find_element(By.ID, "mask-preview").is_displayed(), what="the mask preview")
+    browser.find_element(By.ID, "go").click()
+    scores = wait(browser, lambda d: d.find_element(By.ID, "scores").text, what="the Dice score")
+    browser.save_screenshot(str(tmp_path / "controlnet.png"))
+    # The page shows the Dice that the API gives for the same mask and settings.
+    encoded = base64.b64encode((tmp_path / "mask.png").read_bytes()).decode()
+    body = {"model": "controlnet/checkpoint_best.pt", "n": 2, "steps": 2, "seed": 3, "guidance_scale": 3}
+    body.update(mask=encoded, conditioning_scale=1.5)
+    reply = httpx.post(kinds_server + "/generate", json=body, params={"format": "grid"}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    expected = json.loads(reply.headers["X-Scores"])
+    assert scores.startswith(f"Dice with the mask: mean {expected['mean_dice']:.3f} ("), scores
+    assert shown_image(browser) == reply.content  # the grid: the mask beside each generated image
+    fill_form(browser, "ddpm.pt")
+    assert not browser.find_element(By.ID, "mask-fields").is_displayed()
