@@ -32,7 +32,7 @@ demo: $(STAMP)
 # app/serve.py go through APP_ARGS, e.g. make app APP_ARGS="--port 8080".
 APP_CHECKPOINTS := demo_output/models
 app: $(STAMP)
-	@test -f $(APP_CHECKPOINTS)/digits/ema_ckpt.pt || $(PY) demo/run_demo.py
+	@test -f $(APP_CHECKPOINTS)/digits/ema_ckpt.pt || $(PY) demo/run_demo.py $(DEMO_ARGS)
 	$(PY) app/serve.py --checkpoints $(APP_CHECKPOINTS) $(APP_ARGS)
 
 # app/'s browser test drives Debian's headless Chromium through chromedriver: installed here when missing
