@@ -7,7 +7,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from classifier import log_prob_gradient
+from core import guidance
+from core.guidance import log_prob_gradient
 from core.training import timing_line
 from utils import pick_device, to_uint8, to_unit
 
@@ -82,9 +83,8 @@ class Diffusion:
         """Sigma of the DDPM step from t to the scheduler's previous timestep: the variance of its noise."""
         # The same beta-tilde as diffusers' "fixed_small" variance, for strided steps too; 0 at the last step.
         prev = int(scheduler.previous_timestep(t))
-        alpha_bar = scheduler.alphas_cumprod[t]
         alpha_bar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else torch.ones(())
-        return (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+        return guidance.posterior_variance(scheduler.alphas_cumprod[t], alpha_bar_prev)
 
     def guided_step(self, scheduler, eps, t, x, grad, scale, generator=None, **extra):
         """One DDPM or DDIM step with classifier guidance by grad = grad_x log p(y | x_t); grad None: none.
@@ -96,10 +96,10 @@ class Diffusion:
 
         ddim = isinstance(scheduler, DDIMScheduler)
         if grad is not None and ddim:
-            eps = eps - (1 - scheduler.alphas_cumprod[t]).sqrt() * scale * grad
+            eps = guidance.condition_eps(eps, scheduler.alphas_cumprod[t], grad, scale)
         x_prev = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
         if grad is not None and not ddim:  # mean + sigma z + shift: the shifted mean, with the same noise
-            x_prev = x_prev + scale * self.posterior_variance(scheduler, t) * grad
+            x_prev = guidance.shift_mean(x_prev, self.posterior_variance(scheduler, t), grad, scale)
         return x_prev
 
     @torch.no_grad()
@@ -121,7 +121,7 @@ class Diffusion:
         """Generate n images (n, C, H, W); labels=None samples unconditionally.
 
         output_type "uint8" gives 0..255; "float" gives float32 in [0, 1], for writing more than 8 bits.
-        A classifier (classifier.EncoderClassifier of this schedule) guides toward the labels, also for an
+        A classifier (core.guidance.EncoderClassifier of this schedule) guides toward the labels, also for an
         unconditional model; classifier_scale 0 is no classifier guidance at all.
         """
         from diffusers.utils.torch_utils import randn_tensor

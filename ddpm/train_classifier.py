@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from classifier import CLASSIFIER_FORMAT, DIFFUSION_KEYS, EncoderClassifier
+from classifier import CLASSIFIER_FORMAT, DIFFUSION_KEYS
 from core import cli, datasets
+from core.guidance import EncoderClassifier
 from flags import add_config_flag, add_train_args, parse_flags
 from run_config import load_data, prepare_outputs, resolve_config, saved_config, scan_images, validate
 from trainer import Trainer, run_training

@@ -2,7 +2,9 @@
 
 1. training steps/s with the VAE in the loop vs with --cache_latents (same data, model, batch);
    each pair is measured in alternation, twice, keeping the best of each;
-2. sampling images/s with DDIM-50 vs DPM-Solver++-20.
+2. sampling images/s with DDIM-50 vs DPM-Solver++-20;
+3. sampling images/s with DDIM-50 and classifier guidance (a latent classifier of train_classifier.py's
+   default width and depth) vs without, both with CFG 3.
 The model hub is unreachable here, so both use small locally built models with random weights:
 the figures compare code paths, not trained-model quality.
 """
@@ -17,8 +19,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import train
+import train_classifier
 import train_vae
 from core import cli
+from core.guidance import EncoderClassifier
 from core.images import EIGHT_BIT
 from dataset import ClassImageDataset, find_class_images
 from models import LatentCodec, default_noise_scheduler, denoise, load_vae, make_sampler, noise_for
@@ -79,14 +83,16 @@ def steps_per_second(model, optimizer, codec, loader, cached, scheduler, steps):
     return steps / (time.perf_counter() - start)
 
 
-def images_per_second(model, codec, scheduler_config, sampler_name, steps, latent_size, num_images=4):
-    """Generated (decoded) images per second for one sampler."""
+def images_per_second(
+    model, codec, scheduler_config, sampler_name, steps, latent_size, num_images=4, classifier=None
+):
+    """Generated (decoded) images per second for one sampler, guided by a classifier if one is given."""
     sampler = make_sampler(sampler_name, scheduler_config)
     noise = noise_for(0, 0, range(num_images), (codec.latent_channels, latent_size, latent_size))
     labels = torch.zeros(num_images, dtype=torch.long)
     # Timed up to decoded images: a user waits for pictures, not latents.
     start = time.perf_counter()
-    codec.decode(denoise(model, sampler, noise, labels, 3.0, steps))
+    codec.decode(denoise(model, sampler, noise, labels, 3.0, steps, classifier, 1.0))
     return num_images / (time.perf_counter() - start)
 
 
@@ -151,6 +157,19 @@ def main():
     )
     print(f"  sampling  DDIM-50     : {ddim:7.2f} images/s")
     print(f"  sampling  DPM++-20    : {dpm:7.2f} images/s   -> DPM-Solver++-20 speed-up x{dpm / ddim:.2f}")
+
+    # train_classifier.py's defaults for these latents: one classifier forward and backward more per step.
+    parser_args = train_classifier.build_parser().parse_args(["--data_root", ".", "--ldm_checkpoint", "."])
+    facts = {"latent_channels": codec.latent_channels, "latent_size": latent_size, "class_names": ["a", "b"]}
+    classifier = EncoderClassifier(**train_classifier.classifier_config(parser_args, facts)).eval()
+    unguided, guided = best_of(
+        lambda: images_per_second(model, codec, scheduler.config, "ddim", 50, latent_size),
+        lambda: images_per_second(
+            model, codec, scheduler.config, "ddim", 50, latent_size, classifier=classifier
+        ),
+    )
+    ratio = guided / unguided
+    print(f"  sampling  DDIM-50 + CG: {guided:7.2f} images/s   -> classifier guidance speed x{ratio:.2f}")
 
 
 if __name__ == "__main__":

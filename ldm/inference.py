@@ -5,7 +5,8 @@ data deeper than 8 bits, .tif for float data), skipping complete files that alre
 --overwrite. --save_grid also writes a preview grid with a row per class beside the sample tree,
 <output_dir>_grid.png (or --grid_path), so that an evaluation of the samples never counts it. The
 architecture, classes, decoding rule and VAE come from the checkpoint; EMA weights are used unless
---no_ema.
+--no_ema. --classifier adds classifier guidance (ADM) by a latent classifier of train_classifier.py
+trained for this LDM, with any --scheduler, on top of --cfg_scale.
 """
 
 import os
@@ -21,14 +22,19 @@ from dataset import to_unit
 from models import (
     SAMPLERS,
     LatentCodec,
+    check_classifier_fits,
+    classifier_from_checkpoint,
     denoise,
     intensity_of,
     load_checkpoint,
+    load_classifier_checkpoint,
     load_vae,
     make_sampler,
     model_from_checkpoint,
     noise_for,
 )
+
+SCALE_HELP = "classifier guidance scale (default 1 with --classifier; 0: unguided); combines with --cfg_scale"
 
 
 def add_sampling_args(parser, default_output, default_seed):
@@ -47,6 +53,8 @@ def add_sampling_args(parser, default_output, default_seed):
     add("--vae_pretrained", help="VAE hub id or folder; default: the one recorded in the checkpoint")
     add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="CUDA autocast; ignored on CPU")
     add("--overwrite", action="store_true", help="regenerate images whose files already exist")
+    add("--classifier", metavar="PATH", help="classifier guidance by this train_classifier.py checkpoint")
+    add("--classifier_scale", type=cli.nonnegative_float, metavar="S", help=SCALE_HELP)
 
 
 class LDMSampler:
@@ -57,6 +65,11 @@ class LDMSampler:
         # only points at another copy of the same VAE (e.g. a local folder on an offline machine).
         config = ckpt["config"]
         self.device = torch.device(device)
+        # First, so that a classifier of another LDM fails before the model and VAE load. Callers that
+        # build args without the classifier flags (older code, the app) sample unguided.
+        self.classifier, self.classifier_scale = load_guide(
+            ckpt, getattr(args, "classifier", None), getattr(args, "classifier_scale", None), self.device
+        )
         self.class_names = list(ckpt["class_names"])
         self.intensity = intensity_of(ckpt)
         self.model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).to(self.device)
@@ -83,10 +96,36 @@ class LDMSampler:
         labels = torch.full((len(indices),), label, device=self.device, dtype=torch.long)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             latents = denoise(
-                self.model, self.sampler, noise, labels, self.args.cfg_scale, self.args.num_inference_steps
+                self.model,
+                self.sampler,
+                noise,
+                labels,
+                self.args.cfg_scale,
+                self.args.num_inference_steps,
+                self.classifier,
+                self.classifier_scale,
             )
         # Decoding runs outside autocast, in the VAE's own precision.
         return to_unit(self.codec.decode(latents.float())).cpu()
+
+
+def load_guide(ckpt, path, scale, device):
+    """(classifier, scale) of --classifier and --classifier_scale, checked against the LDM; (None, 0.0)
+    without --classifier."""
+    if path is None:
+        if scale is not None:
+            raise UserError(
+                "--classifier_scale needs --classifier PATH (a checkpoint of train_classifier.py)"
+            )
+        return None, 0.0
+    classifier_ckpt = load_classifier_checkpoint(path)
+    check_classifier_fits(classifier_ckpt, ckpt, path)
+    prediction = ckpt["scheduler_config"].get("prediction_type")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise UserError(
+            f"classifier guidance needs an epsilon or v_prediction LDM; this one predicts {prediction!r}"
+        )
+    return classifier_from_checkpoint(classifier_ckpt).to(device), 1.0 if scale is None else scale
 
 
 def resolve_classes(tokens, class_names):

@@ -5,7 +5,8 @@ data deeper than 8 bits, .tif for float data); complete files that already exist
 interrupted run continues where it stopped. Launched with several processes
 (`accelerate launch --num_processes N inference_per_class.py ...` or `torchrun --nproc_per_node=N`)
 the batches are shared out over them. --npz also writes <output_dir>_<N>x<H>x<W>x3.npz beside the
-sample tree (arr_0 uint8 RGB images, arr_1 labels, class_names) for evaluation tools.
+sample tree (arr_0 uint8 RGB images, arr_1 labels, class_names) for evaluation tools. --classifier
+adds classifier guidance by a latent classifier of train_classifier.py, as in inference.py.
 """
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Model pieces of the class-conditional LDM: UNet presets, class token, frozen VAE codec, EMA,
-guided sampling and the checkpoint format (see the checkpoint contract in the README)."""
+guided sampling (classifier-free, and classifier guidance by a latent classifier) and the checkpoint
+formats (see the checkpoint contract in the README)."""
 
 import copy
 import os
@@ -42,6 +43,11 @@ UNET_PRESETS = {
 # The diffusion settings train.py offers: what the UNet predicts and how the noise grows over time.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+# The model_type of train_classifier.py's latent classifiers, and the training-schedule settings that
+# such a classifier must share with its LDM (they fix alpha_bar_t).
+CLASSIFIER_TYPE = "ldm-classifier"
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "rescale_betas_zero_snr")
 
 # Inference schedulers, each built from the training schedule's config: the multistep solvers
 # (DPM-Solver++, UniPC) reach in 20-30 steps what DDIM needs about 50 for.
@@ -259,17 +265,33 @@ def guided_prediction(model, latents, t, labels, cfg_scale):
     return guidance.guided(model, latents, timesteps, labels, null, cfg_scale)
 
 
+def classifier_guided(output, classifier, scheduler, latents, t, labels, scale):
+    """The model output corrected by grad log p(labels | latents, t) of a latent classifier.
+
+    ADM's condition_score on the noise estimate (converted for v-prediction): it applies to every
+    scheduler here, since each one steps from the noise (or velocity) estimate at x_t."""
+    grad = guidance.log_prob_gradient(classifier, latents, t.expand(latents.shape[0]), labels)
+    alpha_bar = scheduler.alphas_cumprod[int(t)].to(latents.device)
+    return guidance.condition_output(output, alpha_bar, grad, scale, scheduler.config.prediction_type)
+
+
 @torch.no_grad()
-def denoise(model, scheduler, noise, labels, cfg_scale, num_steps):
-    """Reverse diffusion from noise (N, c, h, w) for labels (N,) -> clean scaled latents."""
+def denoise(model, scheduler, noise, labels, cfg_scale, num_steps, classifier=None, classifier_scale=0.0):
+    """Reverse diffusion from noise (N, c, h, w) for labels (N,) -> clean scaled latents; a latent
+    classifier (train_classifier.py) adds classifier guidance at classifier_scale (0: none at all)."""
     scheduler.set_timesteps(num_steps, device=noise.device)
     # init_noise_sigma is 1 for these samplers; multiplied anyway so a sigma-scaled scheduler starts right.
     latents = noise * scheduler.init_noise_sigma
+    guided_by_classifier = classifier is not None and classifier_scale != 0
     # The scheduler steps in fp32 whatever the model's precision: its update mixes large and small terms.
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        output = guided_prediction(model, model_input, t, labels, cfg_scale)
-        latents = scheduler.step(output.float(), t, latents).prev_sample
+        output = guided_prediction(model, model_input, t, labels, cfg_scale).float()
+        if guided_by_classifier:
+            output = classifier_guided(
+                output, classifier, scheduler, model_input, t, labels, classifier_scale
+            )
+        latents = scheduler.step(output, t, latents).prev_sample
     return latents
 
 
@@ -314,6 +336,56 @@ def plain(value):
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def load_classifier_checkpoint(path, flag="--classifier"):
+    """Read a latent classifier of train_classifier.py, with one clear line for any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"{flag} {path}: file not found; pass a checkpoint written by ldm/train_classifier.py"
+        )
+    ckpt = load_weights_only(path, what=flag)
+    kind = ckpt.get("model_type") if isinstance(ckpt, dict) else None
+    if kind == CLASSIFIER_TYPE:
+        return ckpt
+    # The DDPM's classifier (ddpm/train_classifier.py) has a "format" instead: it sees pixels, not latents.
+    if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("ddpm-classifier"):
+        found = "a DDPM pixel-space classifier"
+    else:
+        found = f"a {kind} checkpoint" if kind else "no model_type"
+    raise UserError(
+        f"{flag} {path} is not an LDM latent classifier ({found}); train one on this LDM's latents with "
+        "ldm/train_classifier.py --ldm_checkpoint"
+    )
+
+
+def ldm_facts(ckpt):
+    """What a latent classifier must share with its LDM: the latents, their noise and the classes."""
+    config, schedule = ckpt["config"], ckpt["scheduler_config"]
+    facts = {key: config[key] for key in ("latent_channels", "latent_size", "latent_scale", "latent_shift")}
+    # The schedule settings that fix alpha_bar_t; the prediction type does not matter to a classifier.
+    facts.update({key: schedule.get(key) for key in SCHEDULE_KEYS})
+    facts["class_names"] = list(ckpt["class_names"])
+    return facts
+
+
+def check_classifier_fits(classifier_ckpt, ldm_ckpt, path, flag="--classifier"):
+    """A UserError naming the first difference unless the classifier was trained for this LDM's latents."""
+    trained, wanted = classifier_ckpt["ldm"], ldm_facts(ldm_ckpt)
+    for key, value in wanted.items():
+        if trained.get(key) != value:
+            raise UserError(
+                f"{flag} {path} was trained with {key}={trained.get(key)}, but the LDM has {key}={value}: "
+                "train a classifier with --ldm_checkpoint of this LDM"
+            )
+
+
+def classifier_from_checkpoint(ckpt, use_ema=True):
+    """The latent classifier of a train_classifier.py checkpoint, frozen, with EMA weights unless asked."""
+    model = guidance.EncoderClassifier(**ckpt["classifier_config"])
+    model.load_state_dict(ckpt["ema_classifier"] if use_ema else ckpt["classifier"])
+    return model.eval().requires_grad_(False)
 
 
 def load_checkpoint(path, flag="--checkpoint"):

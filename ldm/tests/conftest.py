@@ -79,13 +79,11 @@ def depth_set(root, kind, size=8):
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_vae(tmp_path_factory):
-    """A random tiny AutoencoderKL saved with save_pretrained (block widths 8, 8; 4 latent channels)."""
+def tiny_autoencoder(**config):
+    """A random tiny AutoencoderKL (block widths 8, 8: 2x downsampling; 4 latent channels)."""
     from diffusers import AutoencoderKL
 
-    folder = tmp_path_factory.mktemp("vae")
-    AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(8, 8),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
@@ -93,7 +91,15 @@ def tiny_vae(tmp_path_factory):
         norm_num_groups=8,
         layers_per_block=1,
         sample_size=16,
-    ).save_pretrained(folder)
+        **config,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """tiny_autoencoder() saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_autoencoder().save_pretrained(folder)
     return folder
 
 
