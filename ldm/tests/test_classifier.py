@@ -118,13 +118,16 @@ def test_scale_zero_is_exactly_unguided_and_a_scale_guides(tmp_path, ldm_ckpt, c
     assert any(not np.array_equal(strong[k], strong_cfg3[k]) for k in plain)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "unipc"])
 def test_every_scheduler_is_guided_and_callers_without_the_flags_sample_unguided(
-    ldm_ckpt, classifier_run, scheduler
+    ldm_ckpt, classifier_run, scheduler, prediction
 ):
     import inference
 
     ckpt = load(ldm_ckpt)
+    # The v path on the same weights: what is checked is the guidance arithmetic, not image quality.
+    ckpt["scheduler_config"]["prediction_type"] = prediction
     flags = ["--checkpoint", str(ldm_ckpt), "--scheduler", scheduler, "--num_inference_steps", "4"]
     old_style = argparse.Namespace(**vars(inference.parse_args(flags)))
     del old_style.classifier, old_style.classifier_scale  # as the app and older code build their args
@@ -142,6 +145,19 @@ def test_every_scheduler_is_guided_and_callers_without_the_flags_sample_unguided
     assert samplers["old"].classifier is None and samplers["guided"].classifier_scale == 30
     assert torch.equal(images["old"], images["zero"])
     assert torch.isfinite(images["guided"]).all() and not torch.equal(images["old"], images["guided"])
+
+
+def test_a_model_that_predicts_x0_is_refused(ldm_ckpt, classifier_run):
+    import inference
+    from core.errors import UserError
+
+    ckpt = load(ldm_ckpt)
+    ckpt["scheduler_config"]["prediction_type"] = "sample"
+    args = inference.parse_args(
+        ["--checkpoint", str(ldm_ckpt), "--classifier", str(classifier_run / "checkpoint_best.pt")]
+    )
+    with pytest.raises(UserError, match="epsilon or v_prediction LDM; this one predicts 'sample'"):
+        inference.LDMSampler(ckpt, args, "cpu")
 
 
 def test_per_class_sampler_is_guided_like_inference(tmp_path, ldm_ckpt, classifier_run):
