@@ -67,13 +67,10 @@ class Job:
     def __init__(self, number, request, entry, fmt, mask):
         self.id, self.request, self.entry, self.format = f"job-{number}", request, entry, fmt
         self.mask, self.scores = mask, None  # mask: (bytes, suffix) of the decoded upload, or None
-        self.status, self.progress, self.total, self.error, self.user_error = (
-            "queued",
-            0,
-            request.n,
-            None,
-            False,
-        )
+        self.status, self.total, self.error, self.user_error = "queued", request.n, None, False
+        # progress: images done; evaluations: forward calls of the denoising network so far (live within
+        # a batch, from the worker's hook)
+        self.progress, self.evaluations = 0, 0
         self.result, self.media_type = None, None
         self.created, self.started, self.finished = time.time(), None, None
         self.finished_event = threading.Event()
@@ -83,6 +80,7 @@ class Job:
             "id": self.id,
             "status": self.status,
             "progress": self.progress,
+            "evaluations": self.evaluations,
             "total": self.total,
             "error": self.error,
             "format": self.format,
@@ -210,7 +208,7 @@ class Jobs:
         while True:
             reply = worker.receive()
             if "progress" in reply:
-                job.progress = reply["progress"]
+                job.progress, job.evaluations = reply["progress"], reply.get("evaluations", job.evaluations)
             elif "cancelled" in reply:
                 return self.finish(job, "cancelled")
             elif "error" in reply:

@@ -66,7 +66,7 @@ def generate(job, protocol):
     def name_of(index, _):
         return f"{index:04d}" + (f"_{gen.class_folder}" if gen.class_folder else "")
 
-    made = worker_loop.produce(job, protocol, list(range(job["n"])), draw, name_of, gen.intensity)
+    made = worker_loop.produce(job, protocol, list(range(job["n"])), draw, name_of, gen.intensity, gen.model)
     if made is None:
         return
     files, samples = made

@@ -68,7 +68,7 @@ def generate(job, protocol):
         return f"{index:04d}" + ("" if label is None else f"_{class_names[label]}")
 
     wanted = worker_loop.round_robin(labels, job["n"])
-    made = worker_loop.produce(job, protocol, wanted, draw_batch, name_of, intensity)
+    made = worker_loop.produce(job, protocol, wanted, draw_batch, name_of, intensity, model)
     if made is not None:
         files, samples = made
         columns = worker_loop.grid_columns(labels, job["n"])

@@ -55,7 +55,8 @@ def generate(job, protocol):
     def name_of(index, label):
         return f"{index:04d}_{class_folder(config, label)}"
 
-    made = worker_loop.produce(job, protocol, worker_loop.round_robin(labels, job["n"]), draw, name_of, rule)
+    wanted = worker_loop.round_robin(labels, job["n"])
+    made = worker_loop.produce(job, protocol, wanted, draw, name_of, rule, model)
     if made is not None:
         files, samples = made
         worker_loop.finish(job, protocol, files, samples, worker_loop.grid_columns(labels, job["n"]), rule)

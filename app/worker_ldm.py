@@ -58,7 +58,7 @@ def generate(job, protocol):
     def name_of(index, item):
         return f"{index:04d}_{sampler.class_names[item[0]]}"
 
-    made = worker_loop.produce(job, protocol, wanted, draw, name_of, sampler.intensity)
+    made = worker_loop.produce(job, protocol, wanted, draw, name_of, sampler.intensity, sampler.model)
     if made is not None:
         files, samples = made
         columns = worker_loop.grid_columns(labels, job["n"])

@@ -8,9 +8,10 @@ code (core.images, core.training) is imported inside the functions, after isolat
 
 Protocol: JSON lines. stdin: {"op": "generate", "id", "ckpt", "class", "n", "guidance_scale", "sampler",
 "steps", "seed", "batch_size", "out", "grid", and per kind "vae", "ldm", "mask", "conditioning_scale"} or
-{"op": "cancel", "id"}. stdout: {"ready": true} once, then per job {"id", "progress": k, "total": n}
-after each batch and one of {"id", "done": true, "files": [...], "grid": path or null, "scores": ...},
-{"id", "cancelled": true} or {"id", "error": message, "user": bool}.
+{"op": "cancel", "id"}. stdout: {"ready": true} once, then per job {"id", "progress": k, "total": n,
+"evaluations": m} after each batch and every half second while one samples, and one of {"id", "done":
+true, "files": [...], "grid": path or null, "scores": ...}, {"id", "cancelled": true} or {"id", "error":
+message, "user": bool}.
 """
 
 import json
@@ -88,26 +89,70 @@ def serve(generate, user_errors):
             protocol.send({"id": job["id"], "error": f"{type(error).__name__}: {error}", "user": False})
 
 
-def produce(job, protocol, items, draw, name_of, rule):
+class Evaluations:
+    """Live progress inside a batch: counts the forward calls of the denoising network (a forward hook,
+    so every folder's own sampler is counted without a change to it) and, while a batch samples, sends
+    the images done so far and the count every TICK seconds."""
+
+    TICK = 0.5
+
+    def __init__(self, job, protocol, total, network):
+        self.job, self.protocol, self.total, self.count = job, protocol, total, 0
+        self.hook = network.register_forward_hook(self.counted) if network is not None else None
+
+    def counted(self, *_):
+        self.count += 1
+
+    def send(self, done):
+        message = {"id": self.job["id"], "progress": done, "total": self.total, "evaluations": self.count}
+        self.protocol.send(message)
+
+    def during(self, done, work):
+        """work() while a thread reports progress (done images, the growing count) until it returns."""
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(self.TICK):
+                self.send(done)
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            return work()
+        finally:
+            stop.set()
+            ticker.join()
+
+    def close(self):
+        if self.hook is not None:
+            self.hook.remove()
+
+
+def produce(job, protocol, items, draw, name_of, rule, network=None):
     """Draw the images of items in batches of job["batch_size"]: draw(batch, start) gives (N, C, H, W) in
-    [0, 1]; image i is saved as OUT/<name_of(i, item)><suffix> at the rule's depth. Returns (files,
+    [0, 1]; image i is saved as OUT/<name_of(i, item)><suffix> at the rule's depth. network (the
+    denoising nn.Module draw calls) has its evaluations counted for the live progress. Returns (files,
     samples), or None once a cancel stopped it (checked between batches; the reply is sent here)."""
     from core import images  # the worker's own folder's copy (isolate() came first)
 
     out, files, samples, size = Path(job["out"]), [], [], job["batch_size"]
-    for start in range(0, len(items), size):
-        if protocol.cancelled(job["id"]):
-            protocol.send({"id": job["id"], "cancelled": True})
-            return None
-        batch = items[start : start + size]
-        batch_samples = draw(batch, start).cpu()
-        for offset, (item, sample) in enumerate(zip(batch, batch_samples, strict=True)):
-            path = out / (name_of(start + offset, item) + images.suffix(rule))
-            images.save(sample, path, rule)  # at the training data's depth (16-bit PNG when deeper)
-            files.append(str(path))
-        samples.extend(batch_samples)
-        protocol.send({"id": job["id"], "progress": start + len(batch), "total": len(items)})
-    return files, samples
+    meter = Evaluations(job, protocol, len(items), network)
+    try:
+        for start in range(0, len(items), size):
+            if protocol.cancelled(job["id"]):
+                protocol.send({"id": job["id"], "cancelled": True})
+                return None
+            batch = items[start : start + size]
+            batch_samples = meter.during(start, lambda: draw(batch, start)).cpu()  # noqa: B023 (called now)
+            for offset, (item, sample) in enumerate(zip(batch, batch_samples, strict=True)):
+                path = out / (name_of(start + offset, item) + images.suffix(rule))
+                images.save(sample, path, rule)  # at the training data's depth (16-bit PNG when deeper)
+                files.append(str(path))
+            samples.extend(batch_samples)
+            meter.send(start + len(batch))
+        return files, samples
+    finally:
+        meter.close()
 
 
 def round_robin(labels, n):

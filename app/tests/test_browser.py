@@ -113,9 +113,10 @@ def test_pick_a_model_and_a_class_generate_and_the_image_appears(browser, server
     assert (progress.get_attribute("value"), progress.get_attribute("max")) == ("8", "8")
     seen = browser.execute_script("return window.seen;")
     # Live progress: the job's states and image counts as the page polled them, ending in done.
-    polled = [re.match(r"(queued|running): (\d) of 8 images \(", text) for text in seen[:-1]]
+    line = r"(queued|running): (\d) of 8 images(?:, (\d+) network evaluations)? \("
+    polled = [re.match(line, text) for text in seen[:-1]]
     assert all(polled) and seen[-1] == "done", seen
-    counts = [int(match[2]) for match in polled]
+    counts = [(int(match[2]), int(match[3] or 0)) for match in polled]  # (images, network evaluations)
     assert "running" in {match[1] for match in polled} and counts == sorted(counts), seen
     # The image on the page is exactly what the API gives for the same request (the seed fixes the noise).
     body = {"model": "runs/ddpm16.pt", "class": "class_1", "n": 8, "guidance_scale": 3, **request}

@@ -174,3 +174,12 @@ def test_cancel_queued_and_running_jobs(server):
     # The worker takes the next job as usual.
     assert post(server, "/generate", {"model": "runs/ddpm16.pt", "n": 1, **FAST}).status_code == 200
     assert httpx.get(f"{server}/jobs/job-0").status_code == 404
+
+
+def test_progress_counts_images_and_network_evaluations(server):
+    # n 3 in batches of 2 with DDIM-3: two batches of 3 steps, one forward pass each (guidance shares
+    # its pass), so 6 evaluations; the images count reaches n.
+    job = post(server, "/jobs", {"model": "runs/ddpm16.pt", "n": 3, **FAST}).json()
+    assert (job["progress"], job["evaluations"], job["total"]) == (0, 0, 3)
+    done = wait_for(server, job["id"], {"done", "failed"})
+    assert (done["status"], done["progress"], done["evaluations"]) == ("done", 3, 6), done
