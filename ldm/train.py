@@ -65,6 +65,30 @@ ARCHITECTURE_KEYS = (
 )
 
 
+def add_optimisation_flags(parser, batch_size, num_epochs, lr, weight_decay, warmup):
+    """The optimisation group, also train_classifier.py's (with its own defaults)."""
+    # --batch_size is per process: one optimizer step sees batch_size x processes x accumulation images.
+    add = parser.add_argument_group("optimisation").add_argument
+    add("--batch_size", type=cli.positive_int, default=batch_size, help="images per process per step")
+    add("--num_epochs", type=cli.positive_int, default=num_epochs, help="training epochs")
+    add("--learning_rate", "--lr", type=cli.positive_float, default=lr, help="AdamW peak learning rate")
+    add("--weight_decay", type=cli.nonnegative_float, default=weight_decay, help="AdamW weight decay")
+    add("--lr_warmup_steps", type=cli.nonnegative_int, default=warmup, help="warm-up, in optimizer steps")
+    add("--gradient_accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per step")
+    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
+    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1)")
+    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
+    add("--seed", type=cli.nonnegative_int, default=0, help="random seed")
+
+
+def add_checkpoint_flags(add):
+    """--save_every, --checkpoints_total_limit, --resume and --val_every, also train_classifier.py's."""
+    add("--save_every", type=cli.positive_int, default=10, help="checkpoint_epoch_<E>.pt every N epochs")
+    add("--checkpoints_total_limit", type=cli.positive_int, help="keep the newest N periodic files")
+    add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
+    add("--val_every", type=cli.positive_int, default=1, help="validate every N epochs")
+
+
 def build_parser():
     # cli.Parser takes every flag as --snake_case and --kebab-case and shows each default in --help;
     # the groups follow a run: data, model, optimisation, then what is saved along the way.
@@ -97,25 +121,11 @@ def build_parser():
     add("--gradient_checkpointing", action="store_true", help="trade compute for UNet memory")
     add("--compile", action="store_true", help="torch.compile the UNet")
 
-    # --batch_size is per process: one optimizer step sees batch_size x processes x accumulation images.
-    add = parser.add_argument_group("optimisation").add_argument
-    add("--batch_size", type=cli.positive_int, default=8, help="images per process per step")
-    add("--num_epochs", type=cli.positive_int, default=200, help="training epochs")
-    add("--learning_rate", "--lr", type=cli.positive_float, default=1e-4, help="AdamW peak learning rate")
-    add("--weight_decay", type=cli.nonnegative_float, default=1e-2, help="AdamW weight decay")
-    add("--lr_warmup_steps", type=cli.nonnegative_int, default=500, help="warm-up, in optimizer steps")
-    add("--gradient_accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per step")
-    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
-    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1)")
-    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
-    add("--seed", type=cli.nonnegative_int, default=0, help="random seed")
+    add_optimisation_flags(parser, batch_size=8, num_epochs=200, lr=1e-4, weight_decay=1e-2, warmup=500)
 
     # Validation and sample grids use the EMA weights with fixed noise, so epochs compare like with like.
     add = parser.add_argument_group("checkpoints, validation and samples").add_argument
-    add("--save_every", type=cli.positive_int, default=10, help="checkpoint_epoch_<E>.pt every N epochs")
-    add("--checkpoints_total_limit", type=cli.positive_int, help="keep the newest N periodic files")
-    add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
-    add("--val_every", type=cli.positive_int, default=1, help="validate every N epochs")
+    add_checkpoint_flags(add)
     add("--val_timesteps", type=cli.positive_int, default=4, help="fixed timesteps per held-out image")
     add("--sample_every", type=cli.positive_int, default=10, help="save an EMA sample grid every N epochs")
     add("--sample_steps", type=cli.positive_int, default=50, help="DDIM steps for sample grids")

@@ -45,6 +45,8 @@ from models import (
     plain,
 )
 from train import (
+    add_checkpoint_flags,
+    add_optimisation_flags,
     check_finite,
     encode_moments,
     log_step,
@@ -88,23 +90,8 @@ def build_parser():
     add("--attn_resolutions", type=cli.positive_int, nargs="+", help="latent sides with self-attention")
     add("--gradient_checkpointing", action="store_true", help="trade compute for memory")
 
-    add = parser.add_argument_group("optimisation").add_argument
-    add("--batch_size", type=cli.positive_int, default=16, help="images per process per step")
-    add("--num_epochs", type=cli.positive_int, default=50, help="training epochs")
-    add("--learning_rate", "--lr", type=cli.positive_float, default=3e-4, help="AdamW peak learning rate")
-    add("--weight_decay", type=cli.nonnegative_float, default=0.05, help="AdamW weight decay")
-    add("--lr_warmup_steps", type=cli.nonnegative_int, default=100, help="warm-up, in optimizer steps")
-    add("--gradient_accumulation_steps", type=cli.positive_int, default=1, help="micro-batches per step")
-    add("--max_grad_norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
-    add("--ema_decay", type=cli.fraction, default=0.9999, help="EMA decay, in [0, 1)")
-    add("--mixed_precision", choices=cli.MIXED_PRECISION, default="no", help="autocast on CUDA; fp32 on CPU")
-    add("--seed", type=cli.nonnegative_int, default=0, help="random seed")
-
-    add = parser.add_argument_group("checkpoints and validation").add_argument
-    add("--save_every", type=cli.positive_int, default=10, help="checkpoint_epoch_<E>.pt every N epochs")
-    add("--checkpoints_total_limit", type=cli.positive_int, help="keep the newest N periodic files")
-    add("--resume", nargs="?", const="latest", help="a checkpoint, or (no value) OUTPUT_DIR's latest one")
-    add("--val_every", type=cli.positive_int, default=1, help="validate every N epochs")
+    add_optimisation_flags(parser, batch_size=16, num_epochs=50, lr=3e-4, weight_decay=0.05, warmup=100)
+    add_checkpoint_flags(parser.add_argument_group("checkpoints and validation").add_argument)
     return parser
 
 

@@ -4,32 +4,10 @@ grad log p(y | x) is known exactly; and the encoder classifier on pixel- and lat
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from core import guidance
-
-
-class LinearClassifier(nn.Module):
-    """logits = W x (t ignored): grad_x log p(y | x) = W_y - sum_k p_k W_k."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (classes, C*H*W)
-
-    def forward(self, x, t):
-        return x.flatten(1) @ self.weight.T
-
-
-def closed_form_gradient(weight, x, y):
-    p = torch.softmax(x.flatten(1) @ weight.T, dim=-1)  # (N, classes)
-    return (weight[y] - p @ weight).reshape(x.shape)
-
-
-def linear_alpha_bar(steps=1000, beta_start=1e-4, beta_end=0.02):
-    """betas and cumulative products of 1 - beta of the linear schedule, in float64."""
-    betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)
-    return betas, np.cumprod(1 - betas)
+from core.testing import LinearClassifier, closed_form_gradient, linear_betas_alpha_bar
 
 
 @pytest.fixture
@@ -49,7 +27,7 @@ def test_log_prob_gradient_is_the_closed_form_also_under_no_grad(case):
 
 
 def test_posterior_variance_is_beta_tilde_and_diffusers_fixed_small():
-    betas, alpha_bar = linear_alpha_bar()
+    betas, alpha_bar = linear_betas_alpha_bar()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small")
     scheduler.set_timesteps(1000)
     for t in (1, 10, 500, 999):
@@ -60,7 +38,8 @@ def test_posterior_variance_is_beta_tilde_and_diffusers_fixed_small():
 
 def test_guided_ddpm_mean_is_the_mean_plus_scale_sigma_gradient(case):
     classifier, weight, x, eps, y = case
-    alpha_bar = linear_alpha_bar()[1].tolist()  # Python floats: the arithmetic below stays float32 tensors
+    # Python floats: the arithmetic below stays float32 tensors.
+    alpha_bar = linear_betas_alpha_bar()[1].tolist()
     t, scale = 400, 2.5
     # The DDPM posterior mean from x_t and eps, written out (Ho et al. 2020, eq. 11).
     beta = 1 - alpha_bar[t] / alpha_bar[t - 1]
@@ -78,7 +57,7 @@ def test_corrected_eps_gives_the_guided_posterior_mean_of_x0(case):
     """With eps' = condition_eps(eps), x0 = (x_t - sqrt(1 - abar) eps') / sqrt(abar) is Tweedie's formula
     for the score plus scale * grad: x0 + (1 - abar) / sqrt(abar) * scale * grad."""
     classifier, weight, x, eps, y = case
-    alpha_bar = linear_alpha_bar()[1].tolist()
+    alpha_bar = linear_betas_alpha_bar()[1].tolist()
     for t, scale in ((50, 1.0), (700, 4.0)):
         a = alpha_bar[t]
         grad = guidance.log_prob_gradient(classifier, x, torch.full((5,), t), y)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 # Offline, quiet, and one thread per process: the test machines have two shared cores.
@@ -84,3 +85,26 @@ def scalars(folder, tag):
     if tag not in events.Tags()["scalars"]:
         return []
     return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+class LinearClassifier(torch.nn.Module):
+    """logits = W x (t ignored): a classifier whose grad_x log p(y | x) = W_y - sum_k p_k W_k is known in
+    closed form (closed_form_gradient), for the classifier-guidance tests of core and ddpm."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)  # (classes, C*H*W)
+
+    def forward(self, x, t):
+        return x.flatten(1) @ self.weight.T
+
+
+def closed_form_gradient(weight, x, y):
+    p = torch.softmax(x.flatten(1) @ weight.T, dim=-1)  # (N, classes)
+    return (weight[y] - p @ weight).reshape(x.shape)
+
+
+def linear_betas_alpha_bar(noise_steps=1000, beta_start=1e-4, beta_end=0.02):
+    """The linear schedule written out: betas and cumulative products of 1 - beta, in float64."""
+    betas = np.linspace(beta_start, beta_end, noise_steps, dtype=np.float64)
+    return betas, np.cumprod(1 - betas)

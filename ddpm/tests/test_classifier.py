@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from classifier import CLASSIFIER_FORMAT, EncoderClassifier, log_prob_gradient
 from conftest import CLASSIFIER_TINY, DDPM_DIR, run_script, torchrun
+from core.testing import LinearClassifier, closed_form_gradient, linear_betas_alpha_bar
 from diffusion import Diffusion
 
 SAMPLE = ("ddpm_conditional_ddp.py", *"--mode sample --num-samples 6 --batch-size 3".split())
@@ -18,28 +18,6 @@ SAMPLE = ("ddpm_conditional_ddp.py", *"--mode sample --num-samples 6 --batch-siz
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-class LinearClassifier(nn.Module):
-    """logits = W x (t ignored): grad_x log p(y | x) = W_y - sum_k p_k W_k in closed form."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (classes, C*H*W)
-
-    def forward(self, x, t):
-        return x.flatten(1) @ self.weight.T
-
-
-def closed_form_gradient(weight, x, y):
-    p = torch.softmax(x.flatten(1) @ weight.T, dim=-1)  # (N, classes)
-    return (weight[y] - p @ weight).reshape(x.shape)
-
-
-def linear_betas_alpha_bar(noise_steps=1000, beta_start=1e-4, beta_end=0.02):
-    """The linear schedule written out: betas and cumulative products of 1 - beta, in float64."""
-    betas = np.linspace(beta_start, beta_end, noise_steps, dtype=np.float64)
-    return betas, np.cumprod(1 - betas)
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ with ADM's attention pooling, for any (N, C, H, W) input (pixels or VAE latents)
 gradient grad_x log p(y | x_t) enters a sampler step: the DDPM mean shift and the noise correction.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from core.blocks import Level, group_norm, timestep_embedding
 
 
 def combine(cond, uncond, scale):
@@ -32,72 +31,6 @@ def guided(model, x, t, labels, null_labels, scale, **kwargs):
 
 # The classifier's width per level, relative to base_channels; three downsamplings by default.
 CHANNEL_MULT = (1, 2, 4, 4)
-
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps t: (N,) -> (N, dim)."""
-    # Geometric frequencies from 1 down toward 1/max_period, as in the Transformer's position encoding.
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def group_norm(channels):
-    """GroupNorm with up to 32 groups that divide the channel count (narrow test models stay valid)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
-
-
-class ResBlock(nn.Module):
-    """Two 3x3 convolutions with the time embedding added in between as a per-channel bias."""
-
-    def __init__(self, c_in, c_out, emb_dim):
-        super().__init__()
-        self.in_layers = nn.Sequential(group_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
-        self.out_layers = nn.Sequential(group_norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_proj(emb)[:, :, None, None]  # (N, C_out, H, W)
-        return self.skip(x) + self.out_layers(h)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over all positions, through scaled_dot_product_attention."""
-
-    def __init__(self, channels, head_dim=32):
-        super().__init__()
-        self.num_heads = max(1, channels // head_dim)
-        self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (N, heads, HW, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, head_dim)
-        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
-
-
-class Level(nn.Module):
-    """A residual block, optionally followed by self-attention; gradient checkpointing on request."""
-
-    def __init__(self, c_in, c_out, emb_dim, attention):
-        super().__init__()
-        self.res = ResBlock(c_in, c_out, emb_dim)
-        self.attn = SelfAttention(c_out) if attention else nn.Identity()
-        self.grad_checkpointing = False
-
-    def forward(self, x, emb):
-        # Only while training: sampling runs the classifier's backward pass without a need to save memory.
-        if self.grad_checkpointing and self.training:
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
-
-    def _forward(self, x, emb):
-        return self.attn(self.res(x, emb))
 
 
 class AttentionPool(nn.Module):
