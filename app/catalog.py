@@ -30,7 +30,10 @@ CONTROLNET_SAMPLERS, CONTROLNET_STEPS = ("unipc", "dpm++", "ddim"), 25
 DIT_STEPS = {"ddpm": 250, "ddim": 250, "pc": 1000, "euler": 100, "heun": 50, "rk45": None, "dpm++": 20}
 DIT_MAX_STEPS = 1000
 DIT_HUB_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # dit --vae names
-NOT_SERVED = {"vae": "a VAE of ldm/train_vae.py, not a generator"}
+NOT_SERVED = {
+    "vae": "a VAE of ldm/train_vae.py, not a generator",
+    "ldm-classifier": "a latent classifier of ldm/train_classifier.py (a sampling guide), not a generator",
+}
 OFFICIAL_DIT = (
     "an official DiT file (a bare state_dict, dit/download.py): not served by the app; "
     "sample it with dit/sample.py --ckpt"

@@ -108,6 +108,7 @@ OTHER_MODELS = {
     "ldm": "an LDM checkpoint (written by ldm/train.py: a diffusers UNet and class embedder)",
     "controlnet": "a ControlNet checkpoint (written by controlnet/train.py)",
     "vae": "a VAE checkpoint (written by ldm/train_vae.py)",
+    "ldm-classifier": "an LDM classifier checkpoint (written by ldm/train_classifier.py)",
 }
 
 

@@ -76,6 +76,7 @@ def checkpoints(tmp_path_factory):
 
     torch.save({"format": "someone-else-v3", "weights": torch.zeros(2)}, folder / "foreign.pt")
     torch.save({"model_type": "dit", "config": {}, "model": {}}, folder / "dit.pt")  # a DiT's tag, no weights
+    torch.save({"model_type": "ldm-classifier", "model": {}}, folder / "ldm_classifier.pt")
     (folder / "outside.pt").symlink_to(work / "models" / "ddpm16" / "ema_ckpt.pt")
     (folder / "inside.pt").symlink_to(folder / "runs" / "flow.pt")  # a link that stays inside is served
     return folder

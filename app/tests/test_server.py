@@ -45,6 +45,7 @@ def test_health_and_models(server):
     assert "outside" in models["outside.pt"]["reason"]
     assert models["inside.pt"]["supported"] and models["inside.pt"]["objective"] == "flow"
     assert not models["dit.pt"]["supported"] and "without weights" in models["dit.pt"]["reason"]
+    assert "train_classifier.py" in models["ldm_classifier.pt"]["reason"]
     assert "/generate" in httpx.get(server + "/openapi.json").json()["paths"]
 
 
