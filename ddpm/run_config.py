@@ -141,10 +141,11 @@ def load_data(config, ckpt):
     return files, labels, class_names
 
 
-def prepare_outputs(config):
-    """Prove the run folders writable before any work starts, and remove a killed run's temporaries."""
+def prepare_outputs(config, kinds=OUTPUT_KINDS):
+    """Prove the run folders writable before any work starts, and remove a killed run's temporaries.
+    kinds: the folders the run writes (a classifier run writes no sample grids, so no results/)."""
     cli.ensure_writable_dir(config["workdir"], "--workdir")
-    for kind in OUTPUT_KINDS:
+    for kind in kinds:
         clean_temporaries(cli.ensure_writable_dir(run_dir(config, kind), f"run folder ({kind})"))
 
 

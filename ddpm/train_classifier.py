@@ -163,7 +163,7 @@ def train(args, explicit=frozenset()):
             f"the class folders of {config['dataset_path']} are {class_names}, but the diffusion model's "
             f"classes are {config['diffusion_classes']}: train on the class folders of the DDPM"
         )
-    prepare_outputs(config)
+    prepare_outputs(config, ("models", "runs"))
     scan_images(config, files, ckpt)
     if config["intensity"] != config["diffusion_intensity"]:
         raise UserError(

@@ -98,6 +98,7 @@ def test_training_writes_weights_only_checkpoints_and_heldout_accuracy(classifie
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = classifier_run.parents[1] / "runs" / "classifier"
+    assert not (classifier_run.parents[1] / "results").exists()  # a classifier run writes no sample grids
     tags = EventAccumulator(str(runs)).Reload().Tags()["scalars"]
     assert {"train/loss", "val/heldout_loss", "val/accuracy_t0000", "val/accuracy_t0999"} <= set(tags)
 
