@@ -34,10 +34,7 @@ NOT_SERVED = {
     "vae": "a VAE of ldm/train_vae.py, not a generator",
     "ldm-classifier": "a latent classifier of ldm/train_classifier.py (a sampling guide), not a generator",
 }
-OFFICIAL_DIT = (
-    "an official DiT file (a bare state_dict, dit/download.py): not served by the app; "
-    "sample it with dit/sample.py --ckpt"
-)
+BARE_DIT_PROBLEM = "a DiT-like state_dict without its x_embedder, pos_embed and y_embedder tables"
 # Keys of an entry that only the server uses (pairing a ControlNet with its LDM); /models leaves them out.
 PRIVATE = ("ldm_facts", "recorded_ldm", "vae_recorded")
 
@@ -135,6 +132,19 @@ def describe_dit(ckpt):
     }
 
 
+def describe_bare_dit(state):
+    """/models' entry of a bare DiT state_dict, such as an official file of dit/download.py. dit/sample.py
+    reads the variant from the shapes (and refuses one that matches none); the image size shown is the one
+    of the 8x-downsampling SD VAE that the official files were trained with."""
+    try:
+        tokens, patch = state["pos_embed"].shape[1], state["x_embedder.proj.weight"].shape[-1]
+        classes = state["y_embedder.embedding_table.weight"].shape[0] - 1  # minus the null-class row
+    except (KeyError, AttributeError, IndexError):
+        return {"supported": False, "reason": BARE_DIT_PROBLEM}
+    config = {"num_classes": classes, "image_size": round(tokens**0.5) * patch * 8, "vae": "ema"}
+    return describe_dit({"config": config})
+
+
 def describe_latent(ckpt, kind):
     """/models' entry of an ldm/train.py or a controlnet/train.py checkpoint (diffusers UNet and VAE)."""
     config = ckpt.get("config") or {}
@@ -198,7 +208,7 @@ def describe(path):
     if fmt in KNOWN_OTHER:
         return {"supported": False, "reason": KNOWN_OTHER[fmt]}
     if "pos_embed" in ckpt and "x_embedder.proj.weight" in ckpt:
-        return {"supported": False, "reason": OFFICIAL_DIT}
+        return describe_bare_dit(ckpt)
     if fmt is None:
         return {"supported": False, "reason": "no format tag: a bare state_dict or a file of another project"}
     return {"supported": False, "reason": f"format {fmt!r} is not supported by the app yet"}

@@ -187,8 +187,8 @@ def kind_checkpoints(tmp_path_factory, request, vae_folder):
     dit/0000002.pt (8-bit gray data), ldm/checkpoint_best.pt (16-bit data) and a copy ldm_b/,
     controlnet/checkpoint_best.pt (16-bit pairs; its recorded LDM lies outside, the same run's LDM is
     found inside), ddpm.pt; and variants: recorded.pt (a ControlNet whose recorded LDM is ldm_b/ inside),
-    orphan.pt (a ControlNet of an LDM that is not there), dit_hub.pt (its VAE a hub id) and the keys of
-    an official DiT file."""
+    orphan.pt (a ControlNet of an LDM that is not there), dit_hub.pt (its VAE a hub id), DiT-S-2-bare.pt
+    (a bare state_dict, as the official DiT files are) and DiT-official.pt (two such keys only)."""
     work = tmp_path_factory.mktemp("kinds")
     gray, deep = class_folders(work / "gray", False), class_folders(work / "deep", True)
     dit_flags = "--model DiT-S/2 --depth 2 --hidden-size 32 --num-heads 2 --image-size 16 --max-steps 2"
@@ -198,6 +198,12 @@ def kind_checkpoints(tmp_path_factory, request, vae_folder):
     ldm_flags = "--image_size 16 --batch_size 4 --num_epochs 1 --unet_preset tiny --num_workers 0"
     ldm_data = ["--data_root", deep, "--output_dir", work / "ldm", "--vae_pretrained", vae_folder]
     ldm = start("ldm/train.py", *ldm_flags.split(), *ldm_data, cwd=work)
+    # A bare state_dict as the official files are (dit/download.py): a random DiT-S/2 of 1000 classes on the
+    # tiny VAE's 8x8 latents (16 px images), made by dit's own model code.
+    bare_file = work / "DiT-S-2-bare.pt"
+    build = "import sys, torch; from models import DiT_models; torch.manual_seed(0); "
+    build += "torch.save(DiT_models['DiT-S/2'](input_size=8, num_classes=1000).state_dict(), sys.argv[1])"
+    bare = subprocess.Popen([sys.executable, "-c", build, str(bare_file)], cwd=ROOT / "dit", env=ENV)
     ddpm = request.getfixturevalue("checkpoints")  # ddpm's runs train meanwhile (or are there already)
     finished(ldm)
     cn_flags = "--batch_size 2 --num_epochs 1 --num_workers 0 --sample_steps 2 --num_sample_masks 1"
@@ -233,9 +239,11 @@ def kind_checkpoints(tmp_path_factory, request, vae_folder):
     resaved(folder / "dit" / "0000002.pt", folder / "dit_hub.pt", hub_vae)
     import torch
 
-    # The keys of an official DiT file (a bare state_dict, dit/download.py), with stand-in tensors.
+    # Two of the keys of an official DiT file with stand-in tensors, too little to read its classes from.
     torch.save({"pos_embed": torch.zeros(1, 4, 8), "x_embedder.proj.weight": torch.zeros(8, 4, 2, 2)},
                folder / "DiT-official.pt")  # fmt: skip
+    assert bare.wait(timeout=240) == 0
+    (folder / "DiT-S-2-bare.pt").write_bytes(bare_file.read_bytes())
     return folder
 
 

@@ -81,9 +81,12 @@ def test_models_recognise_each_kind_and_pair_the_controlnets(kinds_server, vae_f
     assert not orphan["supported"] and "not under --checkpoints" in orphan["reason"]
     # A hub-id VAE offline: served with --vae instead.
     assert models["dit_hub.pt"]["supported"] and models["dit_hub.pt"]["vae"] == str(vae_folder)
-    assert (
-        not models["DiT-official.pt"]["supported"] and "official DiT" in models["DiT-official.pt"]["reason"]
-    )
+    stub = models["DiT-official.pt"]
+    assert not stub["supported"] and "without its x_embedder, pos_embed and y_embedder" in stub["reason"]
+    bare = models["DiT-S-2-bare.pt"]  # an official-style file: classes from its table, the hub VAE via --vae
+    assert bare["supported"] and bare["kind"] == "dit" and bare["samplers"][0] == "ddpm"
+    assert bare["class_names"] == [str(i) for i in range(1000)] and bare["vae"] == str(vae_folder)
+    assert (bare["channels"], bare["intensity"]["bit_depth"]) == (3, 8)
     assert models["ddpm.pt"]["kind"] == "ddpm" and not models["ddpm.pt"]["needs_mask"]
     assert not any("ldm_facts" in m or "recorded_ldm" in m for m in models.values())  # server-side only
 
@@ -101,6 +104,16 @@ def test_dit_zip_and_grid(kinds_server, model, sampler):
     assert post(kinds_server, body).content == reply.content  # the seed decides the images
     grid = Image.open(io.BytesIO(post(kinds_server, body, format="grid").content))
     assert grid.format == "PNG" and grid.size[0] > 3 * 16
+
+
+def test_a_bare_dit_state_dict_is_sampled_as_dit_sample_py_does(kinds_server):
+    # No config in the file: dit/sample.py's load_model reads DiT-S/2 from the shapes (as for DiT-XL/2).
+    body = {"model": "DiT-S-2-bare.pt", "n": 2, "class": "207", "sampler": "ddim", **FAST}
+    reply = post(kinds_server, body)
+    assert reply.status_code == 200, reply.text
+    _, names, images = pictures(reply)
+    assert len(names) == 2 and all(name.endswith(".png") for name in names)
+    assert all(image.mode == "RGB" and image.size == (16, 16) for image in images)
 
 
 def test_ldm_zip_and_grid_are_16_bit(kinds_server):
